@@ -1,0 +1,141 @@
+#![no_std]
+//! Types shared by the kernel programs (agent-ebpf) and the daemon (agent).
+//!
+//! Every struct is `#[repr(C)]`, made of naturally aligned u64/u32 fields with no
+//! implicit padding, so the byte layout is the same on both sides.
+
+/// Counting happens into one of two slots; the daemon flips [`EPOCH`] each interval and
+/// harvests the slot that just went quiet. This is what makes every interval exact.
+pub const SLOTS: usize = 2;
+
+/// Bytes and packets each way. Bytes are IP packet lengths (IP header + L4 header +
+/// payload) as cgroup_skb sees them; on tc the L2 header is included.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    pub tx_bytes: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+impl Counters {
+    pub const ZERO: Counters = Counters { tx_bytes: 0, rx_bytes: 0, tx_packets: 0, rx_packets: 0 };
+
+    pub fn is_zero(&self) -> bool {
+        self.tx_bytes == 0 && self.rx_bytes == 0 && self.tx_packets == 0 && self.rx_packets == 0
+    }
+}
+
+/// Value of the per-socket map, keyed by socket cookie.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SockCounters {
+    /// Cumulative counters per epoch slot.
+    pub slot: [Counters; SLOTS],
+    /// Non-zero once cgroup/sock_release ran for the socket.
+    pub released: u64,
+    /// Non-zero once a TCP socket reached TCP_CLOSE (no more packets after that).
+    pub tcp_closed: u64,
+    /// Non-zero when the socket is finished but its final record could not be sent
+    /// (ring buffer full): the daemon collects it from the map instead, then deletes it.
+    pub final_pending: u64,
+}
+
+/// Per-interface counters (tc), per epoch slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SlotCounters {
+    pub slot: [Counters; SLOTS],
+}
+
+/// Where an owner record came from.
+pub const ORIGIN_SOCK_CREATE: u32 = 1;
+pub const ORIGIN_ACCEPT: u32 = 2;
+pub const ORIGIN_DISCOVERED: u32 = 3;
+/// Filled at sock_release from the closing task, for sockets with no owner until then
+/// (accepted sockets on kernels where the accept hook cannot be loaded).
+pub const ORIGIN_RELEASE: u32 = 4;
+
+/// Who owns a socket: taken in the owning process's context (sock_create, or the accept
+/// path for server-side sockets), never per packet.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Owner {
+    /// Process id (the kernel's tgid).
+    pub tgid: u32,
+    /// Thread id (the kernel's pid).
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Thread name at creation time, NUL padded.
+    pub comm: [u8; 16],
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    /// CLOCK_MONOTONIC (bpf_ktime_get_ns) at creation.
+    pub created_ns: u64,
+    pub family: u32,
+    pub sock_type: u32,
+    pub protocol: u32,
+    /// One of the ORIGIN_* constants; 0 when only the addresses are known so far.
+    pub origin: u32,
+    /// Addresses as the socket had them at its first packet (IPv4 in `[0]`, network
+    /// byte order as in the kernel). Zero when the socket never carried a packet.
+    pub local_ip: [u32; 4],
+    pub remote_ip: [u32; 4],
+    /// Host byte order.
+    pub local_port: u32,
+    /// Host byte order.
+    pub remote_port: u32,
+    /// Address family seen on the first packet (AF_INET 2 / AF_INET6 10); 0 if none yet.
+    pub addr_family: u32,
+    pub _pad: u32,
+}
+
+/// Sent through the ring buffer when a socket is finished: its final cumulative counters
+/// and owner, so a socket that lives less than one interval is still counted in full.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct FinalRecord {
+    pub cookie: u64,
+    pub counters: SockCounters,
+    pub owner: Owner,
+    /// 1 when `owner` is valid.
+    pub has_owner: u64,
+}
+
+/// Indices into the DROPS per-CPU array: every way the kernel side can fail.
+pub const DROP_SOCK_INSERT: u32 = 0; // per-socket map full: bytes went to UNATTR
+pub const DROP_RINGBUF_FULL: u32 = 1; // final record kept in the map for the poller
+pub const DROP_OWNER_INSERT: u32 = 2; // owner map full: the socket's bytes become unattributed
+pub const DROP_IFACE_MISS: u32 = 3; // tc saw an interface the daemon did not register
+pub const DROP_NO_COOKIE: u32 = 4; // packet without a socket cookie (counted as unattributed)
+pub const DROP_NOT_FULL_SOCK: u32 = 5; // request/timewait socket (e.g. SYN-ACK): unattributed
+pub const DROP_COUNT: u32 = 8;
+
+pub const DROP_NAMES: [&str; 6] =
+    ["sock_map_full", "ringbuf_full", "owner_map_full", "iface_unregistered", "no_socket_cookie", "not_full_socket"];
+
+/// Map names, shared so the loader and the kernel side cannot drift apart.
+pub const MAP_SOCKS: &str = "SOCKS";
+pub const MAP_OWNERS: &str = "OWNERS";
+pub const MAP_EPOCH: &str = "EPOCH";
+pub const MAP_TOTALS: &str = "TOTALS";
+pub const MAP_UNATTR: &str = "UNATTR";
+pub const MAP_DROPS: &str = "DROPS";
+pub const MAP_IFACES: &str = "IFACES";
+pub const MAP_FINALS: &str = "FINALS";
+
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+pub const DEFAULT_MAX_IFACES: u32 = 256;
+pub const FINALS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
+
+#[cfg(feature = "user")]
+mod user {
+    use super::*;
+    unsafe impl aya::Pod for Counters {}
+    unsafe impl aya::Pod for SockCounters {}
+    unsafe impl aya::Pod for Owner {}
+    unsafe impl aya::Pod for FinalRecord {}
+    unsafe impl aya::Pod for SlotCounters {}
+}

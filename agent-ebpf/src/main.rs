@@ -1,0 +1,426 @@
+//! sockacct kernel programs.
+//!
+//! Per packet (cgroup_skb): one array read for the epoch slot, one hash lookup by socket
+//! cookie, two atomic adds, two per-CPU adds for the global total. Nothing else.
+//! Owners are recorded once per socket in the owning task's context (sock_create, or the
+//! accept path). Finished sockets send their final counters through a ring buffer before
+//! their entries go, so nothing that closes between two polls is lost.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
+
+use core::{ffi::c_void, intrinsics::AtomicOrdering};
+
+use agent_common::*;
+use aya_ebpf::{
+    EbpfContext,
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK},
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
+            bpf_sk_fullsock,
+        },
+    },
+    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, classifier, fexit, map},
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+    programs::{BtfTracePointContext, FExitContext, SkBuffContext, SockContext, TcContext},
+};
+
+const TCP: u32 = 6;
+const TCP_CLOSE: i32 = 7;
+
+#[map]
+static SOCKS: HashMap<u64, SockCounters> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+#[map]
+static OWNERS: HashMap<u64, Owner> =
+    HashMap::with_max_entries(DEFAULT_MAX_SOCKETS, BPF_F_NO_PREALLOC);
+
+/// Written by the daemon only; `EPOCH[0] & 1` is the slot packets count into.
+#[map]
+static EPOCH: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Everything cgroup_skb saw, per slot: the kernel's total that events must conserve.
+#[map]
+static TOTALS: PerCpuArray<Counters> = PerCpuArray::with_max_entries(SLOTS as u32, 0);
+
+/// Bytes that could not be given to a socket entry, per slot.
+#[map]
+static UNATTR: PerCpuArray<Counters> = PerCpuArray::with_max_entries(SLOTS as u32, 0);
+
+#[map]
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNT, 0);
+
+/// ifindex -> counters; entries are created by the daemon when it attaches tc.
+#[map]
+static IFACES: HashMap<u32, SlotCounters> = HashMap::with_max_entries(DEFAULT_MAX_IFACES, 0);
+
+#[map]
+static FINALS: RingBuf = RingBuf::with_byte_size(FINALS_RINGBUF_BYTES, 0);
+
+#[inline(always)]
+fn xadd(p: *mut u64, v: u64) {
+    // bpfel has no CAS, so AtomicU64::fetch_add is unavailable; this lowers to BPF atomic add.
+    unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
+}
+
+#[inline(always)]
+fn current_slot() -> usize {
+    match EPOCH.get(0) {
+        Some(e) if *e & 1 == 1 => 1,
+        _ => 0,
+    }
+}
+
+#[inline(always)]
+fn drop_count(reason: u32) {
+    if let Some(p) = DROPS.get_ptr_mut(reason) {
+        unsafe { *p += 1 };
+    }
+}
+
+#[inline(always)]
+fn slot_ptr(c: *mut Counters, slot: usize) -> *mut Counters {
+    // Explicit branch keeps the index provably in bounds for the verifier.
+    if slot == 1 { unsafe { c.add(1) } } else { c }
+}
+
+/// Per-CPU counters need no atomics: a program runs to completion on one CPU.
+#[inline(always)]
+fn percpu_add(map: &PerCpuArray<Counters>, slot: usize, len: u64, egress: bool) {
+    if let Some(c) = map.get_ptr_mut(slot as u32) {
+        unsafe {
+            if egress {
+                (*c).tx_bytes += len;
+                (*c).tx_packets += 1;
+            } else {
+                (*c).rx_bytes += len;
+                (*c).rx_packets += 1;
+            }
+        }
+    }
+}
+
+#[inline(always)]
+fn atomic_add(c: *mut Counters, len: u64, egress: bool) {
+    unsafe {
+        if egress {
+            xadd(&raw mut (*c).tx_bytes, len);
+            xadd(&raw mut (*c).tx_packets, 1);
+        } else {
+            xadd(&raw mut (*c).rx_bytes, len);
+            xadd(&raw mut (*c).rx_packets, 1);
+        }
+    }
+}
+
+#[inline(always)]
+fn count_skb(ctx: &SkBuffContext, egress: bool) {
+    let slot = current_slot();
+    let len = ctx.len() as u64;
+    percpu_add(&TOTALS, slot, len, egress);
+
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    if cookie == 0 {
+        drop_count(DROP_NO_COOKIE);
+        percpu_add(&UNATTR, slot, len, egress);
+        return;
+    }
+    let entry = match SOCKS.get_ptr_mut(cookie) {
+        Some(e) => e,
+        None => {
+            // Only full sockets get an entry: request sockets (SYN-ACKs) never see
+            // sock_release, so an entry for them would never be cleaned up.
+            let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
+            if sk.is_null() || unsafe { bpf_sk_fullsock(sk) }.is_null() {
+                drop_count(DROP_NOT_FULL_SOCK);
+                percpu_add(&UNATTR, slot, len, egress);
+                return;
+            }
+            let _ = SOCKS.insert(cookie, SockCounters::default(), BPF_NOEXIST as u64);
+            record_addresses(ctx, cookie);
+            match SOCKS.get_ptr_mut(cookie) {
+                Some(e) => e,
+                None => {
+                    drop_count(DROP_SOCK_INSERT);
+                    percpu_add(&UNATTR, slot, len, egress);
+                    return;
+                }
+            }
+        }
+    };
+    let c = slot_ptr(unsafe { &raw mut (*entry).slot } as *mut Counters, slot);
+    atomic_add(c, len, egress);
+}
+
+/// First packet of a socket: remember its addresses (from the socket, not the packet)
+/// next to its owner, so rules can match ports and peers. Runs once per socket.
+#[inline(always)]
+fn record_addresses(ctx: &SkBuffContext, cookie: u64) {
+    let skb = ctx.skb.skb;
+    let owner = match OWNERS.get_ptr_mut(cookie) {
+        Some(o) => o,
+        None => {
+            // No owner yet (accepted or pre-existing socket): keep the addresses; the
+            // accept hook or the daemon fills in the rest.
+            if OWNERS.insert(cookie, Owner::default(), BPF_NOEXIST as u64).is_err() {
+                drop_count(DROP_OWNER_INSERT);
+            }
+            match OWNERS.get_ptr_mut(cookie) {
+                Some(o) => o,
+                None => return,
+            }
+        }
+    };
+    unsafe {
+        let family = (*skb).family;
+        (*owner).addr_family = family;
+        if family == 2 {
+            (*owner).local_ip = [(*skb).local_ip4, 0, 0, 0];
+            (*owner).remote_ip = [(*skb).remote_ip4, 0, 0, 0];
+        } else {
+            // Word by word: the verifier rejects a memcpy from the context.
+            let l = &raw const (*skb).local_ip6;
+            let r = &raw const (*skb).remote_ip6;
+            (*owner).local_ip = [
+                core::ptr::read_volatile(&raw const (*l)[0]),
+                core::ptr::read_volatile(&raw const (*l)[1]),
+                core::ptr::read_volatile(&raw const (*l)[2]),
+                core::ptr::read_volatile(&raw const (*l)[3]),
+            ];
+            (*owner).remote_ip = [
+                core::ptr::read_volatile(&raw const (*r)[0]),
+                core::ptr::read_volatile(&raw const (*r)[1]),
+                core::ptr::read_volatile(&raw const (*r)[2]),
+                core::ptr::read_volatile(&raw const (*r)[3]),
+            ];
+        }
+        (*owner).local_port = (*skb).local_port;
+        // remote_port holds the socket's big-endian port in its low 16 bits.
+        (*owner).remote_port = u16::from_be((*skb).remote_port as u16) as u32;
+    }
+}
+
+#[cgroup_skb(ingress)]
+pub fn sockacct_ingress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx, false);
+    1 // always allow: we count, never filter
+}
+
+#[cgroup_skb(egress)]
+pub fn sockacct_egress(ctx: SkBuffContext) -> i32 {
+    count_skb(&ctx, true);
+    1
+}
+
+// ------------------------------------------------------------------ owners
+
+#[inline(always)]
+fn current_owner(origin: u32) -> Owner {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    Owner {
+        tgid: (pid_tgid >> 32) as u32,
+        pid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        comm: bpf_get_current_comm().unwrap_or([0u8; 16]),
+        cgroup_id: unsafe { bpf_get_current_cgroup_id() },
+        netns_cookie: 0,
+        created_ns: unsafe { bpf_ktime_get_ns() },
+        family: 0,
+        sock_type: 0,
+        protocol: 0,
+        origin,
+        ..Owner::default()
+    }
+}
+
+#[cgroup_sock(sock_create)]
+pub fn sockacct_sock_create(ctx: SockContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sk = unsafe { &*ctx.sock };
+    let mut owner = current_owner(ORIGIN_SOCK_CREATE);
+    owner.netns_cookie = unsafe { bpf_get_netns_cookie(ctx.as_ptr()) };
+    owner.family = sk.family;
+    owner.sock_type = sk.type_;
+    owner.protocol = sk.protocol;
+    if OWNERS.insert(cookie, owner, 0).is_err() {
+        drop_count(DROP_OWNER_INSERT);
+    }
+    1 // allow the socket
+}
+
+/// Server-side sockets never pass sock_create: take their owner from the task that
+/// accept()s them. The listener's owner supplies netns and socket kind.
+#[fexit(function = "inet_csk_accept")]
+pub fn sockacct_accept(ctx: FExitContext) -> i32 {
+    let listener: *mut c_void = ctx.arg(0);
+    let newsk: *mut c_void = ctx.arg(2);
+    if newsk.is_null() {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(newsk) };
+    let lcookie = unsafe { bpf_get_socket_cookie(listener) };
+    let mut owner = current_owner(ORIGIN_ACCEPT);
+    if let Some(prev) = OWNERS.get_ptr_mut(cookie) {
+        // Data may have arrived before accept(): keep the addresses recorded then.
+        unsafe {
+            owner.addr_family = (*prev).addr_family;
+            owner.local_ip = (*prev).local_ip;
+            owner.remote_ip = (*prev).remote_ip;
+            owner.local_port = (*prev).local_port;
+            owner.remote_port = (*prev).remote_port;
+        }
+    }
+    if let Some(l) = unsafe { OWNERS.get(lcookie) } {
+        owner.netns_cookie = l.netns_cookie;
+        owner.family = l.family;
+        owner.sock_type = l.sock_type;
+        owner.protocol = l.protocol;
+    } else {
+        owner.sock_type = 1; // SOCK_STREAM: inet_csk_accept serves connection sockets
+        owner.protocol = TCP;
+    }
+    if OWNERS.insert(cookie, owner, 0).is_err() {
+        drop_count(DROP_OWNER_INSERT);
+    }
+    0
+}
+
+// ------------------------------------------------------------------ end of a socket
+
+/// Sends the socket's final counters and owner, then removes its entries. When the ring
+/// buffer is full the entry stays, marked, for the poller to collect: nothing is lost.
+#[inline(always)]
+fn finish(cookie: u64, entry: *mut SockCounters) {
+    match FINALS.reserve::<FinalRecord>(0) {
+        Some(mut rec) => {
+            let r = rec.as_mut_ptr();
+            unsafe {
+                (*r).cookie = cookie;
+                (*r).counters = *entry;
+                match OWNERS.get(cookie) {
+                    Some(o) => {
+                        (*r).owner = *o;
+                        (*r).has_owner = 1;
+                    }
+                    None => {
+                        (*r).owner = Owner::default();
+                        (*r).has_owner = 0;
+                    }
+                }
+            }
+            // Submit before removing: a poller reading the map and then the ring buffer
+            // sees the socket in at least one of them, never in neither.
+            rec.submit(0);
+            let _ = SOCKS.remove(cookie);
+            let _ = OWNERS.remove(cookie);
+        }
+        None => {
+            unsafe { (*entry).final_pending = 1 };
+            drop_count(DROP_RINGBUF_FULL);
+        }
+    }
+}
+
+#[cgroup_sock(sock_release)]
+pub fn sockacct_sock_release(ctx: SockContext) -> i32 {
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
+    let sk = unsafe { &*ctx.sock };
+    // A socket with no owner yet (accepted, with no accept hook) is closed by the process
+    // holding it: that is its owner, and the final record should say so.
+    if let Some(o) = OWNERS.get_ptr_mut(cookie) {
+        if unsafe { (*o).origin } == 0 {
+            let cur = current_owner(ORIGIN_RELEASE);
+            unsafe {
+                (*o).tgid = cur.tgid;
+                (*o).pid = cur.pid;
+                (*o).uid = cur.uid;
+                (*o).gid = cur.gid;
+                (*o).comm = cur.comm;
+                (*o).cgroup_id = cur.cgroup_id;
+                (*o).netns_cookie = bpf_get_netns_cookie(ctx.as_ptr());
+                (*o).family = sk.family;
+                (*o).sock_type = sk.type_;
+                (*o).protocol = sk.protocol;
+                (*o).origin = ORIGIN_RELEASE;
+            }
+        }
+    }
+    match SOCKS.get_ptr_mut(cookie) {
+        Some(entry) => {
+            xadd(unsafe { &raw mut (*entry).released }, 1);
+            // A TCP socket still sends after close() (queued data, FIN): it is finished
+            // only once it has also reached TCP_CLOSE. Both flags are set with atomic adds
+            // (full barriers), so of the two racing hooks at least one sees the other's.
+            let done = sk.protocol != TCP
+                || sk.state == TCP_CLOSE as u32
+                || unsafe { core::ptr::read_volatile(&raw const (*entry).tcp_closed) } != 0;
+            if done {
+                finish(cookie, entry);
+            }
+        }
+        None => {
+            // Never carried a byte: only the owner record to drop.
+            let _ = OWNERS.remove(cookie);
+        }
+    }
+    1
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn sockacct_tcp_state(ctx: BtfTracePointContext) -> i32 {
+    let newstate: i32 = ctx.arg(2);
+    if newstate != TCP_CLOSE {
+        return 0;
+    }
+    let sk: *mut c_void = ctx.arg(0);
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if let Some(entry) = SOCKS.get_ptr_mut(cookie) {
+        xadd(unsafe { &raw mut (*entry).tcp_closed }, 1);
+        if unsafe { core::ptr::read_volatile(&raw const (*entry).released) } != 0 {
+            finish(cookie, entry);
+        }
+    }
+    0
+}
+
+// ------------------------------------------------------------------ interfaces (tc)
+
+#[inline(always)]
+fn count_iface(ctx: &TcContext, egress: bool) {
+    let ifindex = unsafe { (*ctx.skb.skb).ifindex };
+    match IFACES.get_ptr_mut(ifindex) {
+        Some(e) => {
+            let c = slot_ptr(unsafe { &raw mut (*e).slot } as *mut Counters, current_slot());
+            atomic_add(c, ctx.len() as u64, egress);
+        }
+        None => drop_count(DROP_IFACE_MISS),
+    }
+}
+
+#[classifier]
+pub fn sockacct_tc_ingress(ctx: TcContext) -> i32 {
+    count_iface(&ctx, false);
+    TC_ACT_OK
+}
+
+#[classifier]
+pub fn sockacct_tc_egress(ctx: TcContext) -> i32 {
+    count_iface(&ctx, true);
+    TC_ACT_OK
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,1322 @@
+//! The operator's TOML configuration (`sockacct run --config F`).
+//!
+//! Parsing has two stages: serde turns the text into [`Config`] (type errors, unknown keys,
+//! bad ports/CIDRs/protocols/netns values are caught here, since those are plain value
+//! types), then [`Config::validate`] checks ranges and builds a [`Labeler`] once so bad globs
+//! and label templates are reported at load time rather than at the first socket.
+//!
+//! Every error is a [`ConfigError`] that names the file, the line, the rule (1-based) and the
+//! field, and says what would be valid. Lines come from the spans toml keeps for each key and
+//! value; see [`SourceMap`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::ops::{Range, RangeInclusive};
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+
+use crate::labels::Labeler;
+
+pub const DEFAULT_INTERVAL_MS: u64 = 100;
+pub const INTERVAL_MS_RANGE: RangeInclusive<u64> = 10..=60_000;
+pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+pub const MIN_MAX_SOCKETS: u32 = 1024;
+/// Longest label kept, in bytes; longer ones are cut at a char boundary.
+pub const MAX_LABEL_BYTES: usize = 128;
+
+/// The whole configuration file. Every field has a default, so an empty file is valid.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Length of one accounting interval (one delta event per label per interval).
+    pub interval_ms: u64,
+    /// cgroup v2 directory to attach to; `None` = root of the cgroup2 mount.
+    pub cgroup: Option<PathBuf>,
+    /// Interfaces counted per interface with tc.
+    pub interfaces: Vec<String>,
+    /// Capacity of the per-socket kernel map.
+    pub max_sockets: u32,
+    pub agent_id: Option<String>,
+    /// How a socket that no rule matches is labelled.
+    pub default_label: DefaultLabel,
+    /// `[[rule]]` tables, tried in order; the first that matches gives the label.
+    #[serde(rename = "rule", deserialize_with = "de_rules")]
+    pub rules: Vec<Rule>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            interval_ms: DEFAULT_INTERVAL_MS,
+            cgroup: None,
+            interfaces: Vec::new(),
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            agent_id: None,
+            default_label: DefaultLabel::Process,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Source of the label for a socket that no rule matches.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DefaultLabel {
+    /// The process name (comm).
+    #[default]
+    Process,
+    /// The file name of the executable.
+    Exe,
+    /// The cgroup path relative to the cgroup2 root ("/" for the root itself).
+    Cgroup,
+    /// The user name, or the numeric uid when the name is unknown.
+    User,
+}
+
+/// One `[[rule]]` table. Every match field is optional; a rule without any matches every
+/// socket. A socket matches when every present field matches.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Label template; may contain `{process}`, `{exe}`, `{cgroup}`, `{uid}`, `{user}`,
+    /// `{local_port}`, `{remote_port}`; `{{`/`}}` are literal braces.
+    pub label: String,
+    /// Glob on the process name (`*` also crosses '/', as in "kworker/0:1").
+    pub process: Option<String>,
+    /// Glob on the full executable path (`*` stays within one path component, `**` crosses).
+    pub exe: Option<String>,
+    /// Glob on the cgroup path relative to the cgroup2 root, without a leading '/'
+    /// (`*` stays within one component, `**` crosses).
+    pub cgroup: Option<String>,
+    pub uid: Option<u32>,
+    pub user: Option<String>,
+    pub local_port: Option<PortRange>,
+    pub remote_port: Option<PortRange>,
+    /// Any of these networks; written as one string or a list.
+    #[serde(default, deserialize_with = "de_cidrs")]
+    pub remote_cidr: Option<Vec<IpNet>>,
+    pub protocol: Option<Protocol>,
+    pub netns: Option<Netns>,
+}
+
+impl Rule {
+    /// True when the rule has no match field, so it matches every socket.
+    pub fn is_catch_all(&self) -> bool {
+        let Rule {
+            label: _,
+            process,
+            exe,
+            cgroup,
+            uid,
+            user,
+            local_port,
+            remote_port,
+            remote_cidr,
+            protocol,
+            netns,
+        } = self;
+        process.is_none()
+            && exe.is_none()
+            && cgroup.is_none()
+            && uid.is_none()
+            && user.is_none()
+            && local_port.is_none()
+            && remote_port.is_none()
+            && remote_cidr.is_none()
+            && protocol.is_none()
+            && netns.is_none()
+    }
+}
+
+/// An inclusive port range; a single port is `start == end`. Written as an integer (`443`)
+/// or a string (`"443"`, `"8000-8100"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortRange {
+    pub start: u16,
+    pub end: u16,
+}
+
+impl PortRange {
+    /// Port 0 means "unknown" and never matches.
+    pub fn contains(&self, port: u16) -> bool {
+        port != 0 && self.start <= port && port <= self.end
+    }
+
+    /// Parses "443" or "8000-8100"; the error says what was wrong and what is valid.
+    pub fn parse(text: &str) -> Result<PortRange, String> {
+        const EXPECTED: &str = r#"expected a port 1-65535 or a range like "8000-8100""#;
+        let bad = |why: &str| format!("{text:?} is not a valid port range: {why} ({EXPECTED})");
+        let number = |part: &str| -> Result<u32, String> {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(bad(&format!("{part:?} is not a number")));
+            }
+            match part.parse::<u32>() {
+                Ok(n) if n <= 65535 => Ok(n),
+                _ => Err(bad(&format!("{part} is greater than 65535"))),
+            }
+        };
+        let (start, end) = match text.split_once('-') {
+            Some((a, b)) => (number(a)?, number(b)?),
+            None => {
+                let p = number(text)?;
+                (p, p)
+            }
+        };
+        if start > end {
+            return Err(bad("start is greater than end"));
+        }
+        if end == 0 {
+            return Err(bad("port 0 means unknown and never matches"));
+        }
+        Ok(PortRange {
+            start: start as u16,
+            end: end as u16,
+        })
+    }
+
+    fn from_number(n: i64) -> Result<PortRange, String> {
+        match u16::try_from(n) {
+            Ok(p) if p != 0 => Ok(PortRange { start: p, end: p }),
+            Ok(_) => Err(
+                r#"0 is not a valid port: port 0 means unknown and never matches (expected 1-65535 or a range like "8000-8100")"#
+                    .to_string(),
+            ),
+            Err(_) => Err(format!(
+                r#"{n} is not a valid port (expected 1-65535 or a range like "8000-8100")"#
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for PortRange {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = PortRange;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a port number 1-65535 or a range string like "8000-8100""#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<PortRange, E> {
+                PortRange::from_number(v).map_err(E::custom)
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<PortRange, E> {
+                PortRange::from_number(i64::try_from(v).unwrap_or(i64::MAX)).map_err(E::custom)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<PortRange, E> {
+                PortRange::parse(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// IP protocol of a socket. "icmp" matches both ICMP (1) and ICMPv6 (58); a number matches
+/// exactly that IPPROTO value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Udp,
+    Icmp,
+    Number(u8),
+}
+
+impl Protocol {
+    pub fn matches(&self, proto: u8) -> bool {
+        match self {
+            Protocol::Tcp => proto == libc::IPPROTO_TCP as u8,
+            Protocol::Udp => proto == libc::IPPROTO_UDP as u8,
+            Protocol::Icmp => {
+                proto == libc::IPPROTO_ICMP as u8 || proto == libc::IPPROTO_ICMPV6 as u8
+            }
+            Protocol::Number(n) => proto == *n,
+        }
+    }
+
+    fn from_name(name: &str) -> Result<Protocol, String> {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            "icmp" => Ok(Protocol::Icmp),
+            other => match other.parse::<u8>() {
+                Ok(n) => Ok(Protocol::Number(n)),
+                Err(_) => Err(format!(
+                    r#"unknown protocol {name:?} (expected "tcp", "udp", "icmp" or a protocol number 0-255)"#
+                )),
+            },
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Protocol {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Protocol;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""tcp", "udp", "icmp" or a protocol number 0-255"#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Protocol, E> {
+                u8::try_from(v).map(Protocol::Number).map_err(|_| {
+                    E::custom(format!(
+                        r#"{v} is not a protocol number (expected "tcp", "udp", "icmp" or a protocol number 0-255)"#
+                    ))
+                })
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Protocol, E> {
+                self.visit_i64(i64::try_from(v).unwrap_or(i64::MAX))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Protocol, E> {
+                Protocol::from_name(v).map_err(E::custom)
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Network namespace condition: the agent's own ("host"), any other, or one netns by cookie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Netns {
+    Host,
+    Other,
+    Cookie(u64),
+}
+
+impl<'de> Deserialize<'de> for Netns {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        const EXPECTED: &str = r#"expected "host", "other" or a netns cookie number"#;
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Netns;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#""host", "other" or a netns cookie number"#)
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Netns, E> {
+                u64::try_from(v)
+                    .map(Netns::Cookie)
+                    .map_err(|_| E::custom(format!("{v} is not a netns cookie ({EXPECTED})")))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Netns, E> {
+                Ok(Netns::Cookie(v))
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Netns, E> {
+                match v {
+                    "host" => Ok(Netns::Host),
+                    "other" => Ok(Netns::Other),
+                    // Cookies above i64::MAX cannot be TOML integers; allow them as strings.
+                    _ => v
+                        .parse::<u64>()
+                        .map(Netns::Cookie)
+                        .map_err(|_| E::custom(format!("unknown netns {v:?} ({EXPECTED})"))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Parses "10.0.0.0/8", "fd00::/8" or a bare address (a /32 or /128 network).
+pub fn parse_cidr(text: &str) -> Result<IpNet, String> {
+    let t = text.trim();
+    t.parse::<IpNet>()
+        .or_else(|_| t.parse::<IpAddr>().map(IpNet::from))
+        .map_err(|_| {
+            format!(r#"{text:?} is not a valid CIDR (expected e.g. "10.0.0.0/8" or "fd00::/8")"#)
+        })
+}
+
+/// One CIDR inside `remote_cidr`, parsed while toml still knows its span (so a bad entry in
+/// a multi-line list is reported on its own line).
+struct CidrItem(IpNet);
+
+impl<'de> Deserialize<'de> for CidrItem {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        // Parse inside the visitor: errors raised there get the element's own span.
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = CidrItem;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(r#"a CIDR string like "10.0.0.0/8""#)
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<CidrItem, E> {
+                parse_cidr(v).map(CidrItem).map_err(E::custom)
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+fn de_cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<IpNet>>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<IpNet>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str(r#"a CIDR string like "10.0.0.0/8" or a list of them"#)
+        }
+        fn visit_str<E: de::Error>(self, v: &str) -> Result<Vec<IpNet>, E> {
+            parse_cidr(v).map(|n| vec![n]).map_err(E::custom)
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<IpNet>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(CidrItem(n)) = seq.next_element()? {
+                out.push(n);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_any(V).map(Some)
+}
+
+/// Like the derived Vec<Rule>, but a `[rule]` table (instead of `[[rule]]`) gets a hint.
+fn de_rules<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Rule>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = Vec<Rule>;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("rules written as [[rule]] tables (double brackets)")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<Rule>, A::Error> {
+            let mut out = Vec::new();
+            while let Some(r) = seq.next_element()? {
+                out.push(r);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(V)
+}
+
+/// A configuration that cannot be used. `Display` gives one line such as
+/// `config /etc/sockacct.toml:14: rule #2 field remote_cidr: "10.0.0.0/33" is not a valid
+/// CIDR (expected e.g. "10.0.0.0/8" or "fd00::/8")`.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    Read {
+        origin: String,
+        #[source]
+        source: std::io::Error,
+    },
+    Invalid {
+        /// File name (or other origin); `None` for a `Config` built in code.
+        origin: Option<String>,
+        /// 1-based line in the file, when known.
+        line: Option<usize>,
+        /// 1-based rule index (`rule #3`), when the problem is inside a `[[rule]]`.
+        rule: Option<usize>,
+        field: Option<String>,
+        message: String,
+    },
+}
+
+impl ConfigError {
+    /// A problem with a top-level field.
+    pub fn field(field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: None,
+            line: None,
+            rule: None,
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+
+    /// A problem with `field` of the rule at 0-based `index` (shown 1-based).
+    pub fn rule_field(index: usize, field: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: None,
+            line: None,
+            rule: Some(index + 1),
+            field: Some(field.to_string()),
+            message: message.into(),
+        }
+    }
+
+    pub fn line(&self) -> Option<usize> {
+        match self {
+            ConfigError::Invalid { line, .. } => *line,
+            ConfigError::Read { .. } => None,
+        }
+    }
+
+    /// 1-based rule index.
+    pub fn rule(&self) -> Option<usize> {
+        match self {
+            ConfigError::Invalid { rule, .. } => *rule,
+            ConfigError::Read { .. } => None,
+        }
+    }
+
+    pub fn field_name(&self) -> Option<&str> {
+        match self {
+            ConfigError::Invalid { field, .. } => field.as_deref(),
+            ConfigError::Read { .. } => None,
+        }
+    }
+
+    /// Fills in the file name and, from the source map, the line.
+    fn located(self, origin: &str, map: Option<&SourceMap>) -> ConfigError {
+        match self {
+            ConfigError::Invalid {
+                origin: _,
+                line,
+                rule,
+                field,
+                message,
+            } => {
+                let line = line.or_else(|| map.and_then(|m| m.line_of(rule, field.as_deref())));
+                ConfigError::Invalid {
+                    origin: Some(origin.to_string()),
+                    line,
+                    rule,
+                    field,
+                    message,
+                }
+            }
+            read => read,
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            ConfigError::Read { origin, source } => {
+                write!(f, "config {origin}: cannot read: {source}")
+            }
+            ConfigError::Invalid {
+                origin,
+                line,
+                rule,
+                field,
+                message,
+            } => {
+                f.write_str("config")?;
+                if let Some(o) = origin {
+                    write!(f, " {o}")?;
+                }
+                if let Some(l) = line {
+                    write!(f, ":{l}")?;
+                }
+                f.write_str(":")?;
+                if let Some(r) = rule {
+                    write!(f, " rule #{r}")?;
+                }
+                if let Some(fd) = field {
+                    write!(f, " field {fd}")?;
+                }
+                if rule.is_some() || field.is_some() {
+                    f.write_str(":")?;
+                }
+                write!(f, " {message}")
+            }
+        }
+    }
+}
+
+impl Config {
+    /// Reads and parses `path`; errors name the file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            origin: origin.clone(),
+            source,
+        })?;
+        Config::parse(&text, &origin)
+    }
+
+    /// Parses and validates `text`; `origin` (usually the file name) is used in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let map = SourceMap::build(text);
+        let cfg: Config = toml::from_str(text).map_err(|e| {
+            let (line, rule, field) = match e.span() {
+                Some(span) => {
+                    let (rule, field) = map
+                        .as_ref()
+                        .map(|m| m.owner_of(span.start))
+                        .unwrap_or_default();
+                    (Some(line_at(text, span.start)), rule, field)
+                }
+                None => (None, None, None),
+            };
+            // toml messages may span lines ("invalid array\nexpected `]`"); keep ours on one.
+            let message = e.message().trim().replace('\n', "; ");
+            // "unknown field `x`" already names the key; don't repeat it as the field.
+            let field = field.filter(|_| !message.starts_with("unknown field"));
+            ConfigError::Invalid {
+                origin: Some(origin.to_string()),
+                line,
+                rule,
+                field,
+                message,
+            }
+        })?;
+        cfg.validate()
+            .map_err(|e| e.located(origin, map.as_ref()))?;
+        Ok(cfg)
+    }
+
+    /// Checks ranges and compiles the rules once. `parse` calls this; call it yourself on a
+    /// `Config` built in code.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !INTERVAL_MS_RANGE.contains(&self.interval_ms) {
+            return Err(ConfigError::field(
+                "interval_ms",
+                format!(
+                    "{} is out of range (expected {}..={} milliseconds)",
+                    self.interval_ms,
+                    INTERVAL_MS_RANGE.start(),
+                    INTERVAL_MS_RANGE.end()
+                ),
+            ));
+        }
+        if self.max_sockets < MIN_MAX_SOCKETS {
+            return Err(ConfigError::field(
+                "max_sockets",
+                format!(
+                    "{} is too small (expected at least {MIN_MAX_SOCKETS}; default {DEFAULT_MAX_SOCKETS})",
+                    self.max_sockets
+                ),
+            ));
+        }
+        if let Some(dir) = &self.cgroup {
+            // A relative path would depend on the daemon's working directory.
+            if !dir.is_absolute() {
+                return Err(ConfigError::field(
+                    "cgroup",
+                    format!(
+                        r#"{:?} is not an absolute path (expected a cgroup v2 directory such as "/sys/fs/cgroup/system.slice")"#,
+                        dir.display().to_string()
+                    ),
+                ));
+            }
+        }
+        let mut seen = BTreeSet::new();
+        for name in &self.interfaces {
+            if !valid_ifname(name) {
+                return Err(ConfigError::field(
+                    "interfaces",
+                    format!(
+                        r#"{name:?} is not a valid interface name (expected 1-15 bytes without '/', ':' or whitespace, e.g. "eth0")"#
+                    ),
+                ));
+            }
+            if !seen.insert(name.as_str()) {
+                return Err(ConfigError::field(
+                    "interfaces",
+                    format!("{name:?} is listed twice"),
+                ));
+            }
+        }
+        if self
+            .agent_id
+            .as_ref()
+            .is_some_and(|id| id.trim().is_empty())
+        {
+            return Err(ConfigError::field(
+                "agent_id",
+                "is empty (expected a non-empty id, or leave agent_id out for the default)",
+            ));
+        }
+        let catch_all = self.rules.iter().position(Rule::is_catch_all);
+        if let Some(pos) = catch_all.filter(|&p| p + 1 < self.rules.len()) {
+            log::warn!(
+                "config: rule #{} has no match fields and matches every socket; rules #{}.. can never match",
+                pos + 1,
+                pos + 2
+            );
+        }
+        // Globs, templates and the rest are checked by compiling them exactly as the agent will.
+        Labeler::new(self, 0).map(|_| ())
+    }
+}
+
+/// The kernel's rule for interface names (dev_valid_name): shorter than IFNAMSIZ (16), not
+/// "." or "..", and no '/', ':' or whitespace.
+fn valid_ifname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 16
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
+}
+
+/// 1-based line of a byte offset.
+fn line_at(text: &str, offset: usize) -> usize {
+    let mut end = offset.min(text.len());
+    // "unexpected end of file" points past the final newline; report the last line instead.
+    if end == text.len() && text.ends_with('\n') {
+        end -= 1;
+    }
+    text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
+        + 1
+}
+
+/// Where each top-level key and each rule's keys sit in the text, so that errors found after
+/// deserialization (and serde errors, which only carry a byte span) can name a line, a rule
+/// and a field. Built from a second, schema-free parse of the same text.
+#[derive(Debug, Default)]
+struct SourceMap {
+    line_starts: Vec<usize>,
+    top: BTreeMap<String, KeySpans>,
+    rules: Vec<RuleSpans>,
+}
+
+#[derive(Debug, Clone)]
+struct KeySpans {
+    key: Range<usize>,
+    value: Range<usize>,
+}
+
+#[derive(Debug)]
+struct RuleSpans {
+    table: Range<usize>,
+    keys: BTreeMap<String, KeySpans>,
+}
+
+type SpannedTable = BTreeMap<toml::Spanned<String>, toml::Spanned<toml::Value>>;
+
+#[derive(Deserialize)]
+struct RulesOnly {
+    #[serde(default)]
+    rule: Vec<toml::Spanned<SpannedTable>>,
+}
+
+impl SourceMap {
+    /// `None` when the text is not TOML at all (then serde's own span is all there is).
+    fn build(text: &str) -> Option<SourceMap> {
+        let keys = |t: &SpannedTable| -> BTreeMap<String, KeySpans> {
+            t.iter()
+                .map(|(k, v)| {
+                    (
+                        k.get_ref().clone(),
+                        KeySpans {
+                            key: k.span(),
+                            value: v.span(),
+                        },
+                    )
+                })
+                .collect()
+        };
+        let top: SpannedTable = toml::from_str(text).ok()?;
+        // `rule` may be mistyped (e.g. `[rule]`); then only top-level keys are located.
+        let rules = toml::from_str::<RulesOnly>(text)
+            .map(|r| r.rule)
+            .unwrap_or_default()
+            .iter()
+            .map(|t| RuleSpans {
+                table: t.span(),
+                keys: keys(t.get_ref()),
+            })
+            .collect();
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        Some(SourceMap {
+            line_starts,
+            top: keys(&top),
+            rules,
+        })
+    }
+
+    fn line_of_offset(&self, offset: usize) -> usize {
+        self.line_starts.partition_point(|&s| s <= offset).max(1)
+    }
+
+    /// Line of `field` (of 1-based `rule`, or top-level); the rule's `[[rule]]` header when
+    /// the field is not written in the file.
+    fn line_of(&self, rule: Option<usize>, field: Option<&str>) -> Option<usize> {
+        let offset = match rule {
+            Some(n) => {
+                let r = self.rules.get(n.checked_sub(1)?)?;
+                field
+                    .and_then(|f| r.keys.get(f))
+                    .map_or(r.table.start, |k| k.key.start)
+            }
+            None => self.top.get(field?)?.key.start,
+        };
+        Some(self.line_of_offset(offset))
+    }
+
+    /// The rule (1-based) and field whose text contains `offset`.
+    fn owner_of(&self, offset: usize) -> (Option<usize>, Option<String>) {
+        let inside = |k: &KeySpans| k.key.contains(&offset) || k.value.contains(&offset);
+        let field_in = |keys: &BTreeMap<String, KeySpans>| {
+            keys.iter()
+                .find(|(_, k)| inside(k))
+                .map(|(name, _)| name.clone())
+        };
+        if let Some((i, r)) = self
+            .rules
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.table.contains(&offset))
+        {
+            return (Some(i + 1), field_in(&r.keys));
+        }
+        (None, field_in(&self.top))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(text: &str) -> ConfigError {
+        Config::parse(text, "test.toml").expect_err("config should be rejected")
+    }
+
+    /// Asserts the error's structured location and that its message mentions every `needle`.
+    #[track_caller]
+    fn assert_err(
+        text: &str,
+        line: usize,
+        rule: Option<usize>,
+        field: Option<&str>,
+        needles: &[&str],
+    ) {
+        let e = err(text);
+        let msg = e.to_string();
+        assert_eq!(e.line(), Some(line), "line in {msg}");
+        assert_eq!(e.rule(), rule, "rule in {msg}");
+        assert_eq!(e.field_name(), field, "field in {msg}");
+        assert!(
+            msg.starts_with(&format!("config test.toml:{line}: ")),
+            "{msg}"
+        );
+        if let Some(r) = rule {
+            assert!(msg.contains(&format!("rule #{r}")), "{msg}");
+        }
+        if let Some(f) = field {
+            assert!(msg.contains(&format!("field {f}")), "{msg}");
+        }
+        for n in needles {
+            assert!(msg.contains(n), "{msg:?} should contain {n:?}");
+        }
+        assert!(!msg.contains('\n'), "one line: {msg:?}");
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let c = Config::parse("", "empty.toml").unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.interval_ms, 100);
+        assert_eq!(c.max_sockets, 262_144);
+        assert_eq!(c.default_label, DefaultLabel::Process);
+        assert!(c.rules.is_empty() && c.interfaces.is_empty());
+        assert!(c.cgroup.is_none() && c.agent_id.is_none());
+    }
+
+    #[test]
+    fn full_config() {
+        let text = r#"
+interval_ms = 250
+cgroup = "/sys/fs/cgroup/system.slice"
+interfaces = ["eth0", "wg0"]
+max_sockets = 4096
+agent_id = "web-01"
+default_label = "cgroup"
+
+[[rule]]
+label = "nginx"
+process = "nginx"
+exe = "/usr/sbin/nginx"
+cgroup = "system.slice/nginx.service"
+uid = 33
+user = "www-data"
+local_port = 443
+remote_port = "1024-65535"
+remote_cidr = "10.0.0.0/8"
+protocol = "tcp"
+netns = "host"
+
+[[rule]]
+label = "dns-{process}"
+remote_cidr = ["192.168.1.1", "fd00::/8", "2001:db8::1"]
+remote_port = "53"
+protocol = 17
+netns = 4096
+
+[[rule]]
+label = "containers"
+netns = "other"
+protocol = "ICMP"
+"#;
+        let c = Config::parse(text, "full.toml").unwrap();
+        assert_eq!(c.interval_ms, 250);
+        assert_eq!(
+            c.cgroup.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/system.slice"))
+        );
+        assert_eq!(c.interfaces, ["eth0", "wg0"]);
+        assert_eq!(c.max_sockets, 4096);
+        assert_eq!(c.agent_id.as_deref(), Some("web-01"));
+        assert_eq!(c.default_label, DefaultLabel::Cgroup);
+        assert_eq!(c.rules.len(), 3);
+        let r = &c.rules[0];
+        assert_eq!(r.label, "nginx");
+        assert_eq!(r.process.as_deref(), Some("nginx"));
+        assert_eq!(r.exe.as_deref(), Some("/usr/sbin/nginx"));
+        assert_eq!(r.cgroup.as_deref(), Some("system.slice/nginx.service"));
+        assert_eq!(r.uid, Some(33));
+        assert_eq!(r.user.as_deref(), Some("www-data"));
+        assert_eq!(
+            r.local_port,
+            Some(PortRange {
+                start: 443,
+                end: 443
+            })
+        );
+        assert_eq!(
+            r.remote_port,
+            Some(PortRange {
+                start: 1024,
+                end: 65535
+            })
+        );
+        assert_eq!(r.remote_cidr, Some(vec!["10.0.0.0/8".parse().unwrap()]));
+        assert_eq!(r.protocol, Some(Protocol::Tcp));
+        assert_eq!(r.netns, Some(Netns::Host));
+        assert!(!r.is_catch_all());
+        let r = &c.rules[1];
+        assert_eq!(
+            r.remote_cidr,
+            Some(vec![
+                "192.168.1.1/32".parse().unwrap(),
+                "fd00::/8".parse().unwrap(),
+                "2001:db8::1/128".parse().unwrap()
+            ])
+        );
+        assert_eq!(r.remote_port, Some(PortRange { start: 53, end: 53 }));
+        assert_eq!(r.protocol, Some(Protocol::Number(17)));
+        assert_eq!(r.netns, Some(Netns::Cookie(4096)));
+        assert_eq!(c.rules[2].netns, Some(Netns::Other));
+        assert_eq!(c.rules[2].protocol, Some(Protocol::Icmp));
+    }
+
+    #[test]
+    fn example_config_parses() {
+        let c = Config::parse(
+            include_str!("../../docs/config.example.toml"),
+            "config.example.toml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert!(c.rules.len() >= 5);
+        // A catch-all anywhere but last would shadow the rules after it.
+        let last = c.rules.len() - 1;
+        assert!(c.rules[..last].iter().all(|r| !r.is_catch_all()));
+    }
+
+    #[test]
+    fn default_label_modes() {
+        for (text, want) in [
+            ("process", DefaultLabel::Process),
+            ("exe", DefaultLabel::Exe),
+            ("cgroup", DefaultLabel::Cgroup),
+            ("user", DefaultLabel::User),
+        ] {
+            let c = Config::parse(&format!("default_label = {text:?}"), "t").unwrap();
+            assert_eq!(c.default_label, want);
+        }
+        assert_err(
+            "\ndefault_label = \"pid\"",
+            2,
+            None,
+            Some("default_label"),
+            &[
+                "unknown variant `pid`",
+                "`process`",
+                "`exe`",
+                "`cgroup`",
+                "`user`",
+            ],
+        );
+    }
+
+    #[test]
+    fn rule_tables_inline_and_single_cidr() {
+        let c = Config::parse(r#"rule = [{ label = "a", remote_cidr = "::1" }]"#, "t").unwrap();
+        assert_eq!(
+            c.rules[0].remote_cidr,
+            Some(vec!["::1/128".parse().unwrap()])
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_named() {
+        assert_err(
+            "interval_ms = 100\nintervall = 5\n",
+            2,
+            None,
+            None,
+            &["unknown field `intervall`", "interval_ms"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\n\n[[rule]]\nlabel = \"b\"\nproces = \"x\"\n",
+            6,
+            Some(2),
+            None,
+            &["unknown field `proces`", "`process`"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\n\n[other]\nx = 1\n",
+            4,
+            None,
+            None,
+            &["unknown field `other`"],
+        );
+    }
+
+    #[test]
+    fn type_errors_name_rule_and_field() {
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\n[[rule]]\nlabel = \"b\"\nuid = \"root\"\n",
+            5,
+            Some(2),
+            Some("uid"),
+            &["invalid type: string \"root\", expected u32"],
+        );
+        assert_err(
+            "[[rule]]\nuid = 1\n",
+            1,
+            Some(1),
+            None,
+            &["missing field `label`"],
+        );
+        assert_err(
+            "interval_ms = \"fast\"",
+            1,
+            None,
+            Some("interval_ms"),
+            &["expected u64"],
+        );
+        assert_err(
+            "[rule]\nlabel = \"a\"\n",
+            1,
+            None,
+            Some("rule"),
+            &["[[rule]]"],
+        );
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let e = err("interval_ms = 100\nx = [\n");
+        assert_eq!(e.line(), Some(2));
+        assert!(!e.to_string().contains('\n'), "{e}");
+    }
+
+    #[test]
+    fn interval_range() {
+        assert_err(
+            "\ninterval_ms = 5",
+            2,
+            None,
+            Some("interval_ms"),
+            &["5 is out of range", "10..=60000"],
+        );
+        assert_err(
+            "interval_ms = 60001",
+            1,
+            None,
+            Some("interval_ms"),
+            &["out of range"],
+        );
+        Config::parse("interval_ms = 10", "t").unwrap();
+        Config::parse("interval_ms = 60000", "t").unwrap();
+    }
+
+    #[test]
+    fn top_level_checks() {
+        assert_err(
+            "max_sockets = 100",
+            1,
+            None,
+            Some("max_sockets"),
+            &["100 is too small", "at least 1024"],
+        );
+        assert_err(
+            "cgroup = \"system.slice\"",
+            1,
+            None,
+            Some("cgroup"),
+            &["not an absolute path", "/sys/fs/cgroup"],
+        );
+        assert_err(
+            "interfaces = [\"eth0\", \"a/b\"]",
+            1,
+            None,
+            Some("interfaces"),
+            &["\"a/b\" is not a valid interface name", "\"eth0\""],
+        );
+        assert_err(
+            "interfaces = [\"thisnameistoolong0\"]",
+            1,
+            None,
+            Some("interfaces"),
+            &["not a valid interface name"],
+        );
+        assert_err(
+            "interfaces = [\"eth0\", \"eth0\"]",
+            1,
+            None,
+            Some("interfaces"),
+            &["listed twice"],
+        );
+        assert_err("agent_id = \"\"", 1, None, Some("agent_id"), &["empty"]);
+    }
+
+    #[test]
+    fn bad_cidr() {
+        let text =
+            "[[rule]]\nlabel = \"a\"\n\n[[rule]]\nlabel = \"b\"\nremote_cidr = \"10.0.0.0/33\"\n";
+        assert_err(
+            text,
+            6,
+            Some(2),
+            Some("remote_cidr"),
+            &[r#""10.0.0.0/33" is not a valid CIDR (expected e.g. "10.0.0.0/8" or "fd00::/8")"#],
+        );
+        // A bad entry in a multi-line list is reported on its own line.
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nremote_cidr = [\n  \"10.0.0.0/8\",\n  \"fd00::/129\",\n]\n",
+            5,
+            Some(1),
+            Some("remote_cidr"),
+            &["\"fd00::/129\" is not a valid CIDR"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nremote_cidr = 10\n",
+            3,
+            Some(1),
+            Some("remote_cidr"),
+            &["expected a CIDR string"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nremote_cidr = []\n",
+            3,
+            Some(1),
+            Some("remote_cidr"),
+            &["empty list"],
+        );
+    }
+
+    #[test]
+    fn bad_ports() {
+        let cases = [
+            ("\"8100-8000\"", "start is greater than end"),
+            ("\"8000-70000\"", "70000 is greater than 65535"),
+            ("70000", "70000 is not a valid port"),
+            ("0", "port 0 means unknown"),
+            ("-1", "-1 is not a valid port"),
+            ("\"http\"", "\"http\" is not a number"),
+            ("\"80-\"", "is not a number"),
+            ("true", "expected a port number 1-65535 or a range string"),
+        ];
+        for (value, needle) in cases {
+            for field in ["local_port", "remote_port"] {
+                let text = format!(
+                    "[[rule]]\nlabel = \"a\"\n[[rule]]\nlabel = \"b\"\n{field} = {value}\n"
+                );
+                assert_err(&text, 5, Some(2), Some(field), &[needle, "expected"]);
+            }
+        }
+    }
+
+    #[test]
+    fn port_ranges_parse() {
+        assert_eq!(
+            PortRange::parse("80").unwrap(),
+            PortRange { start: 80, end: 80 }
+        );
+        assert_eq!(
+            PortRange::parse("8000 - 8100").unwrap(),
+            PortRange {
+                start: 8000,
+                end: 8100
+            }
+        );
+        assert_eq!(
+            PortRange::parse("0-1023").unwrap(),
+            PortRange {
+                start: 0,
+                end: 1023
+            }
+        );
+        assert!(PortRange::parse("0").is_err());
+        let r = PortRange { start: 0, end: 10 };
+        assert!(!r.contains(0), "port 0 is unknown and never matches");
+        assert!(r.contains(1) && r.contains(10) && !r.contains(11));
+    }
+
+    #[test]
+    fn bad_protocol_and_netns() {
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nprotocol = \"sctp\"\n",
+            3,
+            Some(1),
+            Some("protocol"),
+            &[
+                r#"unknown protocol "sctp""#,
+                r#""tcp", "udp", "icmp" or a protocol number 0-255"#,
+            ],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nprotocol = 300\n",
+            3,
+            Some(1),
+            Some("protocol"),
+            &["300 is not a protocol number"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nnetns = \"guest\"\n",
+            3,
+            Some(1),
+            Some("netns"),
+            &[r#"unknown netns "guest""#, r#""host", "other""#],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nnetns = -3\n",
+            3,
+            Some(1),
+            Some("netns"),
+            &["not a netns cookie"],
+        );
+        let c = Config::parse(
+            "[[rule]]\nlabel = \"a\"\nnetns = \"18446744073709551615\"\nprotocol = \"132\"",
+            "t",
+        )
+        .unwrap();
+        assert_eq!(c.rules[0].netns, Some(Netns::Cookie(u64::MAX)));
+        assert_eq!(c.rules[0].protocol, Some(Protocol::Number(132)));
+    }
+
+    #[test]
+    fn protocol_matching() {
+        assert!(Protocol::Tcp.matches(6) && !Protocol::Tcp.matches(17));
+        assert!(Protocol::Udp.matches(17));
+        assert!(
+            Protocol::Icmp.matches(1) && Protocol::Icmp.matches(58) && !Protocol::Icmp.matches(6)
+        );
+        assert!(Protocol::Number(132).matches(132) && !Protocol::Number(132).matches(6));
+    }
+
+    #[test]
+    fn bad_globs() {
+        for field in ["process", "exe", "cgroup"] {
+            let text = format!(
+                "[[rule]]\nlabel = \"a\"\n\n[[rule]]\nlabel = \"b\"\n{field} = \"/x/[a\"\n"
+            );
+            assert_err(
+                &text,
+                6,
+                Some(2),
+                Some(field),
+                &[
+                    "\"/x/[a\" is not a valid glob",
+                    "unclosed character class",
+                    "expected e.g.",
+                ],
+            );
+        }
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\nexe = \"nginx\"\n",
+            3,
+            Some(1),
+            Some("exe"),
+            &["cannot match a full executable path", "*/nginx"],
+        );
+    }
+
+    #[test]
+    fn bad_labels() {
+        assert_err(
+            "[[rule]]\nprocess = \"x\"\nlabel = \"\"\n",
+            3,
+            Some(1),
+            Some("label"),
+            &["label is empty", "expected"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"   \"\n",
+            2,
+            Some(1),
+            Some("label"),
+            &["label is empty"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"a\"\n[[rule]]\nlabel = \"x-{pid}\"\n",
+            4,
+            Some(2),
+            Some("label"),
+            &["unknown placeholder {pid}", "{process}", "{remote_port}"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"x-{process\"\n",
+            2,
+            Some(1),
+            Some("label"),
+            &["unclosed"],
+        );
+        assert_err(
+            "[[rule]]\nlabel = \"x}\"\n",
+            2,
+            Some(1),
+            Some("label"),
+            &["'}}'"],
+        );
+        let long = "x".repeat(200);
+        assert_err(
+            &format!("[[rule]]\nlabel = \"{long}\"\n"),
+            2,
+            Some(1),
+            Some("label"),
+            &["at most 128"],
+        );
+    }
+
+    #[test]
+    fn error_messages_without_a_file() {
+        let e = ConfigError::rule_field(1, "remote_cidr", "bad");
+        assert_eq!(e.to_string(), "config: rule #2 field remote_cidr: bad");
+        let e = ConfigError::field("interval_ms", "bad").located("/etc/sockacct.toml", None);
+        assert_eq!(
+            e.to_string(),
+            "config /etc/sockacct.toml: field interval_ms: bad"
+        );
+    }
+
+    #[test]
+    fn load_names_the_file() {
+        let dir = std::env::temp_dir().join(format!("sockacct-config-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("sockacct.toml");
+        std::fs::write(
+            &path,
+            "[[rule]]\nlabel = \"a\"\nremote_cidr = \"10.0.0.0/33\"\n",
+        )
+        .unwrap();
+        let msg = Config::load(&path).unwrap_err().to_string();
+        assert_eq!(
+            msg,
+            format!(
+                r#"config {}:3: rule #1 field remote_cidr: "10.0.0.0/33" is not a valid CIDR (expected e.g. "10.0.0.0/8" or "fd00::/8")"#,
+                path.display()
+            )
+        );
+        std::fs::write(&path, "interval_ms = 200\n").unwrap();
+        assert_eq!(Config::load(&path).unwrap().interval_ms, 200);
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = Config::load(&dir.join("missing.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+        assert!(e.to_string().contains("missing.toml: cannot read"), "{e}");
+    }
+}

@@ -1,0 +1,200 @@
+//! The delta event: one JSON object per line (format documented in docs/format.md).
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{self, Write as _},
+    path::{Path, PathBuf},
+};
+
+use agent_common::Counters;
+use serde::{Deserialize, Serialize};
+
+/// Format version of every record this agent writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Bytes and packets each way.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Traffic {
+    pub tx: u64,
+    pub rx: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+}
+
+impl Traffic {
+    pub fn is_zero(&self) -> bool {
+        *self == Traffic::default()
+    }
+    pub fn add(&mut self, o: &Traffic) {
+        self.tx += o.tx;
+        self.rx += o.rx;
+        self.tx_packets += o.tx_packets;
+        self.rx_packets += o.rx_packets;
+    }
+}
+
+impl From<Counters> for Traffic {
+    fn from(c: Counters) -> Self {
+        Traffic { tx: c.tx_bytes, rx: c.rx_bytes, tx_packets: c.tx_packets, rx_packets: c.rx_packets }
+    }
+}
+
+/// One interval's movement. Conservation: sum(labels) + unattributed == total.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeltaEvent {
+    pub v: u32,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub agent: String,
+    pub boot: String,
+    pub seq: u64,
+    /// Interval start, Unix ms.
+    pub t: u64,
+    /// Interval length, ms.
+    pub d: u64,
+    pub labels: BTreeMap<String, Traffic>,
+    pub unattributed: Traffic,
+    pub total: Traffic,
+    pub ifaces: BTreeMap<String, Traffic>,
+}
+
+impl DeltaEvent {
+    /// Sum over labels plus unattributed.
+    pub fn attributed_sum(&self) -> Traffic {
+        let mut s = self.unattributed;
+        for t in self.labels.values() {
+            s.add(t);
+        }
+        s
+    }
+    pub fn conserves(&self) -> bool {
+        self.attributed_sum() == self.total
+    }
+}
+
+/// Who is writing: a stable agent id and this boot's id.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub agent: String,
+    pub boot: String,
+}
+
+impl Identity {
+    /// `agent` from the config if set, else the host's machine id, else the host name.
+    pub fn detect(configured: Option<&str>) -> Identity {
+        let agent = configured
+            .map(str::to_owned)
+            .or_else(|| read_trim("/etc/machine-id"))
+            .or_else(|| read_trim("/proc/sys/kernel/hostname"))
+            .unwrap_or_else(|| "unknown".into());
+        let boot = read_trim("/proc/sys/kernel/random/boot_id").unwrap_or_else(|| "unknown".into());
+        Identity { agent, boot }
+    }
+}
+
+fn read_trim(p: &str) -> Option<String> {
+    fs::read_to_string(p).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+}
+
+/// Hands out sequence numbers that are never reused, across restarts too: numbers are
+/// reserved in blocks whose upper bound is written (and fsynced) to a state file before
+/// any number of the block is used. A crash wastes at most one block; it never repeats.
+pub struct SeqAllocator {
+    path: Option<PathBuf>,
+    next: u64,
+    reserved_until: u64,
+}
+
+const SEQ_BLOCK: u64 = 4096;
+
+impl SeqAllocator {
+    /// Persistent allocator whose state lives at `path`.
+    pub fn open(path: &Path) -> io::Result<SeqAllocator> {
+        let next = match fs::read_to_string(path) {
+            Ok(s) => s.trim().parse::<u64>().map_err(|_| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("{}: not a sequence number: {:?} (delete the file only if no event was ever written)", path.display(), s.trim()),
+                )
+            })?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e),
+        };
+        Ok(SeqAllocator { path: Some(path.to_owned()), next, reserved_until: next })
+    }
+
+    /// In-memory allocator starting at 0 (tests).
+    pub fn ephemeral() -> SeqAllocator {
+        SeqAllocator { path: None, next: 0, reserved_until: u64::MAX }
+    }
+
+    pub fn next(&mut self) -> io::Result<u64> {
+        if self.next >= self.reserved_until {
+            let until = self.next + SEQ_BLOCK;
+            if let Some(p) = &self.path {
+                let tmp = p.with_extension("tmp");
+                let mut f = fs::File::create(&tmp)?;
+                writeln!(f, "{until}")?;
+                f.sync_all()?;
+                fs::rename(&tmp, p)?;
+                if let Some(dir) = p.parent() {
+                    fs::File::open(dir)?.sync_all()?;
+                }
+            }
+            self.reserved_until = until;
+        }
+        let s = self.next;
+        self.next += 1;
+        Ok(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seq_never_repeats_across_reopen() {
+        let dir = std::env::temp_dir().join(format!("sockacct-seq-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("seq");
+        let _ = fs::remove_file(&p);
+        let mut a = SeqAllocator::open(&p).unwrap();
+        let first: Vec<u64> = (0..10).map(|_| a.next().unwrap()).collect();
+        assert_eq!(first, (0..10).collect::<Vec<_>>());
+        drop(a); // a crash: the rest of the block is skipped, never reused
+        let mut b = SeqAllocator::open(&p).unwrap();
+        assert_eq!(b.next().unwrap(), SEQ_BLOCK);
+        fs::write(&p, "garbage").unwrap();
+        let e = SeqAllocator::open(&p).err().unwrap().to_string();
+        assert!(e.contains("not a sequence number"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn event_json_shape_and_conservation() {
+        let mut labels = BTreeMap::new();
+        labels.insert("curl".to_string(), Traffic { tx: 100, rx: 50, tx_packets: 2, rx_packets: 1 });
+        let e = DeltaEvent {
+            v: FORMAT_VERSION,
+            kind: "delta".into(),
+            agent: "a".into(),
+            boot: "b".into(),
+            seq: 7,
+            t: 1000,
+            d: 100,
+            labels,
+            unattributed: Traffic { tx: 0, rx: 60, tx_packets: 0, rx_packets: 1 },
+            total: Traffic { tx: 100, rx: 110, tx_packets: 2, rx_packets: 2 },
+            ifaces: BTreeMap::new(),
+        };
+        assert!(e.conserves());
+        let s = serde_json::to_string(&e).unwrap();
+        assert!(s.starts_with(r#"{"v":1,"type":"delta","agent":"a","boot":"b","seq":7,"t":1000,"d":100,"labels":{"curl":{"tx":100"#), "{s}");
+        let back: DeltaEvent = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, e);
+        let mut bad = e.clone();
+        bad.total.rx += 1;
+        assert!(!bad.conserves());
+    }
+}

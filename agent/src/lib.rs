@@ -1,0 +1,20 @@
+//! sockacct: eBPF per-socket traffic accounting.
+//!
+//! One module per stage of the data path:
+//! - [`loader`]: preflight checks, loading and attaching the kernel programs, detaching.
+//! - [`discover`] / [`procfs`]: owners of sockets that existed before the agent started.
+//! - [`poller`]: every interval, flip the epoch, harvest the quiet slot, fold in finished
+//!   sockets, and produce per-socket deltas.
+//! - [`labels`] / [`config`]: the rules that give every socket exactly one label.
+//! - [`event`]: the delta event written as one JSON line.
+//! - [`bpfsys`]: the few bpf(2) calls aya lacks (batched map reads).
+pub mod bpfsys;
+pub mod cli;
+pub mod daemon;
+pub mod config;
+pub mod discover;
+pub mod event;
+pub mod labels;
+pub mod loader;
+pub mod poller;
+pub mod procfs;

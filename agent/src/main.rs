@@ -1,0 +1,3 @@
+fn main() {
+    sockacct::cli::main()
+}

@@ -1,0 +1,426 @@
+//! Harness for sockacct's integration tests: a cgroup of the test's own, traffic peers
+//! spawned into it, network namespaces with veth pairs, and the real agent binary whose
+//! JSON events are collected. Everything created is removed on drop, also when a test
+//! fails (panics unwind through the guards).
+use std::{
+    collections::BTreeMap,
+    fs,
+    io::{BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
+
+pub use sockacct::event::{DeltaEvent, Traffic};
+
+/// True when running as root; otherwise prints why the test is skipped.
+pub fn require_root(test: &str) -> bool {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping {test}: needs root (run `cargo xtask test` as root)");
+        return false;
+    }
+    true
+}
+
+pub fn cgroup2_root() -> PathBuf {
+    sockacct::procfs::cgroup2_mount().expect("no cgroup2 mount")
+}
+
+/// Waits for `cond` with a deadline; panics with `what` if it never holds.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A cgroup v2 directory for one test, removed on drop (its processes killed first).
+pub struct TestCgroup {
+    pub path: PathBuf,
+}
+
+impl TestCgroup {
+    pub fn new(tag: &str) -> TestCgroup {
+        let path = cgroup2_root().join(format!("sockacct-test-{tag}-{}", std::process::id()));
+        let _ = fs::remove_dir(&path);
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("mkdir {}: {e}", path.display()));
+        TestCgroup { path }
+    }
+}
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        for _ in 0..200 {
+            let procs = fs::read_to_string(self.path.join("cgroup.procs")).unwrap_or_default();
+            for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+            if fs::remove_dir(&self.path).is_ok() || !self.path.exists() {
+                return;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        eprintln!("warning: could not remove {}", self.path.display());
+    }
+}
+
+/// A network namespace joined to the host by a veth pair, removed on drop.
+/// Host side `host_if` has `host_ip`/30, the namespace side `peer_ip`/30. IPv6 is off on
+/// both ends and neighbours are static, so the only packets on the link are the test's.
+pub struct VethNs {
+    pub ns: String,
+    pub host_if: String,
+    pub host_ip: String,
+    pub peer_ip: String,
+}
+
+fn sh(args: &[&str]) {
+    let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(st.success(), "{args:?} failed: {st}");
+}
+
+impl VethNs {
+    pub fn new(tag: &str, subnet: u8) -> VethNs {
+        let id = std::process::id() % 100000;
+        let ns = format!("sa-{tag}-{id}");
+        let host_if = format!("sa{tag}{id}h");
+        let peer_if = format!("sa{tag}{id}p");
+        assert!(host_if.len() <= 15, "interface name too long: {host_if}");
+        let host_ip = format!("10.231.{subnet}.1");
+        let peer_ip = format!("10.231.{subnet}.2");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
+        let v = VethNs { ns: ns.clone(), host_if: host_if.clone(), host_ip: host_ip.clone(), peer_ip: peer_ip.clone() };
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        sh(&["ip", "link", "set", &peer_if, "netns", &ns]);
+        sh(&["sysctl", "-q", "-w", &format!("net.ipv6.conf.{host_if}.disable_ipv6=1")]);
+        sh(&["ip", "netns", "exec", &ns, "sysctl", "-q", "-w", &format!("net.ipv6.conf.{peer_if}.disable_ipv6=1")]);
+        sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
+        sh(&["ip", "netns", "exec", &ns, "ip", "addr", "add", &format!("{peer_ip}/30"), "dev", &peer_if]);
+        sh(&["ip", "link", "set", &host_if, "up"]);
+        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &peer_if, "up"]);
+        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+        let mac = |dev: &str, ns: Option<&str>| -> String {
+            let mut c = Command::new("ip");
+            if let Some(ns) = ns {
+                c.args(["netns", "exec", ns, "ip"]);
+            }
+            let o = c.args(["-o", "link", "show", dev]).output().unwrap();
+            let s = String::from_utf8_lossy(&o.stdout).to_string();
+            s.split("link/ether ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+        };
+        let hmac = mac(&host_if, None);
+        let pmac = mac(&peer_if, Some(&ns));
+        sh(&["ip", "neigh", "replace", &peer_ip, "lladdr", &pmac, "dev", &host_if, "nud", "permanent"]);
+        sh(&["ip", "netns", "exec", &ns, "ip", "neigh", "replace", &host_ip, "lladdr", &hmac, "dev", &peer_if, "nud", "permanent"]);
+        v
+    }
+}
+
+impl Drop for VethNs {
+    fn drop(&mut self) {
+        // Deleting the namespace deletes the peer end, which deletes the host end.
+        let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+    }
+}
+
+fn join_cgroup_before_exec(cmd: &mut Command, cg: &Path) -> fs::File {
+    let procs = fs::OpenOptions::new()
+        .write(true)
+        .open(cg.join("cgroup.procs"))
+        .unwrap_or_else(|e| panic!("open {}/cgroup.procs: {e}", cg.display()));
+    let fd = procs.as_raw_fd();
+    unsafe {
+        cmd.pre_exec(move || {
+            // "0" = the writing process; write(2) is async-signal-safe.
+            if libc::write(fd, b"0\n".as_ptr().cast(), 2) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    procs
+}
+
+/// A traffic generator process (tests/src/bin/peer.rs).
+pub struct Peer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stdin: Option<ChildStdin>,
+    seen: Vec<String>,
+}
+
+impl Peer {
+    /// Spawns `sockacct-peer --name NAME ARGS…`, inside `cg` (if given) and inside network
+    /// namespace `ns` (if given).
+    pub fn spawn(cg: Option<&TestCgroup>, ns: Option<&str>, name: &str, args: &[&str]) -> Peer {
+        let exe = sibling_exe("sockacct-peer");
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, &exe]);
+                c
+            }
+            None => Command::new(exe),
+        };
+        cmd.arg("--name").arg(name).args(args);
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let _guard = cg.map(|c| join_cgroup_before_exec(&mut cmd, &c.path));
+        let mut child = cmd.spawn().expect("spawn peer");
+        let stdout = child.stdout.take().unwrap();
+        let stdin = child.stdin.take();
+        let (tx, rx) = mpsc::channel();
+        thread::spawn(move || {
+            for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        Peer { child, lines: rx, stdin, seen: vec![] }
+    }
+
+    /// Waits for a "KEY VALUE" line and returns VALUE.
+    pub fn value(&mut self, key: &str) -> u64 {
+        if let Some(v) = self.seen.iter().find_map(|l| l.strip_prefix(&format!("{key} "))) {
+            return v.trim().parse().unwrap();
+        }
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if let Some(v) = l.strip_prefix(&format!("{key} ")) {
+                        return v.trim().parse().unwrap();
+                    }
+                }
+                Err(_) => panic!("peer never printed {key:?} (saw {:?})", self.seen),
+            }
+        }
+    }
+
+    /// Waits for a bare line.
+    pub fn expect_line(&mut self, line: &str) {
+        let end = Instant::now() + Duration::from_secs(30);
+        while !self.seen.iter().any(|l| l == line) {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => self.seen.push(l),
+                Err(_) => panic!("peer never printed {line:?} (saw {:?})", self.seen),
+            }
+        }
+    }
+
+    pub fn send_line(&mut self, s: &str) {
+        let i = self.stdin.as_mut().unwrap();
+        writeln!(i, "{s}").unwrap();
+        i.flush().unwrap();
+    }
+
+    /// Waits for exit; panics on failure.
+    pub fn finish(mut self) -> Peer {
+        let st = self.child.wait().unwrap();
+        assert!(st.success(), "peer failed: {st}");
+        // Collect what is left of its output.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_millis(500)) {
+            self.seen.push(l);
+        }
+        self
+    }
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The real agent binary, run with `--stdout`; its events are collected.
+pub struct Daemon {
+    child: Child,
+    events: Arc<Mutex<Vec<DeltaEvent>>>,
+    stderr: Arc<Mutex<Vec<String>>>,
+    _state: TempDir,
+}
+
+pub struct TempDir(pub PathBuf);
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("sockacct-{tag}-{}-{}", std::process::id(), rand_u32()));
+        fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+pub fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+    u32::from_ne_bytes(b)
+}
+
+/// A binary of this package, found next to the running test executable
+/// (target/<profile>/deps/<test> -> target/<profile>/<name>).
+pub fn sibling_exe(name: &str) -> String {
+    let me = std::env::current_exe().unwrap();
+    for dir in me.ancestors().skip(1).take(2) {
+        let p = dir.join(name);
+        if p.exists() {
+            return p.display().to_string();
+        }
+    }
+    panic!("{name} not found near {} (build it with cargo build -p sockacct-tests)", me.display())
+}
+
+pub fn agent_exe() -> String {
+    sibling_exe("sockacct-agent")
+}
+
+impl Daemon {
+    /// Starts `sockacct run --stdout --cgroup CG ARGS…` and waits until it is attached.
+    pub fn start(cg: &TestCgroup, args: &[&str]) -> Daemon {
+        let state = TempDir::new("state");
+        let mut cmd = Command::new(agent_exe());
+        cmd.args(["run", "--stdout", "--cgroup"])
+            .arg(&cg.path)
+            .arg("--state-dir")
+            .arg(&state.0)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = cmd.spawn().expect("spawn agent");
+        let events = Arc::new(Mutex::new(vec![]));
+        let stderr = Arc::new(Mutex::new(vec![]));
+        let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
+        let ev = events.clone();
+        thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                let e: DeltaEvent = serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}"));
+                ev.lock().unwrap().push(e);
+            }
+        });
+        let se = stderr.clone();
+        thread::spawn(move || {
+            for l in BufReader::new(err).lines().map_while(Result::ok) {
+                eprintln!("[agent] {l}");
+                se.lock().unwrap().push(l);
+            }
+        });
+        let mut d = Daemon { child, events, stderr, _state: state };
+        wait_for("the agent to attach", Duration::from_secs(30), || {
+            if let Ok(Some(st)) = d.child.try_wait() {
+                panic!("agent exited early ({st}): {:?}", d.stderr.lock().unwrap());
+            }
+            d.stderr.lock().unwrap().iter().any(|l| l.contains("existing sockets discovered")).then_some(())
+        });
+        d
+    }
+
+    pub fn events(&self) -> Vec<DeltaEvent> {
+        self.events.lock().unwrap().clone()
+    }
+
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// SIGTERM, wait for a clean exit, return every event it wrote.
+    pub fn stop(mut self) -> Vec<DeltaEvent> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let st = wait_for("the agent to exit", Duration::from_secs(30), || self.child.try_wait().unwrap());
+        assert!(st.success(), "agent exited with {st}: {:?}", self.stderr());
+        // Let the reader thread take the last lines.
+        let n = Arc::clone(&self.events);
+        wait_for("the last events", Duration::from_secs(5), || {
+            self.stderr().iter().any(|l| l.contains("detached; bye")).then_some(())
+        });
+        thread::sleep(Duration::from_millis(100));
+        let v = n.lock().unwrap().clone();
+        v
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let end = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < end {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Sum of every event's labels, plus unattributed and total.
+#[derive(Debug, Default, Clone)]
+pub struct Sums {
+    pub labels: BTreeMap<String, Traffic>,
+    pub unattributed: Traffic,
+    pub total: Traffic,
+    pub ifaces: BTreeMap<String, Traffic>,
+}
+
+pub fn sum(events: &[DeltaEvent]) -> Sums {
+    let mut s = Sums::default();
+    for e in events {
+        for (l, t) in &e.labels {
+            s.labels.entry(l.clone()).or_default().add(t);
+        }
+        for (l, t) in &e.ifaces {
+            s.ifaces.entry(l.clone()).or_default().add(t);
+        }
+        s.unattributed.add(&e.unattributed);
+        s.total.add(&e.total);
+    }
+    s
+}
+
+/// Checks the invariants every run must keep: conservation in every event, increasing
+/// seq, no empty event.
+pub fn check_events(events: &[DeltaEvent]) {
+    let mut prev: Option<u64> = None;
+    for e in events {
+        assert!(e.conserves(), "event seq {} does not conserve: {e:?}", e.seq);
+        assert!(!(e.total.is_zero() && e.ifaces.is_empty()), "empty event written: {e:?}");
+        assert!(e.labels.values().all(|t| !t.is_zero()), "a label that did not move: {e:?}");
+        if let Some(p) = prev {
+            assert!(e.seq > p, "seq not increasing: {p} then {}", e.seq);
+        }
+        prev = Some(e.seq);
+        assert_eq!(e.v, 1);
+        assert_eq!(e.kind, "delta");
+    }
+}
+
+pub fn label<'a>(s: &'a Sums, name: &str) -> &'a Traffic {
+    s.labels.get(name).unwrap_or_else(|| panic!("no label {name:?} in {:?}", s.labels.keys().collect::<Vec<_>>()))
+}
