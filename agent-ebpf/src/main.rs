@@ -117,10 +117,25 @@ fn atomic_add(c: *mut Counters, len: u64, egress: bool) {
     }
 }
 
+/// IPv6 BIG TCP: an skb above 64 KiB carries an 8 B jumbo hop-by-hop header that the
+/// kernel adds for itself and strips again at segmentation. It never reaches a wire or a
+/// peer, so it is not counted.
+#[inline(always)]
+fn wire_len(ctx: &SkBuffContext) -> u64 {
+    let len = ctx.len() as u64;
+    const IPV6_BE: u32 = 0xdd86; // ETH_P_IPV6 as skb->protocol holds it (big endian)
+    if len > 65535 + 40 && unsafe { (*ctx.skb.skb).protocol } == IPV6_BE {
+        if let Ok(0u8) = ctx.load::<u8>(6) {
+            return len - 8;
+        }
+    }
+    len
+}
+
 #[inline(always)]
 fn count_skb(ctx: &SkBuffContext, egress: bool) {
     let slot = current_slot();
-    let len = ctx.len() as u64;
+    let len = wire_len(ctx);
     percpu_add(&TOTALS, slot, len, egress);
 
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };

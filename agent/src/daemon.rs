@@ -120,11 +120,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let seq = SeqAllocator::open(&s.state_dir.join("seq"))
         .with_context(|| format!("opening {}", s.state_dir.join("seq").display()))?;
 
+    // Handlers first: a SIGTERM at any point from here on still detaches cleanly.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        install_flag(sig, &stop)?;
+    }
     let mut loaded = loader::load(&opts)?;
     // Sockets that existed before we attached: find their owners now. Anything created
     // from here on is seen by sock_create.
     let discovered = match discover::discover_existing() {
-        Ok(d) => d,
+        // TIME_WAIT and other socket remnants have no owner and carry no counted bytes.
+        Ok(d) => d.into_iter().filter(|s| s.inode != 0).collect(),
         Err(e) => {
             warn!("could not list existing sockets ({e}); their bytes will be unattributed");
             vec![]
@@ -135,10 +141,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut poller = Poller::new(&mut loaded, identity, seq, labeler, discovered)?;
     let mut sink: Box<dyn EventSink> = if s.stdout { Box::new(StdoutSink) } else { Box::new(SummarySink::new()) };
 
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook_consts::SIGINT, signal_hook_consts::SIGTERM] {
-        install_flag(sig, &stop)?;
-    }
+    info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
@@ -156,6 +159,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("stopping: detaching programs, final poll");
     loaded.detach();
     emit(&mut poller, sink.as_mut())?;
+    let st = &poller.stats;
+    info!(
+        "totals: {} events, kernel counted {} B out / {} B in; {} finished sockets folded in; \
+         {} B without an owner; kernel counters {:?}",
+        st.events, st.kernel_total.tx, st.kernel_total.rx, st.finals_received, st.no_owner_bytes, st.kernel_drops
+    );
     drop(poller);
     drop(loaded);
     info!("detached; bye");
@@ -172,11 +181,6 @@ fn emit(poller: &mut Poller, sink: &mut dyn EventSink) -> anyhow::Result<()> {
         }
     }
     Ok(())
-}
-
-mod signal_hook_consts {
-    pub const SIGINT: libc::c_int = libc::SIGINT;
-    pub const SIGTERM: libc::c_int = libc::SIGTERM;
 }
 
 static STOP_FLAGS: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();

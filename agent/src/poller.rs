@@ -498,6 +498,11 @@ impl Poller {
                 record_owner.insert(r.cookie, r.owner);
             }
         }
+        // The owner travels with the record and is gone from the kernel afterwards: label
+        // now, even if this slot did not move (the other slot may, next tick).
+        for (cookie, o) in &record_owner {
+            self.label_of(*cookie, Some(o));
+        }
         // Every finished socket contributes what its final counters hold beyond what
         // was already taken from this slot.
         let mut still_finishing = Vec::with_capacity(self.finishing.len());
@@ -551,6 +556,7 @@ impl Poller {
             match self.label_of(cookie, record_owner.get(&cookie)) {
                 Some(l) => by_label.entry(l).or_default().add(&d),
                 None => {
+                    debug!("no owner for socket {cookie:#x} (record: {:?}, state: {:?})", record_owner.get(&cookie), self.socks.get(&cookie));
                     self.stats.no_owner_bytes += d.tx + d.rx;
                     unattributed.add(&d);
                 }

@@ -330,7 +330,7 @@ impl Daemon {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("agent exited early ({st}): {:?}", d.stderr.lock().unwrap());
             }
-            d.stderr.lock().unwrap().iter().any(|l| l.contains("existing sockets discovered")).then_some(())
+            d.stderr.lock().unwrap().iter().any(|l| l.contains("running: one event per")).then_some(())
         });
         d
     }
