@@ -25,6 +25,51 @@ fn out(line: String) {
     o.flush().unwrap();
 }
 
+/// (bytes_sent, bytes_retrans) from TCP_INFO: payload bytes that left the socket,
+/// retransmissions included (struct tcp_info offsets 200 and 208, Linux >= 4.19).
+fn tcp_sent(s: &TcpStream) -> (u64, u64) {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 256];
+    let mut len = buf.len() as libc::socklen_t;
+    let r = unsafe {
+        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len)
+    };
+    assert!(r == 0 && len >= 216, "TCP_INFO: {}", std::io::Error::last_os_error());
+    let rd = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    (rd(200), rd(208))
+}
+
+static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static RETRANS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Waits until every byte written is sent and acknowledged (so no retransmission can
+/// follow), then adds the socket's wire counts to the totals.
+fn note_sent(s: &TcpStream) {
+    use std::{os::fd::AsRawFd, sync::atomic::Ordering::Relaxed};
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut buf = [0u8; 256];
+        let mut len = buf.len() as libc::socklen_t;
+        unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len) };
+        let rd32 = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
+        // tcpi_unacked at 24, tcpi_notsent_bytes at 144
+        if (rd32(24) == 0 && rd32(144) == 0) || std::time::Instant::now() > end {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let (sent, re) = tcp_sent(s);
+    SENT.fetch_add(sent, Relaxed);
+    RETRANS.fetch_add(re, Relaxed);
+}
+
+/// Prints what TCP says it put on the wire (retransmissions included).
+fn report_wire() {
+    use std::sync::atomic::Ordering::Relaxed;
+    out(format!("wire_sent {}", SENT.load(Relaxed)));
+    out(format!("wire_retrans {}", RETRANS.load(Relaxed)));
+}
+
 fn exchange(mut s: TcpStream, send: u64) -> (u64, u64) {
     let chunk = vec![0x5au8; 64 * 1024];
     let mut left = send;
@@ -43,6 +88,7 @@ fn exchange(mut s: TcpStream, send: u64) -> (u64, u64) {
         }
         got += n as u64;
     }
+    note_sent(&s);
     (send, got)
 }
 
@@ -76,9 +122,12 @@ fn main() {
                     s.write_all(&chunk[..n]).unwrap();
                     left -= n as u64;
                 }
+                s.shutdown(Shutdown::Write).unwrap();
+                note_sent(&s);
                 drop(s);
             }
             out(format!("received {total}"));
+            report_wire();
         }
         ["tcp-connect", addr, port, count, send] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
@@ -91,6 +140,7 @@ fn main() {
             }
             out(format!("sent {st}"));
             out(format!("received {rt}"));
+            report_wire();
         }
         ["udp-recv", listen] => {
             let s = UdpSocket::bind((listen.parse::<IpAddr>().unwrap(), 0)).unwrap();
@@ -137,12 +187,14 @@ fn main() {
             let (s, r) = exchange(s, send.parse().unwrap());
             out(format!("sent {s}"));
             out(format!("received {r}"));
+            report_wire();
         }
         ["short-tcp", addr, port, send] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
             let (s, r) = exchange(TcpStream::connect(to).unwrap(), send.parse().unwrap());
             out(format!("sent {s}"));
             out(format!("received {r}"));
+            report_wire();
         }
         _ => {
             eprintln!("peer: bad arguments {a:?}");
