@@ -56,6 +56,9 @@ pub const ORIGIN_DISCOVERED: u32 = 3;
 /// Filled at sock_release from the closing task, for sockets with no owner until then
 /// (accepted sockets on kernels where the accept hook cannot be loaded).
 pub const ORIGIN_RELEASE: u32 = 4;
+/// Filled by the first send or receive call on the socket (process context), for sockets
+/// with no owner until then, when the accept hook is not available.
+pub const ORIGIN_FIRST_IO: u32 = 5;
 
 /// Who owns a socket: taken in the owning process's context (sock_create, or the accept
 /// path for server-side sockets), never per packet.

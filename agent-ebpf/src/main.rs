@@ -150,13 +150,19 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
             // Only full sockets get an entry: request sockets (SYN-ACKs) never see
             // sock_release, so an entry for them would never be cleaned up.
             let sk = unsafe { (*ctx.skb.skb).__bindgen_anon_2.sk };
-            if sk.is_null() || unsafe { bpf_sk_fullsock(sk) }.is_null() {
+            if sk.is_null() {
                 drop_count(DROP_NOT_FULL_SOCK);
                 percpu_add(&UNATTR, slot, len, egress);
                 return;
             }
+            if unsafe { bpf_sk_fullsock(sk) }.is_null() {
+                drop_count(DROP_NOT_FULL_SOCK);
+                percpu_add(&UNATTR, slot, len, egress);
+                return;
+            }
+            let full = unsafe { bpf_sk_fullsock(sk) };
             let _ = SOCKS.insert(cookie, SockCounters::default(), BPF_NOEXIST as u64);
-            record_addresses(ctx, cookie);
+            record_addresses(ctx, cookie, full);
             match SOCKS.get_ptr_mut(cookie) {
                 Some(e) => e,
                 None => {
@@ -174,7 +180,7 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
 /// First packet of a socket: remember its addresses (from the socket, not the packet)
 /// next to its owner, so rules can match ports and peers. Runs once per socket.
 #[inline(always)]
-fn record_addresses(ctx: &SkBuffContext, cookie: u64) {
+fn record_addresses(ctx: &SkBuffContext, cookie: u64, sk: *mut aya_ebpf::bindings::bpf_sock) {
     let skb = ctx.skb.skb;
     let owner = match OWNERS.get_ptr_mut(cookie) {
         Some(o) => o,
@@ -191,6 +197,11 @@ fn record_addresses(ctx: &SkBuffContext, cookie: u64) {
         }
     };
     unsafe {
+        if (*owner).origin == 0 && !sk.is_null() {
+            (*owner).family = (*sk).family;
+            (*owner).sock_type = (*sk).type_;
+            (*owner).protocol = (*sk).protocol;
+        }
         let family = (*skb).family;
         (*owner).addr_family = family;
         if family == 2 {
@@ -304,6 +315,44 @@ pub fn sockacct_accept(ctx: FExitContext) -> i32 {
         drop_count(DROP_OWNER_INSERT);
     }
     0
+}
+
+/// Fallback owner for server-side sockets where the accept hook cannot be loaded: the
+/// first process to send or receive on the socket (always process context). Runs for
+/// every send/recv call, so it is attached only when needed, and does one lookup.
+#[inline(always)]
+fn first_io(ctx: &BtfTracePointContext) -> i32 {
+    let sk: *mut c_void = ctx.arg(0);
+    if sk.is_null() {
+        return 0;
+    }
+    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    if let Some(o) = OWNERS.get_ptr_mut(cookie) {
+        if unsafe { (*o).origin } == 0 {
+            let cur = current_owner(ORIGIN_FIRST_IO);
+            unsafe {
+                (*o).tgid = cur.tgid;
+                (*o).pid = cur.pid;
+                (*o).uid = cur.uid;
+                (*o).gid = cur.gid;
+                (*o).comm = cur.comm;
+                (*o).cgroup_id = cur.cgroup_id;
+                (*o).created_ns = cur.created_ns;
+                (*o).origin = ORIGIN_FIRST_IO;
+            }
+        }
+    }
+    0
+}
+
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sockacct_first_recv(ctx: BtfTracePointContext) -> i32 {
+    first_io(&ctx)
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sockacct_first_send(ctx: BtfTracePointContext) -> i32 {
+    first_io(&ctx)
 }
 
 // ------------------------------------------------------------------ end of a socket

@@ -248,11 +248,22 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                 true
             }
             Err(e) => {
-                warn!("accepted sockets will take their listener's owner: {e}");
+                warn!(
+                    "accept hook unavailable ({e}); server-side sockets take the owner of the first \
+                     process that sends or receives on them (or of their listener until then)"
+                );
                 false
             }
         }
     };
+    if !accept_hook {
+        for (name, tp) in [("sockacct_first_recv", "sock_recv_length"), ("sockacct_first_send", "sock_send_length")] {
+            let p: &mut BtfTracePoint = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+            p.load(tp, &btf).map_err(|e| program_error(name, e))?;
+            let id = p.attach().map_err(|e| attach_error(name, format!("tp_btf/{tp}"), e))?;
+            links.push(Link::Tp(name, id));
+        }
+    }
 
     if !ifaces.is_empty() {
         let mut m: AyaHashMap<&mut MapData, u32, SlotCounters> = AyaHashMap::try_from(

@@ -122,6 +122,7 @@ fn udp_exact(tag: &str, addr: &str, ip_hdr: u64) {
     Peer::spawn(Some(&cg), None, "udp-stop", &["udp-stop", addr, &port]).finish();
     let got = rcv.value("datagrams");
     assert_eq!(rcv.value("bytes"), got * size);
+    let drops = rcv.value("drops");
     rcv.finish();
     let events = d.stop();
     check_events(&events);
@@ -133,10 +134,11 @@ fn udp_exact(tag: &str, addr: &str, ip_hdr: u64) {
     assert_eq!(tx.tx_packets, count);
     assert_eq!((tx.rx, tx.rx_packets), (0, 0));
     let rx = label(&s, "udp-recv");
-    // The receiver's own count, plus the stop datagram (1 B payload).
-    assert_eq!(rx.rx, got * per + (1 + 8 + ip_hdr));
-    assert_eq!(rx.rx_packets, got + 1);
-    assert_eq!(got, count, "loopback with pacing should not drop datagrams");
+    // What reached the receiving socket: what the application read, what the kernel
+    // dropped for a full buffer, and the stop datagram (1 B payload).
+    assert_eq!(rx.rx, (got + drops) * per + (1 + 8 + ip_hdr));
+    assert_eq!(rx.rx_packets, got + drops + 1);
+    assert_eq!(got + drops, count, "loopback loses nothing before the socket");
     let stop = label(&s, "udp-stop");
     assert_eq!((stop.tx, stop.tx_packets), (1 + 8 + ip_hdr, 1));
     assert!(s.unattributed.is_zero());
@@ -194,6 +196,51 @@ fn short_lived_socket_is_counted_in_full() {
     let all = sum(&events);
     assert_eq!(label(&all, "short-cli"), label(&full, "short-cli"));
     assert_eq!(label(&all, "short-srv"), label(&full, "short-srv"));
+}
+
+/// A pre-fork server: the listener belongs to one process, the connection is accepted
+/// and served by a forked worker with another name. The worker's label gets the
+/// connection's bytes; the listener's owner gets only the handshake the listener handled.
+#[test]
+fn server_side_socket_is_labelled_with_the_accepting_process() {
+    if !require_root("accepting_process") {
+        return;
+    }
+    let cg = TestCgroup::new("fork");
+    let d = Daemon::start(&cg, &["--interval", "100"]);
+    let (greeting, up, down) = (1_000u64, 80_000u64, 20_000u64);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "acct-parent",
+        &["tcp-serve-fork", "127.0.0.1", "acct-worker", &greeting.to_string(), &down.to_string()],
+    );
+    let port = srv.value("port").to_string();
+    let mut cli = Peer::spawn(Some(&cg), None, "acct-client", &["tcp-greeted", "127.0.0.1", &port, &greeting.to_string(), &up.to_string()]);
+    assert_eq!(cli.value("received"), greeting + down);
+    assert_eq!(srv.value("received"), up);
+    let (cw, sw) = (Wire::of(&mut cli), Wire::of(&mut srv));
+    cli.finish();
+    srv.finish();
+    let events = d.stop();
+    check_events(&events);
+    let s = sum(&events);
+    eprintln!("fork: {:?}", s);
+    let lossy = cw.retrans + sw.retrans > 0;
+    let h = V4_TCP_HDR;
+    let w = label(&s, "acct-worker");
+    check_tcp("worker tx", w.tx, sw.sent, h, w.tx_packets, 0, lossy, 0);
+    check_tcp("worker rx", w.rx, up, h, w.rx_packets, 0, lossy, cw.retrans);
+    // The listener took the SYN (60 B) and the handshake's final ACK (52 B), and sent
+    // the SYN-ACK (60 B), on behalf of its owner.
+    let p = label(&s, "acct-parent");
+    if !lossy {
+        assert_eq!((p.rx, p.rx_packets), (60 + 52, 2), "listener rx");
+        assert_eq!((p.tx, p.tx_packets), (60, 1), "listener tx");
+    }
+    let c = label(&s, "acct-client");
+    check_tcp("client tx", c.tx, cw.sent, h, c.tx_packets, SYN_EXTRA, lossy, 0);
+    assert!(s.unattributed.is_zero());
 }
 
 /// Sockets opened before the agent started are attributed to their processes (found

@@ -1,6 +1,962 @@
-fn main() {
-    let c = std::env::var("CARGO").unwrap();
-    eprintln!("CARGO={c} manifest={:?}", std::env::var("CARGO_MANIFEST_DIR"));
-    let st = std::process::Command::new(c).args(["build", "--release", "-p", "sockacct-tests", "--bins"]).status().unwrap();
-    eprintln!("{st}");
+//! sockacct-bench: what the agent costs, measured on the real kernel (run as root through
+//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs]…`).
+//!
+//! Figures, printed as one table on stdout and written to target/bench/last.json:
+//! - per-program average run time (kernel bpf_stats: run_time_ns / run_cnt), taken in one
+//!   extra agent run per traffic scenario with stats switched on (BPF_ENABLE_STATS; the
+//!   throughput rounds run with stats off, since stats add two clock reads per run);
+//! - TCP bulk throughput on loopback and over a veth pair, and 64-byte UDP packets per
+//!   second over the veth pair, with the agent vs without, rounds in rotated order
+//!   (B A A B B A …), medians and the ratio of the medians;
+//! - Poller::tick work time and grace-period wait (p50 / p99) with 1k, 10k, 100k sockets,
+//!   using the library in-process.
+//!
+//! This is a reporting tool: nothing here asserts on timings. Targets are printed next to
+//! the figures for reference.
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    io,
+    mem::{offset_of, size_of},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::PathBuf,
+    process::Command,
+    sync::Arc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use serde_json::{Value, json};
+use sockacct::{
+    config::Config,
+    event::{Identity, SeqAllocator},
+    labels::Labeler,
+    loader::{self, LoadOptions},
+    poller::Poller,
+};
+use sockacct_tests::*;
+
+// ---- bpf(2) -------------------------------------------------------------------------------
+
+mod bpf {
+    use super::*;
+
+    const BPF_PROG_GET_NEXT_ID: libc::c_long = 11;
+    const BPF_PROG_GET_FD_BY_ID: libc::c_long = 13;
+    const BPF_MAP_GET_FD_BY_ID: libc::c_long = 14;
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    const BPF_ENABLE_STATS: libc::c_long = 32;
+    const BPF_STATS_RUN_TIME: u32 = 0;
+
+    /// Prefix of `struct bpf_prog_info` (include/uapi/linux/bpf.h). The kernel fills
+    /// min(info_len, its own size) bytes, so a prefix is enough.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct ProgInfoPrefix {
+        pub prog_type: u32,
+        pub id: u32,
+        pub tag: [u8; 8],
+        pub jited_prog_len: u32,
+        pub xlated_prog_len: u32,
+        pub jited_prog_insns: u64,
+        pub xlated_prog_insns: u64,
+        pub load_time: u64,
+        pub created_by_uid: u32,
+        pub nr_map_ids: u32,
+        pub map_ids: u64,
+        pub name: [u8; 16],
+        pub ifindex: u32,
+        pub gpl_compatible: u32, // bit field :1, then 31 bits of padding
+        pub netns_dev: u64,
+        pub netns_ino: u64,
+        pub nr_jited_ksyms: u32,
+        pub nr_jited_func_lens: u32,
+        pub jited_ksyms: u64,
+        pub jited_func_lens: u64,
+        pub btf_id: u32,
+        pub func_info_rec_size: u32,
+        pub func_info: u64,
+        pub nr_func_info: u32,
+        pub nr_line_info: u32,
+        pub line_info: u64,
+        pub jited_line_info: u64,
+        pub nr_jited_line_info: u32,
+        pub line_info_rec_size: u32,
+        pub jited_line_info_rec_size: u32,
+        pub nr_prog_tags: u32,
+        pub prog_tags: u64,
+        pub run_time_ns: u64,
+        pub run_cnt: u64,
+    }
+    // The documented layout (checked against linux/bpf.h with offsetof).
+    const _: () = {
+        assert!(offset_of!(ProgInfoPrefix, id) == 4);
+        assert!(offset_of!(ProgInfoPrefix, load_time) == 40);
+        assert!(offset_of!(ProgInfoPrefix, name) == 64);
+        assert!(offset_of!(ProgInfoPrefix, netns_dev) == 88);
+        assert!(offset_of!(ProgInfoPrefix, btf_id) == 128);
+        assert!(offset_of!(ProgInfoPrefix, prog_tags) == 184);
+        assert!(offset_of!(ProgInfoPrefix, run_time_ns) == 192);
+        assert!(offset_of!(ProgInfoPrefix, run_cnt) == 200);
+        assert!(size_of::<ProgInfoPrefix>() == 208);
+    };
+
+    /// Prefix of `struct bpf_map_info`.
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    pub struct MapInfoPrefix {
+        pub map_type: u32,
+        pub id: u32,
+        pub key_size: u32,
+        pub value_size: u32,
+        pub max_entries: u32,
+        pub map_flags: u32,
+        pub name: [u8; 16],
+    }
+    const _: () = assert!(offset_of!(MapInfoPrefix, name) == 24);
+
+    #[repr(C)]
+    struct GetIdAttr {
+        start_or_id: u32,
+        next_id: u32,
+        open_flags: u32,
+    }
+
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+
+    #[repr(C)]
+    struct EnableStatsAttr {
+        stats_type: u32,
+    }
+
+    fn sys<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
+        let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };
+        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+    }
+
+    /// Kernel-wide run-time stats, on while the returned fd stays open.
+    pub fn enable_stats() -> io::Result<OwnedFd> {
+        let fd = sys(BPF_ENABLE_STATS, &mut EnableStatsAttr { stats_type: BPF_STATS_RUN_TIME })?;
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn next_id(cmd: libc::c_long, start: u32) -> io::Result<Option<u32>> {
+        let mut a = GetIdAttr { start_or_id: start, next_id: 0, open_flags: 0 };
+        match sys(cmd, &mut a) {
+            Ok(_) => Ok(Some(a.next_id)),
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<OwnedFd> {
+        let mut a = GetIdAttr { start_or_id: id, next_id: 0, open_flags: 0 };
+        let fd = sys(cmd, &mut a)?;
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
+    fn info<T: Copy>(fd: &OwnedFd) -> io::Result<T> {
+        let mut v: T = unsafe { std::mem::zeroed() };
+        let mut a = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<T>() as u32, info: &mut v as *mut T as u64 };
+        sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
+        Ok(v)
+    }
+
+    pub fn name_of(raw: &[u8; 16]) -> String {
+        let n = raw.iter().position(|&b| b == 0).unwrap_or(16);
+        String::from_utf8_lossy(&raw[..n]).into_owned()
+    }
+
+    /// Every loaded program (ids that vanish during the walk are skipped).
+    pub fn all_programs() -> io::Result<Vec<ProgInfoPrefix>> {
+        let mut out = vec![];
+        let mut id = 0;
+        while let Some(next) = next_id(BPF_PROG_GET_NEXT_ID, id)? {
+            id = next;
+            let Ok(fd) = fd_by_id(BPF_PROG_GET_FD_BY_ID, id) else { continue };
+            if let Ok(i) = info::<ProgInfoPrefix>(&fd) {
+                out.push(i);
+            }
+        }
+        Ok(out)
+    }
+
+    /// An fd for the map with this id, with its info.
+    pub fn map_by_id(id: u32) -> io::Result<(OwnedFd, MapInfoPrefix)> {
+        let fd = fd_by_id(BPF_MAP_GET_FD_BY_ID, id)?;
+        let i = info::<MapInfoPrefix>(&fd)?;
+        Ok((fd, i))
+    }
+}
+
+/// `key: value` numbers from every /proc/PID/fdinfo entry that has `key`, e.g. the
+/// program and map ids a process holds.
+fn fdinfo_values(pid: i32, key: &str) -> Vec<(u64, BTreeMap<String, u64>)> {
+    let mut out = vec![];
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return out };
+    for e in dir.flatten() {
+        let Ok(text) = fs::read_to_string(e.path()) else { continue };
+        let fields: BTreeMap<String, u64> = text
+            .lines()
+            .filter_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                Some((k.trim().to_string(), v.trim().parse().ok()?))
+            })
+            .collect();
+        if let Some(&v) = fields.get(key) {
+            out.push((v, fields));
+        }
+    }
+    out
+}
+
+/// Full program names; the kernel keeps 15 characters.
+const PROGRAMS: [&str; 8] = [
+    "sockacct_ingress",
+    "sockacct_egress",
+    "sockacct_sock_create",
+    "sockacct_sock_release",
+    "sockacct_tcp_state",
+    "sockacct_accept",
+    "sockacct_tc_ingress",
+    "sockacct_tc_egress",
+];
+
+fn full_name(kernel: &str) -> String {
+    PROGRAMS.iter().find(|p| p.starts_with(kernel)).map(|p| p.to_string()).unwrap_or_else(|| kernel.to_string())
+}
+
+#[derive(Debug, Clone, Default)]
+struct ProgSnap {
+    /// Full name -> (id, run_time_ns, run_cnt) for the programs the given processes hold.
+    ours: BTreeMap<String, (u32, u64, u64)>,
+    /// sockacct programs loaded by anyone else (another agent or test on this machine).
+    foreign: usize,
+}
+
+fn prog_snapshot(owners: &[i32]) -> ProgSnap {
+    let owned: BTreeSet<u64> = owners.iter().flat_map(|&p| fdinfo_values(p, "prog_id")).map(|(id, _)| id).collect();
+    let mut s = ProgSnap::default();
+    for p in bpf::all_programs().unwrap_or_default() {
+        let name = bpf::name_of(&p.name);
+        if !name.starts_with("sockacct_") {
+            continue;
+        }
+        if owned.contains(&(p.id as u64)) {
+            let e = s.ours.entry(full_name(&name)).or_default();
+            e.0 = p.id;
+            e.1 += p.run_time_ns;
+            e.2 += p.run_cnt;
+        } else {
+            s.foreign += 1;
+        }
+    }
+    s
+}
+
+/// (run_time_ns, run_cnt) per program between two snapshots.
+type ProgDelta = BTreeMap<String, (u64, u64)>;
+
+fn prog_delta(a: &ProgSnap, b: &ProgSnap) -> ProgDelta {
+    b.ours
+        .iter()
+        .map(|(n, &(_, t, c))| {
+            let (t0, c0) = a.ours.get(n).map(|&(_, t, c)| (t, c)).unwrap_or((0, 0));
+            (n.clone(), (t.saturating_sub(t0), c.saturating_sub(c0)))
+        })
+        .collect()
+}
+
+/// Cross-checks the struct offsets: run_cnt read through BPF_OBJ_GET_INFO_BY_FD must match
+/// what the kernel prints in /proc/PID/fdinfo for the same program.
+fn check_offsets(pid: i32, snap: &ProgSnap) -> (usize, usize) {
+    let by_id: BTreeMap<u64, u64> = fdinfo_values(pid, "run_cnt")
+        .into_iter()
+        .filter_map(|(cnt, f)| Some((*f.get("prog_id")?, cnt)))
+        .collect();
+    let (mut agree, mut checked) = (0, 0);
+    for &(id, _, cnt) in snap.ours.values() {
+        if let Some(&f) = by_id.get(&(id as u64)) {
+            checked += 1;
+            // Global hooks (tcp_state, accept) may run between the two reads.
+            if f >= cnt && f - cnt <= 10.max(cnt / 100) {
+                agree += 1;
+            }
+        }
+    }
+    (agree, checked)
+}
+
+// ---- options ------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Section {
+    Tcp,
+    Veth,
+    Udp,
+    Ticks,
+    Progs,
+}
+
+#[derive(Debug, Clone)]
+struct Opts {
+    quick: bool,
+    only: BTreeSet<Section>,
+    rounds: usize,
+    secs: f64,
+    ticks: usize,
+    sizes: Vec<usize>,
+}
+
+const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs]… [--rounds N] [--seconds S] [--ticks N]";
+
+fn parse_args() -> anyhow::Result<Opts> {
+    let mut quick = false;
+    let mut only = BTreeSet::new();
+    let (mut rounds, mut secs, mut ticks) = (None, None, None);
+    let mut it = std::env::args().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--quick" => quick = true,
+            "--only" => {
+                let v = it.next().context(USAGE)?;
+                for part in v.split(',') {
+                    only.insert(match part {
+                        "tcp" => Section::Tcp,
+                        "veth" => Section::Veth,
+                        "udp" => Section::Udp,
+                        "ticks" => Section::Ticks,
+                        "progs" => Section::Progs,
+                        other => bail!("--only {other}: expected tcp, veth, udp, ticks or progs\n{USAGE}"),
+                    });
+                }
+            }
+            "--rounds" => rounds = Some(it.next().context(USAGE)?.parse::<usize>().context("--rounds")?.max(1)),
+            "--seconds" => secs = Some(it.next().context(USAGE)?.parse::<f64>().context("--seconds")?.max(0.2)),
+            "--ticks" => ticks = Some(it.next().context(USAGE)?.parse::<usize>().context("--ticks")?.max(2)),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    if only.is_empty() {
+        only = [Section::Tcp, Section::Veth, Section::Udp, Section::Ticks, Section::Progs].into();
+    }
+    Ok(Opts {
+        quick,
+        only,
+        rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
+        secs: secs.unwrap_or(if quick { 1.0 } else { 3.0 }),
+        ticks: ticks.unwrap_or(if quick { 15 } else { 50 }),
+        sizes: if quick { vec![1_000, 10_000] } else { vec![1_000, 10_000, 100_000] },
+    })
+}
+
+// ---- small helpers ------------------------------------------------------------------------
+
+fn progress(msg: impl AsRef<str>) {
+    eprintln!("[bench] {}", msg.as_ref());
+}
+
+fn median(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let n = s.len();
+    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+}
+
+/// Nearest-rank percentile.
+fn percentile(v: &[f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let rank = ((p / 100.0) * s.len() as f64).ceil().max(1.0) as usize;
+    s[rank.min(s.len()) - 1]
+}
+
+fn read_trim(p: &str) -> String {
+    fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+}
+
+fn loadavg() -> String {
+    read_trim("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+}
+
+fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".into())
+}
+
+/// The peer and agent binaries are separate targets of this package: `cargo run --bin
+/// sockacct-bench` builds only this one, so build the others now (same profile).
+fn build_helpers() {
+    let Ok(cargo) = std::env::var("CARGO") else {
+        progress("not started by cargo: using the sockacct-peer / sockacct-agent binaries found next to this one");
+        return;
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut args = vec!["build", "--quiet", "-p", "sockacct-tests", "--bins"];
+    if !cfg!(debug_assertions) {
+        args.push("--release");
+    }
+    progress(format!("building helper binaries: cargo {}", args.join(" ")));
+    match Command::new(cargo).current_dir(root).args(&args).status() {
+        Ok(s) if s.success() => {}
+        other => progress(format!("warning: building helper binaries failed ({other:?}); using what is there")),
+    }
+}
+
+// ---- traffic runs -------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Scenario {
+    TcpLo,
+    TcpVeth,
+    UdpVeth,
+}
+
+impl Scenario {
+    fn key(self) -> &'static str {
+        match self {
+            Scenario::TcpLo => "tcp_loopback",
+            Scenario::TcpVeth => "tcp_veth",
+            Scenario::UdpVeth => "udp64_veth",
+        }
+    }
+    fn short(self) -> &'static str {
+        match self {
+            Scenario::TcpLo => "TCP lo",
+            Scenario::TcpVeth => "TCP veth",
+            Scenario::UdpVeth => "UDP64 veth",
+        }
+    }
+    /// Names of the figures one run yields; the first is the one the ratio target is for.
+    fn metrics(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            Scenario::TcpLo | Scenario::TcpVeth => &[("gbit_s", "Gbit/s")],
+            Scenario::UdpVeth => &[("rx_kpps", "kpps received"), ("tx_kpps", "kpps sent")],
+        }
+    }
+    fn target(self) -> f64 {
+        match self {
+            Scenario::TcpLo | Scenario::TcpVeth => 0.98,
+            Scenario::UdpVeth => 0.95,
+        }
+    }
+}
+
+struct Env<'a> {
+    cg: &'a TestCgroup,
+    net: Option<&'a VethNs>,
+    secs: f64,
+}
+
+/// One traffic run; returns the scenario's metrics.
+fn run_once(sc: Scenario, env: &Env) -> Vec<f64> {
+    let secs = format!("{:.3}", env.secs);
+    match sc {
+        Scenario::TcpLo | Scenario::TcpVeth => {
+            let (ns, addr) = match sc {
+                Scenario::TcpLo => (None, "127.0.0.1".to_string()),
+                _ => {
+                    let n = env.net.expect("veth pair");
+                    (Some(n.ns.as_str()), n.peer_ip.clone())
+                }
+            };
+            // Loopback: both ends in the cgroup. veth: server in the namespace.
+            let sink_cg = if ns.is_none() { Some(env.cg) } else { None };
+            let mut sink = Peer::spawn(sink_cg, ns, "bench-sink", &["tcp-sink", &addr]);
+            let port = sink.value("port").to_string();
+            let mut blast = Peer::spawn(Some(env.cg), None, "bench-blast", &["tcp-blast", &addr, &port, &secs]);
+            let _sent = blast.value("sent");
+            let got = sink.value("received");
+            let nanos = sink.value("nanos");
+            blast.finish();
+            sink.finish();
+            vec![got as f64 * 8.0 / nanos.max(1) as f64]
+        }
+        Scenario::UdpVeth => {
+            let n = env.net.expect("veth pair");
+            let mut rcv = Peer::spawn(None, Some(&n.ns), "bench-ucount", &["udp-count", &n.peer_ip, &secs]);
+            let port = rcv.value("port").to_string();
+            // The sender outlasts the receiver's window (which opens at the first datagram).
+            let send_secs = format!("{:.3}", env.secs + 0.5);
+            let mut snd =
+                Peer::spawn(Some(env.cg), None, "bench-ublast", &["udp-blast", &n.peer_ip, &port, &send_secs, "64"]);
+            let got = rcv.value("datagrams");
+            let rns = rcv.value("nanos");
+            let sent = snd.value("sent");
+            let sns = snd.value("nanos");
+            rcv.finish();
+            snd.finish();
+            vec![got as f64 * 1e6 / rns.max(1) as f64, sent as f64 * 1e6 / sns.max(1) as f64]
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct RunRec {
+    agent: bool,
+    values: Vec<f64>,
+    events: usize,
+    foreign_progs: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+struct ScenarioResult {
+    runs: Vec<RunRec>,
+    /// The stats run: throughput with bpf_stats on, and the per-program deltas.
+    stats_values: Option<Vec<f64>>,
+    progs: Option<ProgDelta>,
+    offsets_check: Option<(usize, usize)>,
+}
+
+fn agent_args(sc: Scenario, env: &Env) -> Vec<String> {
+    let mut a = vec!["--interval".to_string(), "100".to_string()];
+    if sc != Scenario::TcpLo {
+        a.push("--iface".into());
+        a.push(env.net.expect("veth pair").host_if.clone());
+    }
+    a
+}
+
+fn run_scenario(sc: Scenario, env: &Env, rounds: usize, ratio: bool, stats: bool) -> ScenarioResult {
+    let args = agent_args(sc, env);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut res = ScenarioResult::default();
+    if ratio {
+        let total = 2 * rounds;
+        for k in 0..total {
+            // B A A B B A A B …: each condition gets as many early as late slots.
+            let agent = matches!(k % 4, 1 | 2);
+            let foreign = prog_snapshot(&[]).foreign;
+            let (values, events) = if agent {
+                let d = Daemon::start(env.cg, &args);
+                let v = run_once(sc, env);
+                let ev = d.stop();
+                (v, ev.len())
+            } else {
+                (run_once(sc, env), 0)
+            };
+            progress(format!(
+                "{} run {}/{} {}: {}",
+                sc.short(),
+                k + 1,
+                total,
+                if agent { "agent   " } else { "baseline" },
+                values.iter().zip(sc.metrics()).map(|(v, m)| format!("{v:.2} {}", m.1)).collect::<Vec<_>>().join(", ")
+            ));
+            res.runs.push(RunRec { agent, values, events, foreign_progs: foreign });
+        }
+    }
+    if stats {
+        progress(format!("{}: stats run (agent, bpf_stats on)", sc.short()));
+        let stats_fd = bpf::enable_stats().expect("BPF_ENABLE_STATS");
+        let d = Daemon::start(env.cg, &args);
+        let before = prog_snapshot(&[d.pid()]);
+        let v = run_once(sc, env);
+        let after = prog_snapshot(&[d.pid()]);
+        res.offsets_check = Some(check_offsets(d.pid(), &after));
+        d.stop();
+        drop(stats_fd);
+        res.progs = Some(prog_delta(&before, &after));
+        res.stats_values = Some(v);
+    }
+    res
+}
+
+// ---- poll ticks ---------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct TickResult {
+    sockets: u64,
+    setup_s: f64,
+    map_entries: usize,
+    tracked: usize,
+    first_work_ms: f64,
+    first_wait_ms: f64,
+    work_ms: Vec<f64>,
+    wait_ms: Vec<f64>,
+    batch_read_ms: Vec<f64>,
+    events: usize,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// Times a bare BPF_MAP_LOOKUP_BATCH walk of the socket map (what a tick reads), to tell
+/// the kernel copy apart from the poller's own work.
+fn time_batch_reads(n: usize) -> Vec<f64> {
+    let ids: BTreeSet<u64> = fdinfo_values(std::process::id() as i32, "map_id").into_iter().map(|(id, _)| id).collect();
+    for id in ids {
+        let Ok((fd, info)) = bpf::map_by_id(id as u32) else { continue };
+        if bpf::name_of(&info.name) != agent_common::MAP_SOCKS {
+            continue;
+        }
+        use std::os::fd::AsFd;
+        let mut out: Vec<(u64, agent_common::SockCounters)> = Vec::new();
+        let mut times = vec![];
+        for _ in 0..n {
+            out.clear();
+            let t = Instant::now();
+            if sockacct::bpfsys::lookup_batch(fd.as_fd(), 8192, &mut out).is_err() {
+                break;
+            }
+            times.push(ms(t.elapsed()));
+        }
+        return times;
+    }
+    vec![]
+}
+
+fn tick_size(n: usize, ticks: usize) -> anyhow::Result<TickResult> {
+    let cg = TestCgroup::new(&format!("ticks{n}"));
+    let mut loaded = loader::load(&LoadOptions { cgroup: Some(cg.path.clone()), ..Default::default() })?;
+    let labeler = Arc::new(Labeler::new(&Config::parse("", "bench")?, 0)?);
+    let identity = Identity { agent: "bench".into(), boot: "bench".into() };
+    let mut poller = Poller::new(&mut loaded, identity, SeqAllocator::ephemeral(), labeler, vec![])?;
+
+    let setup = Instant::now();
+    let pairs = (n / 2).max(1).to_string();
+    let mut helper = Peer::spawn(Some(&cg), None, "bench-socks", &["hold-many", &pairs, "32"]);
+    let sockets = helper.value("sockets");
+    let setup_s = setup.elapsed().as_secs_f64();
+    progress(format!("ticks {n}: {sockets} sockets open in {setup_s:.1} s"));
+
+    let interval = Duration::from_millis(100);
+    let mut events = 0;
+    let mut next = Instant::now();
+    let mut tick = |poller: &mut Poller| -> anyhow::Result<(f64, f64)> {
+        let now = Instant::now();
+        if now < next {
+            thread::sleep(next - now);
+        }
+        next = Instant::now() + interval;
+        if poller.tick()?.is_some() {
+            events += 1;
+        }
+        Ok((ms(poller.stats.last_tick_work), ms(poller.stats.last_tick_wait)))
+    };
+    // Tick 1 harvests everything counted while the sockets were opened and labels every
+    // socket; tick 2 harvests the other slot. Steady state from tick 3.
+    let (first_work_ms, first_wait_ms) = tick(&mut poller)?;
+    tick(&mut poller)?;
+    let (mut work_ms, mut wait_ms) = (vec![], vec![]);
+    for _ in 0..ticks {
+        let (w, g) = tick(&mut poller)?;
+        work_ms.push(w);
+        wait_ms.push(g);
+    }
+    let map_entries = poller.stats.map_entries;
+    let tracked = poller.stats.sockets_tracked;
+    let batch_read_ms = time_batch_reads(10);
+    helper.send_line("stop");
+    drop(poller);
+    drop(loaded);
+    drop(helper);
+    Ok(TickResult {
+        sockets,
+        setup_s,
+        map_entries,
+        tracked,
+        first_work_ms,
+        first_wait_ms,
+        work_ms,
+        wait_ms,
+        batch_read_ms,
+        events,
+    })
+}
+
+// ---- report -------------------------------------------------------------------------------
+
+fn mark(ok: bool) -> &'static str {
+    if ok { "meets" } else { "MISSES" }
+}
+
+fn fmt_count(c: u64) -> String {
+    match c {
+        c if c >= 10_000_000 => format!("{:.0}M", c as f64 / 1e6),
+        c if c >= 1_000_000 => format!("{:.1}M", c as f64 / 1e6),
+        c if c >= 10_000 => format!("{:.0}k", c as f64 / 1e3),
+        c => c.to_string(),
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let opts = parse_args()?;
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmarks load kernel programs: run as root (cargo xtask bench)");
+    }
+    let started = Instant::now();
+    build_helpers();
+    // Fail early, with a clear message, if a helper binary is missing.
+    let _ = (sibling_exe("sockacct-peer"), agent_exe());
+
+    let mut out = String::new();
+    let mut js = serde_json::Map::new();
+    let mut failures: Vec<String> = vec![];
+    let line = |o: &mut String, s: String| {
+        o.push_str(&s);
+        o.push('\n');
+    };
+
+    // Machine context.
+    let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or("?".into());
+    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let mem_kb: u64 = fs::read_to_string("/proc/meminfo")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0);
+    let kernel = read_trim("/proc/sys/kernel/osrelease");
+    let jit = read_trim("/proc/sys/net/core/bpf_jit_enable");
+    let foreign_at_start = prog_snapshot(&[]).foreign;
+    line(&mut out, format!("sockacct bench{}", if opts.quick { " (--quick)" } else { "" }));
+    line(&mut out, format!("machine: Linux {kernel}, {cpus} CPUs ({model}), {:.1} GiB RAM, bpf_jit_enable={jit}", mem_kb as f64 / 1048576.0));
+    line(&mut out, format!("load average at start: {}; sockacct programs of other processes loaded: {foreign_at_start}", loadavg()));
+    js.insert(
+        "machine".into(),
+        json!({"kernel": kernel, "version": read_trim("/proc/version"), "cpus": cpus, "cpu_model": model,
+               "mem_kib": mem_kb, "bpf_jit_enable": jit, "loadavg_start": loadavg(),
+               "foreign_sockacct_programs_at_start": foreign_at_start}),
+    );
+    js.insert(
+        "options".into(),
+        json!({"quick": opts.quick, "only": opts.only.iter().map(|s| format!("{s:?}").to_lowercase()).collect::<Vec<_>>(),
+               "rounds_per_condition": opts.rounds, "seconds_per_run": opts.secs, "ticks_per_size": opts.ticks,
+               "tick_sizes": opts.sizes}),
+    );
+
+    // Traffic scenarios.
+    let has = |s: Section| opts.only.contains(&s);
+    let stats_wanted = has(Section::Progs);
+    let plan: Vec<(Scenario, bool)> = [(Scenario::TcpLo, Section::Tcp), (Scenario::TcpVeth, Section::Veth), (Scenario::UdpVeth, Section::Udp)]
+        .into_iter()
+        .filter(|&(_, s)| has(s) || stats_wanted)
+        .map(|(sc, s)| (sc, has(s)))
+        .collect();
+    let mut results: Vec<(Scenario, ScenarioResult)> = vec![];
+    if !plan.is_empty() {
+        let cg = TestCgroup::new("bench");
+        let need_veth = plan.iter().any(|(sc, _)| *sc != Scenario::TcpLo);
+        let net = need_veth.then(|| VethNs::new("bn", 100 + (std::process::id() % 150) as u8));
+        for &(sc, ratio) in &plan {
+            let env = Env { cg: &cg, net: net.as_ref(), secs: opts.secs };
+            progress(format!("== {} ({} rounds per condition, {:.1} s per run{})", sc.short(), if ratio { opts.rounds } else { 0 }, opts.secs, if stats_wanted { ", plus a stats run" } else { "" }));
+            match catch_unwind(AssertUnwindSafe(|| run_scenario(sc, &env, opts.rounds, ratio, stats_wanted))) {
+                Ok(r) => results.push((sc, r)),
+                Err(e) => {
+                    let msg = format!("{}: failed: {}", sc.short(), panic_text(&*e));
+                    progress(&msg);
+                    failures.push(msg);
+                }
+            }
+        }
+    }
+
+    let ratio_results: Vec<&(Scenario, ScenarioResult)> = results.iter().filter(|(_, r)| !r.runs.is_empty()).collect();
+    let mut js_traffic = serde_json::Map::new();
+    if !ratio_results.is_empty() {
+        line(&mut out, String::new());
+        line(&mut out, format!("== Throughput: agent vs baseline ({} runs each, {:.1} s per run, order B A A B …, medians; bpf_stats off) ==", opts.rounds, opts.secs));
+        line(&mut out, format!("{:<26} {:>10} {:>10} {:>7} {:>8}  {}", "scenario", "baseline", "agent", "ratio", "target", "runs baseline | agent"));
+        for (sc, r) in &ratio_results {
+            let mut jm = serde_json::Map::new();
+            for (i, (key, unit)) in sc.metrics().iter().enumerate() {
+                let b: Vec<f64> = r.runs.iter().filter(|x| !x.agent).map(|x| x.values[i]).collect();
+                let a: Vec<f64> = r.runs.iter().filter(|x| x.agent).map(|x| x.values[i]).collect();
+                let (mb, ma) = (median(&b), median(&a));
+                let ratio = ma / mb;
+                let target = if i == 0 { format!(">= {:.2} {}", sc.target(), mark(ratio >= sc.target())) } else { "(info)".into() };
+                let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+                line(
+                    &mut out,
+                    format!("{:<26} {:>10.2} {:>10.2} {:>7.3} {:>8}  {} | {}", format!("{} ({unit})", sc.short()), mb, ma, ratio, target, list(&b), list(&a)),
+                );
+                jm.insert(
+                    key.to_string(),
+                    json!({"unit": unit, "baseline_runs": b, "agent_runs": a, "baseline_median": mb, "agent_median": ma,
+                           "ratio_of_medians": ratio, "target_ratio": if i == 0 { json!(sc.target()) } else { Value::Null }}),
+                );
+            }
+            jm.insert("order".into(), json!(r.runs.iter().map(|x| if x.agent { "agent" } else { "baseline" }).collect::<Vec<_>>()));
+            jm.insert("agent_events_per_run".into(), json!(r.runs.iter().filter(|x| x.agent).map(|x| x.events).collect::<Vec<_>>()));
+            jm.insert("foreign_sockacct_programs_per_run".into(), json!(r.runs.iter().map(|x| x.foreign_progs).collect::<Vec<_>>()));
+            if let Some(v) = &r.stats_values {
+                jm.insert("with_bpf_stats_on".into(), json!(v));
+            }
+            js_traffic.insert(sc.key().into(), Value::Object(jm));
+        }
+        let busy: usize = ratio_results.iter().flat_map(|(_, r)| r.runs.iter()).filter(|x| x.foreign_progs > 0).count();
+        if busy > 0 {
+            line(&mut out, format!("note: {busy} runs overlapped with another sockacct instance on this machine (others' tests?): expect noise"));
+        }
+        if ratio_results.iter().any(|(sc, _)| *sc == Scenario::UdpVeth) {
+            line(&mut out, "UDP: 64 B payload, unpaced sender in the cgroup, receiver in the namespace; ratio on datagrams received/s".into());
+        }
+    }
+    js.insert("throughput".into(), Value::Object(js_traffic));
+
+    // Program run times.
+    let stat_results: Vec<(Scenario, &ProgDelta, Option<&Vec<f64>>)> =
+        results.iter().filter_map(|(sc, r)| Some((*sc, r.progs.as_ref()?, r.stats_values.as_ref()))).collect();
+    if !stat_results.is_empty() {
+        line(&mut out, String::new());
+        line(&mut out, "== Program run time (kernel bpf_stats, run_time_ns / run_cnt, one agent run per scenario; target <= 100 ns) ==".into());
+        let mut header = format!("{:<22}", "program");
+        for (sc, _, _) in &stat_results {
+            header.push_str(&format!(" {:>20}", sc.short()));
+        }
+        header.push_str(&format!(" {:>20}  target", "all"));
+        line(&mut out, header);
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for (_, d, _) in &stat_results {
+            names.extend(d.keys().cloned());
+        }
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort_by_key(|n| PROGRAMS.iter().position(|p| p == n).unwrap_or(99));
+        let mut jp = serde_json::Map::new();
+        for name in &names {
+            let mut row = format!("{:<22}", name);
+            let (mut tt, mut tc) = (0u64, 0u64);
+            let mut jn = serde_json::Map::new();
+            for (sc, d, _) in &stat_results {
+                let (t, c) = d.get(name).copied().unwrap_or((0, 0));
+                tt += t;
+                tc += c;
+                row.push_str(&format!(" {:>20}", if c == 0 { "-".into() } else { format!("{:.1} ns ({})", t as f64 / c as f64, fmt_count(c)) }));
+                jn.insert(sc.key().into(), json!({"run_time_ns": t, "run_cnt": c, "ns_per_run": if c == 0 { Value::Null } else { json!(t as f64 / c as f64) }}));
+            }
+            let avg = tt as f64 / tc.max(1) as f64;
+            row.push_str(&format!(" {:>20}  {}", if tc == 0 { "-".into() } else { format!("{avg:.1} ns ({})", fmt_count(tc)) }, if tc == 0 { "" } else { mark(avg <= 100.0) }));
+            line(&mut out, row);
+            jn.insert("all".into(), json!({"run_time_ns": tt, "run_cnt": tc, "ns_per_run": if tc == 0 { Value::Null } else { json!(avg) }}));
+            jp.insert(name.clone(), Value::Object(jn));
+        }
+        // Throughput during the stats runs, for scale (not part of the ratios).
+        let mut thr = String::from("throughput during these runs:");
+        for (sc, _, v) in &stat_results {
+            if let Some(v) = v {
+                thr.push_str(&format!(" {} {:.2} {};", sc.short(), v[0], sc.metrics()[0].1));
+            }
+        }
+        line(&mut out, thr.trim_end_matches(';').to_string());
+        // Offsets sanity: run_cnt grew with traffic, and agrees with /proc fdinfo.
+        let grew = stat_results.iter().all(|(_, d, _)| d.get("sockacct_egress").map(|x| x.1 > 0).unwrap_or(false));
+        let (agree, checked) = results
+            .iter()
+            .filter_map(|(_, r)| r.offsets_check)
+            .fold((0, 0), |(a, c), (x, y)| (a + x, c + y));
+        line(
+            &mut out,
+            format!(
+                "bpf_prog_info check: run_cnt grew with traffic: {}; run_cnt = /proc fdinfo run_cnt for {agree}/{checked} programs",
+                if grew { "yes" } else { "NO (offsets or stats wrong?)" }
+            ),
+        );
+        js.insert("programs".into(), json!({"per_program": jp, "run_cnt_grew": grew, "fdinfo_agree": agree, "fdinfo_checked": checked}));
+    }
+
+    // Poll ticks.
+    if has(Section::Ticks) {
+        let mut rows = vec![];
+        let mut jt = vec![];
+        for &n in &opts.sizes {
+            progress(format!("== poll ticks with {n} sockets ({} ticks)", opts.ticks));
+            match catch_unwind(AssertUnwindSafe(|| tick_size(n, opts.ticks))) {
+                Ok(Ok(r)) => rows.push((n, r)),
+                Ok(Err(e)) => failures.push(format!("ticks {n}: {e:#}")),
+                Err(e) => failures.push(format!("ticks {n}: failed: {}", panic_text(&*e))),
+            }
+        }
+        if !rows.is_empty() {
+            line(&mut out, String::new());
+            line(&mut out, format!("== Poll tick (Poller::tick in-process, 100 ms apart, {} ticks per size after 2 warm-up ticks; 32 connections moving) ==", opts.ticks));
+            line(
+                &mut out,
+                format!(
+                    "{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}  {}",
+                    "sockets", "map ent", "work p50", "work p99", "wait p50", "wait p99", "batch rd", "first tick", "setup", "target (work p99)"
+                ),
+            );
+            for (n, r) in &rows {
+                let (w50, w99) = (percentile(&r.work_ms, 50.0), percentile(&r.work_ms, 99.0));
+                let (g50, g99) = (percentile(&r.wait_ms, 50.0), percentile(&r.wait_ms, 99.0));
+                let br = median(&r.batch_read_ms);
+                let target = match n {
+                    10_000 => Some(5.0),
+                    100_000 => Some(25.0),
+                    _ => None,
+                };
+                line(
+                    &mut out,
+                    format!(
+                        "{:>8} {:>8} {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>6.2} ms {:>8.1} ms {:>8.1} s  {}",
+                        r.sockets,
+                        r.map_entries,
+                        w50,
+                        w99,
+                        g50,
+                        g99,
+                        br,
+                        r.first_work_ms,
+                        r.setup_s,
+                        target.map(|t| format!("<= {t} ms {}", mark(w99 <= t))).unwrap_or("-".into())
+                    ),
+                );
+                jt.push(json!({"sockets": r.sockets, "requested": n, "map_entries": r.map_entries, "sockets_tracked": r.tracked,
+                    "work_ms": {"p50": w50, "p99": w99, "max": percentile(&r.work_ms, 100.0), "all": r.work_ms},
+                    "wait_ms": {"p50": g50, "p99": g99, "max": percentile(&r.wait_ms, 100.0), "all": r.wait_ms},
+                    "batch_read_ms_median": br, "first_tick_work_ms": r.first_work_ms, "first_tick_wait_ms": r.first_wait_ms,
+                    "setup_s": r.setup_s, "events": r.events, "target_work_p99_ms": target}));
+            }
+            line(&mut out, "work = PollStats::last_tick_work (excludes the wait); wait = grace-period wait (membarrier) after the epoch flip;".into());
+            line(&mut out, "batch rd = one bare BPF_MAP_LOOKUP_BATCH walk of the socket map; first tick = the tick that labels every socket".into());
+        }
+        js.insert("ticks".into(), Value::Array(jt));
+    }
+
+    let elapsed = started.elapsed().as_secs_f64();
+    line(&mut out, String::new());
+    line(&mut out, format!("load average at end: {}; total bench time {:.0} s", loadavg(), elapsed));
+    for f in &failures {
+        line(&mut out, format!("FAILED: {f}"));
+    }
+    js.insert("failures".into(), json!(failures));
+    js.insert("elapsed_s".into(), json!(elapsed));
+    js.insert("unix_time".into(), json!(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+
+    print!("{out}");
+    // target/<profile>/sockacct-bench -> target/bench/last.json
+    let exe = std::env::current_exe()?;
+    let target = exe.parent().and_then(|p| p.parent()).context("locating the target directory")?;
+    let dir = target.join("bench");
+    fs::create_dir_all(&dir)?;
+    let path = dir.join("last.json");
+    fs::write(&path, serde_json::to_string_pretty(&Value::Object(js))? + "\n")?;
+    println!("JSON summary: {}", path.display());
+    if !failures.is_empty() {
+        std::process::exit(1);
+    }
+    Ok(())
 }

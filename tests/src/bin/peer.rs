@@ -8,6 +8,17 @@
 //!   peer [--name N] hold-tcp ADDR PORT SEND_BYTES             (connects, prints "connected",
 //!                                                              waits for a line on stdin, sends, closes)
 //!   peer [--name N] short-tcp ADDR PORT SEND_BYTES            (connect, send, close at once)
+//!
+//! Benchmark modes (sockacct-bench):
+//!   peer [--name N] tcp-sink LISTEN_ADDR                      (prints "port P"; one connection read to
+//!                                                              EOF; prints "received B", "nanos T")
+//!   peer [--name N] tcp-blast ADDR PORT SECONDS               (bulk send for SECONDS; "sent B", "nanos T")
+//!   peer [--name N] udp-count LISTEN_ADDR SECONDS             (prints "port P"; counts datagrams for
+//!                                                              SECONDS from the first; "datagrams N", "nanos T")
+//!   peer [--name N] udp-blast ADDR PORT SECONDS SIZE          (unpaced; "sent N", "errors E", "nanos T")
+//!   peer [--name N] hold-many PAIRS ACTIVE                    (PAIRS established loopback TCP connections,
+//!                                                              both ends here; prints "sockets S"; keeps light
+//!                                                              traffic on ACTIVE pairs until a line on stdin)
 use std::{
     io::{BufRead, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -68,6 +79,23 @@ fn report_wire() {
     use std::sync::atomic::Ordering::Relaxed;
     out(format!("wire_sent {}", SENT.load(Relaxed)));
     out(format!("wire_retrans {}", RETRANS.load(Relaxed)));
+}
+
+/// The socket's drop counter from /proc/net/udp{,6} (last column), found by inode.
+fn udp_drops(s: &UdpSocket) -> u64 {
+    use std::os::fd::AsRawFd;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    unsafe { libc::fstat(s.as_raw_fd(), &mut st) };
+    let ino = st.st_ino.to_string();
+    for f in ["/proc/net/udp", "/proc/net/udp6"] {
+        for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() > 12 && cols[9] == ino {
+                return cols[12].parse().unwrap();
+            }
+        }
+    }
+    panic!("socket inode {ino} not in /proc/net/udp*");
 }
 
 fn exchange(mut s: TcpStream, send: u64) -> (u64, u64) {
@@ -144,6 +172,14 @@ fn main() {
         }
         ["udp-recv", listen] => {
             let s = UdpSocket::bind((listen.parse::<IpAddr>().unwrap(), 0)).unwrap();
+            {
+                use std::os::fd::AsRawFd;
+                // Root may exceed rmem_max: a big buffer keeps loopback bursts from dropping.
+                let v: libc::c_int = 16 << 20;
+                unsafe {
+                    libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&v as *const libc::c_int).cast(), 4)
+                };
+            }
             out(format!("port {}", s.local_addr().unwrap().port()));
             let mut buf = vec![0u8; 65536];
             let (mut n, mut bytes) = (0u64, 0u64);
@@ -157,6 +193,9 @@ fn main() {
             }
             out(format!("datagrams {n}"));
             out(format!("bytes {bytes}"));
+            // Datagrams that reached the socket but found its buffer full: the agent
+            // counts them (they crossed into the socket), the application never saw them.
+            out(format!("drops {}", udp_drops(&s)));
         }
         ["udp-send", addr, port, count, size] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
@@ -196,9 +235,240 @@ fn main() {
             out(format!("received {r}"));
             report_wire();
         }
+        // Benchmark modes (sockacct-bench); the functions are at the end of this file.
+        ["tcp-sink", listen] => bench_tcp_sink(listen),
+        ["tcp-blast", addr, port, secs] => bench_tcp_blast(addr, port, secs),
+        ["udp-count", listen, secs] => bench_udp_count(listen, secs),
+        ["udp-blast", addr, port, secs, size] => bench_udp_blast(addr, port, secs, size),
+        ["hold-many", pairs, active] => bench_hold_many(pairs, active),
+        ["tcp-serve-fork", listen, worker_name, greeting, reply] => {
+            // Pre-fork server: this process listens, a forked worker with another name
+            // accepts and talks, so the listener's owner differs from the accepter.
+            let l = TcpListener::bind((listen.parse::<IpAddr>().unwrap(), 0)).unwrap();
+            out(format!("port {}", l.local_addr().unwrap().port()));
+            let (greeting, reply): (u64, u64) = (greeting.parse().unwrap(), reply.parse().unwrap());
+            let pid = unsafe { libc::fork() };
+            assert!(pid >= 0, "fork");
+            if pid == 0 {
+                set_name(worker_name);
+                let (mut s, _) = l.accept().unwrap();
+                s.write_all(&vec![0x77u8; greeting as usize]).unwrap();
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut total = 0u64;
+                loop {
+                    let n = s.read(&mut buf).unwrap();
+                    if n == 0 {
+                        break;
+                    }
+                    total += n as u64;
+                }
+                s.write_all(&vec![0x78u8; reply as usize]).unwrap();
+                s.shutdown(Shutdown::Write).unwrap();
+                note_sent(&s);
+                out(format!("received {total}"));
+                report_wire();
+                unsafe { libc::_exit(0) };
+            }
+            let mut st = 0;
+            unsafe { libc::waitpid(pid, &mut st, 0) };
+            assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0, "worker failed");
+        }
+        ["tcp-greeted", addr, port, greeting, send] => {
+            let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
+            let mut s = TcpStream::connect(to).unwrap();
+            let mut g = vec![0u8; greeting.parse().unwrap()];
+            s.read_exact(&mut g).unwrap();
+            let (s, r) = exchange(s, send.parse().unwrap());
+            out(format!("sent {s}"));
+            out(format!("received {}", r + g.len() as u64));
+            report_wire();
+        }
         _ => {
             eprintln!("peer: bad arguments {a:?}");
             std::process::exit(2);
         }
     }
+}
+
+// ---- Benchmark modes -------------------------------------------------------------------
+
+fn bench_duration(secs: &str) -> Duration {
+    Duration::from_secs_f64(secs.parse::<f64>().expect("SECONDS must be a number"))
+}
+
+/// Accepts one connection and reads it to EOF; the time runs from accept to EOF.
+fn bench_tcp_sink(listen: &str) {
+    let l = TcpListener::bind((listen.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    out(format!("port {}", l.local_addr().unwrap().port()));
+    let (mut s, _) = l.accept().unwrap();
+    let start = std::time::Instant::now();
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut got = 0u64;
+    loop {
+        let n = s.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        got += n as u64;
+    }
+    let nanos = start.elapsed().as_nanos();
+    out(format!("received {got}"));
+    out(format!("nanos {nanos}"));
+}
+
+/// Writes as fast as the connection takes it for `secs`, then closes its side and waits
+/// for the sink to finish.
+fn bench_tcp_blast(addr: &str, port: &str, secs: &str) {
+    let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
+    let dur = bench_duration(secs);
+    let mut s = TcpStream::connect(to).unwrap();
+    let chunk = vec![0x5au8; 128 * 1024];
+    let start = std::time::Instant::now();
+    let mut sent = 0u64;
+    while start.elapsed() < dur {
+        s.write_all(&chunk).unwrap();
+        sent += chunk.len() as u64;
+    }
+    s.shutdown(Shutdown::Write).unwrap();
+    let nanos = start.elapsed().as_nanos();
+    // The sink closes once it has read everything.
+    let mut rest = [0u8; 64];
+    while s.read(&mut rest).map(|n| n > 0).unwrap_or(false) {}
+    out(format!("sent {sent}"));
+    out(format!("nanos {nanos}"));
+}
+
+fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+}
+
+/// Counts datagrams for `secs`, starting at the first one received.
+fn bench_udp_count(listen: &str, secs: &str) {
+    let s = UdpSocket::bind((listen.parse::<IpAddr>().unwrap(), 0)).unwrap();
+    out(format!("port {}", s.local_addr().unwrap().port()));
+    let dur = bench_duration(secs);
+    s.set_read_timeout(Some(Duration::from_millis(50))).unwrap();
+    let mut buf = [0u8; 2048];
+    let give_up = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match s.recv(&mut buf) {
+            Ok(_) => break,
+            Err(e) if is_timeout(&e) => {
+                if std::time::Instant::now() > give_up {
+                    out("datagrams 0".into());
+                    out("nanos 0".into());
+                    return;
+                }
+            }
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    let start = std::time::Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < dur {
+        match s.recv(&mut buf) {
+            Ok(_) => n += 1,
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => panic!("recv: {e}"),
+        }
+    }
+    let nanos = start.elapsed().as_nanos();
+    out(format!("datagrams {n}"));
+    out(format!("nanos {nanos}"));
+}
+
+/// Sends `size`-byte datagrams without pacing for `secs` (failed sends are counted, not fatal).
+fn bench_udp_blast(addr: &str, port: &str, secs: &str, size: &str) {
+    let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
+    let bind: IpAddr = if to.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+    let s = UdpSocket::bind((bind, 0)).unwrap();
+    s.connect(to).unwrap();
+    let dur = bench_duration(secs);
+    let buf = vec![0x11u8; size.parse().unwrap()];
+    let start = std::time::Instant::now();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    while start.elapsed() < dur {
+        for _ in 0..256 {
+            match s.send(&buf) {
+                Ok(_) => sent += 1,
+                Err(_) => errors += 1,
+            }
+        }
+    }
+    let nanos = start.elapsed().as_nanos();
+    out(format!("sent {sent}"));
+    out(format!("errors {errors}"));
+    out(format!("nanos {nanos}"));
+}
+
+fn bench_linger0(s: &TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Opens `pairs` loopback TCP connections (both ends in this process, so every socket is
+/// created in this process's cgroup), each carrying one byte so it has a map entry. The
+/// destinations are spread over several 127.0.0.x listeners so ephemeral ports never run
+/// out. Sockets close with RST (linger 0): no TIME_WAIT left behind.
+fn bench_hold_many(pairs: &str, active: &str) {
+    let (pairs, active): (usize, usize) = (pairs.parse().unwrap(), active.parse().unwrap());
+    let per_listener = 10_000;
+    let nl = pairs.div_ceil(per_listener).max(1);
+    assert!(nl < 200, "too many pairs");
+    let want = (2 * pairs + nl + 1024) as libc::rlim_t;
+    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
+    if rl.rlim_cur < want {
+        let new = libc::rlimit { rlim_cur: want, rlim_max: want.max(rl.rlim_max) };
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
+            panic!("raising RLIMIT_NOFILE to {want}: {}", std::io::Error::last_os_error());
+        }
+    }
+    let listeners: Vec<TcpListener> =
+        (0..nl).map(|i| TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8), 0)).unwrap()).collect();
+    let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let mut conns = Vec::with_capacity(pairs);
+    for i in 0..pairs {
+        let l = i % nl;
+        let c = TcpStream::connect(addrs[l]).unwrap_or_else(|e| panic!("connection {i} to {}: {e}", addrs[l]));
+        let (s, _) = listeners[l].accept().unwrap();
+        bench_linger0(&c);
+        bench_linger0(&s);
+        (&c).write_all(&[1]).unwrap();
+        conns.push((c, s));
+    }
+    let mut act: Vec<(TcpStream, TcpStream)> =
+        conns.iter().take(active).map(|(c, s)| (c.try_clone().unwrap(), s.try_clone().unwrap())).collect();
+    for (_, s) in &mut act {
+        let mut one = [0u8; 1];
+        s.read_exact(&mut one).unwrap();
+    }
+    out(format!("sockets {}", 2 * pairs + nl));
+    std::thread::spawn(move || {
+        let msg = [7u8; 100];
+        let mut buf = [0u8; 100];
+        loop {
+            for (c, s) in &mut act {
+                c.write_all(&msg).unwrap();
+                s.read_exact(&mut buf).unwrap();
+                s.write_all(&buf).unwrap();
+                c.read_exact(&mut buf).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    });
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    out("closing".into());
+    drop(conns);
+    std::process::exit(0);
 }
