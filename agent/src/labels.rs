@@ -208,10 +208,15 @@ impl CompiledRule {
             && check(&self.protocol, |p| p.matches(f.protocol))
             && check(&self.local_port, |r| r.contains(f.local_port))
             && check(&self.remote_port, |r| r.contains(f.remote_port))
-            && check(&self.netns, |n| match *n {
-                Netns::Host => f.netns_cookie == host_netns_cookie,
-                Netns::Other => f.netns_cookie != host_netns_cookie,
-                Netns::Cookie(c) => f.netns_cookie == c,
+            // Cookie 0 means "not known" (e.g. a server-side socket whose owner came from
+            // its first send/recv): a netns rule does not match it either way.
+            && check(&self.netns, |n| {
+                f.netns_cookie != 0
+                    && match *n {
+                        Netns::Host => f.netns_cookie == host_netns_cookie,
+                        Netns::Other => f.netns_cookie != host_netns_cookie,
+                        Netns::Cookie(c) => f.netns_cookie == c,
+                    }
             })
             && check(&self.remote_cidr, |nets| {
                 f.remote_addr.is_some_and(|a| cidr_match(nets, a))
@@ -451,6 +456,20 @@ mod tests {
 
     fn hits(l: &Labeler, f: &SocketFacts) -> bool {
         l.label(f) == "hit"
+    }
+
+    #[test]
+    fn unknown_netns_matches_no_netns_rule() {
+        let cfg = Config::parse(
+            "[[rule]]\nlabel = \"other\"\nnetns = \"other\"\n[[rule]]\nlabel = \"host\"\nnetns = \"host\"\n",
+            "t",
+        )
+        .unwrap();
+        let l = Labeler::new(&cfg, 42).unwrap();
+        let f = SocketFacts { process: "p", netns_cookie: 0, ..Default::default() };
+        assert_eq!(l.label(&f), "p");
+        let f = SocketFacts { process: "p", netns_cookie: 7, ..Default::default() };
+        assert_eq!(l.label(&f), "other");
     }
 
     #[test]
