@@ -212,6 +212,102 @@ struct OwnerFacts {
     netns: u64,
 }
 
+/// Per-socket bookkeeping: what was last read from each slot, and which sockets are
+/// finished. Pure logic (no kernel access), so it can be checked against a model.
+#[derive(Debug, Default)]
+pub struct SockTable {
+    socks: HashMap<u64, SockState>,
+    /// Finished sockets still waiting for a slot to be harvested.
+    finishing: Vec<u64>,
+}
+
+/// What one harvest produced.
+#[derive(Debug, Default)]
+pub struct Harvested {
+    /// Per-socket movement in the harvested slot.
+    pub deltas: HashMap<u64, Counters>,
+    /// Sockets done with (both slots harvested after they finished), and whether the
+    /// kernel left their entry for us to delete (ring buffer was full).
+    pub done: Vec<(u64, bool)>,
+}
+
+impl SockTable {
+    /// Harvests `slot` (frozen: no program writes it any more) from the socket map's
+    /// `entries`, read first, and the final `records` drained after them.
+    pub fn harvest(&mut self, slot: usize, tick: u64, entries: &[(u64, SockCounters)], records: &[FinalRecord]) -> Harvested {
+        let mut out = Harvested::default();
+        for (cookie, sc) in entries {
+            let st = self.socks.entry(*cookie).or_insert_with(|| SockState::new(tick));
+            st.last_seen_tick = tick;
+            let mut cur = sc.slot[slot];
+            if let Some(f) = &st.finished {
+                cur = max(&cur, &f[slot]);
+            }
+            let d = sub(&cur, &st.last[slot]);
+            st.last[slot] = max(&cur, &st.last[slot]);
+            if !d.is_zero() {
+                add(out.deltas.entry(*cookie).or_default(), &d);
+            }
+            if sc.final_pending != 0 && st.finished.is_none() {
+                st.finished = Some(sc.slot);
+                st.kernel_entry_left = true;
+                self.finishing.push(*cookie);
+            }
+        }
+        for r in records {
+            let st = self.socks.entry(r.cookie).or_insert_with(|| SockState::new(tick));
+            st.last_seen_tick = tick;
+            let fin = match st.finished {
+                Some(f) => [max(&f[0], &r.counters.slot[0]), max(&f[1], &r.counters.slot[1])],
+                None => r.counters.slot,
+            };
+            if st.finished.is_none() {
+                self.finishing.push(r.cookie);
+            }
+            st.finished = Some(fin);
+        }
+        // Every finished socket contributes what its final counters hold beyond what
+        // was already taken from this slot; after both slots, it is forgotten.
+        for cookie in std::mem::take(&mut self.finishing) {
+            let Some(st) = self.socks.get_mut(&cookie) else { continue };
+            let Some(fin) = st.finished else { continue };
+            let d = sub(&fin[slot], &st.last[slot]);
+            st.last[slot] = max(&fin[slot], &st.last[slot]);
+            if !d.is_zero() {
+                add(out.deltas.entry(cookie).or_default(), &d);
+            }
+            st.harvested_after_finish += 1;
+            if st.harvested_after_finish as usize >= SLOTS {
+                let left = st.kernel_entry_left;
+                out.done.push((cookie, left));
+            } else {
+                self.finishing.push(cookie);
+            }
+        }
+        out
+    }
+
+    /// Forgets sockets reported in [`Harvested::done`] (after their deltas were labelled).
+    pub fn forget(&mut self, done: &[(u64, bool)]) {
+        for (cookie, _) in done {
+            self.socks.remove(cookie);
+        }
+    }
+
+    /// Drops state of sockets that left the map without a final record.
+    pub fn forget_vanished(&mut self, tick: u64) {
+        self.socks.retain(|_, st| st.finished.is_some() || st.last_seen_tick + 2 >= tick);
+    }
+
+    pub fn len(&self) -> usize {
+        self.socks.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.socks.is_empty()
+    }
+}
+
 pub struct Poller {
     maps: Maps,
     identity: Identity,
@@ -220,9 +316,7 @@ pub struct Poller {
     epoch: u32,
     tick_no: u64,
     interval_start_ms: u64,
-    socks: HashMap<u64, SockState>,
-    /// Finished sockets still waiting for their other slot to be harvested.
-    finishing: Vec<u64>,
+    table: SockTable,
     last_totals: [Counters; SLOTS],
     last_unattr: [Counters; SLOTS],
     last_ifaces: HashMap<u32, [Counters; SLOTS]>,
@@ -256,8 +350,7 @@ impl Poller {
             epoch: 0,
             tick_no: 0,
             interval_start_ms: unix_ms(),
-            socks: HashMap::new(),
-            finishing: vec![],
+            table: SockTable::default(),
             last_totals: [Counters::ZERO; SLOTS],
             last_unattr: [Counters::ZERO; SLOTS],
             last_ifaces: HashMap::new(),
@@ -412,7 +505,7 @@ impl Poller {
 
     /// Current label of a socket, resolving (or improving) its owner when needed.
     fn label_of(&mut self, cookie: u64, rec: Option<&Owner>) -> Option<u32> {
-        let st = self.socks.get(&cookie)?;
+        let st = self.table.socks.get(&cookie)?;
         let retry = match st.owner_source {
             None => st.owner_attempts < 100 || rec.is_some(),
             Some(OwnerSource::Listener) => st.owner_attempts < 100 || rec.is_some(),
@@ -420,14 +513,14 @@ impl Poller {
         };
         if retry {
             let found = self.resolve(cookie, rec);
-            let st = self.socks.get_mut(&cookie)?;
+            let st = self.table.socks.get_mut(&cookie)?;
             st.owner_attempts = st.owner_attempts.saturating_add(1);
             if let Some((label, src)) = found {
                 st.label = Some(label);
                 st.owner_source = Some(src);
             }
         }
-        self.socks.get(&cookie)?.label
+        self.table.socks.get(&cookie)?.label
     }
 
     /// Flips the epoch, harvests the quiet slot, and returns the interval's event (None
@@ -447,34 +540,11 @@ impl Poller {
         self.tick_no += 1;
         let tick = self.tick_no;
 
-        let mut deltas: HashMap<u64, Counters> = HashMap::new();
-        // 1. The socket map.
+        // 1. The socket map, then 2. the finished sockets (their entries are gone).
         self.batch.clear();
         bpfsys::lookup_batch(self.maps.socks.fd().as_fd(), 8192, &mut self.batch)
             .map_err(|source| PollError::Map { map: MAP_SOCKS, source })?;
         self.stats.map_entries = self.batch.len();
-        let batch = std::mem::take(&mut self.batch);
-        for (cookie, sc) in &batch {
-            let st = self.socks.entry(*cookie).or_insert_with(|| SockState::new(tick));
-            st.last_seen_tick = tick;
-            let mut cur = sc.slot[slot];
-            if let Some(f) = &st.finished {
-                cur = max(&cur, &f[slot]);
-            }
-            let d = sub(&cur, &st.last[slot]);
-            st.last[slot] = max(&cur, &st.last[slot]);
-            if !d.is_zero() {
-                add(deltas.entry(*cookie).or_default(), &d);
-            }
-            if sc.final_pending != 0 && st.finished.is_none() {
-                st.finished = Some(sc.slot);
-                st.kernel_entry_left = true;
-                self.finishing.push(*cookie);
-            }
-        }
-        self.batch = batch;
-
-        // 2. Finished sockets (their entries are gone from the map).
         let mut records: Vec<FinalRecord> = vec![];
         while let Some(item) = self.maps.finals.next() {
             if item.len() >= size_of::<FinalRecord>() {
@@ -482,48 +552,17 @@ impl Poller {
             }
         }
         self.stats.finals_received += records.len() as u64;
+        let batch = std::mem::take(&mut self.batch);
+        let Harvested { deltas, done } = self.table.harvest(slot, tick, &batch, &records);
+        self.batch = batch;
         let mut record_owner: HashMap<u64, Owner> = HashMap::new();
-        for r in &records {
-            let st = self.socks.entry(r.cookie).or_insert_with(|| SockState::new(tick));
-            st.last_seen_tick = tick;
-            let fin = match st.finished {
-                Some(f) => [max(&f[0], &r.counters.slot[0]), max(&f[1], &r.counters.slot[1])],
-                None => r.counters.slot,
-            };
-            if st.finished.is_none() {
-                self.finishing.push(r.cookie);
-            }
-            st.finished = Some(fin);
-            if r.has_owner != 0 {
-                record_owner.insert(r.cookie, r.owner);
-            }
+        for r in records.iter().filter(|r| r.has_owner != 0) {
+            record_owner.insert(r.cookie, r.owner);
         }
         // The owner travels with the record and is gone from the kernel afterwards: label
         // now, even if this slot did not move (the other slot may, next tick).
         for (cookie, o) in &record_owner {
             self.label_of(*cookie, Some(o));
-        }
-        // Every finished socket contributes what its final counters hold beyond what
-        // was already taken from this slot.
-        let mut still_finishing = Vec::with_capacity(self.finishing.len());
-        for cookie in std::mem::take(&mut self.finishing) {
-            let Some(st) = self.socks.get_mut(&cookie) else { continue };
-            let fin = st.finished.expect("finishing implies finished");
-            let d = sub(&fin[slot], &st.last[slot]);
-            st.last[slot] = max(&fin[slot], &st.last[slot]);
-            if !d.is_zero() {
-                add(deltas.entry(cookie).or_default(), &d);
-            }
-            st.harvested_after_finish += 1;
-            if st.harvested_after_finish as usize >= SLOTS {
-                still_finishing.push((cookie, true));
-            } else {
-                still_finishing.push((cookie, false));
-            }
-        }
-        let mut done = vec![];
-        for (cookie, finished) in still_finishing {
-            if finished { done.push(cookie) } else { self.finishing.push(cookie) }
         }
 
         // 3. Kernel totals and unattributed for the slot.
@@ -550,13 +589,13 @@ impl Poller {
             }
         }
         for (cookie, d) in second {
-            if let Some(st) = self.socks.get_mut(&cookie) {
+            if let Some(st) = self.table.socks.get_mut(&cookie) {
                 st.owner_attempts = st.owner_attempts.saturating_sub(1);
             }
             match self.label_of(cookie, record_owner.get(&cookie)) {
                 Some(l) => by_label.entry(l).or_default().add(&d),
                 None => {
-                    debug!("no owner for socket {cookie:#x} (record: {:?}, state: {:?})", record_owner.get(&cookie), self.socks.get(&cookie));
+                    debug!("no owner for socket {cookie:#x} (record: {:?}, state: {:?})", record_owner.get(&cookie), self.table.socks.get(&cookie));
                     self.stats.no_owner_bytes += d.tx + d.rx;
                     unattributed.add(&d);
                 }
@@ -588,19 +627,18 @@ impl Poller {
 
         // 6. Housekeeping: forget finished sockets, delete entries the kernel left us,
         // forget sockets gone from the map without a record.
-        for cookie in done {
-            if let Some(st) = self.socks.remove(&cookie) {
-                if st.kernel_entry_left {
-                    let _ = bpfsys::delete(self.maps.socks.fd().as_fd(), &cookie);
-                    let _ = bpfsys::delete(self.maps.owners.fd().as_fd(), &cookie);
-                }
+        self.table.forget(&done);
+        for (cookie, kernel_entry_left) in done {
+            if kernel_entry_left {
+                let _ = bpfsys::delete(self.maps.socks.fd().as_fd(), &cookie);
+                let _ = bpfsys::delete(self.maps.owners.fd().as_fd(), &cookie);
             }
         }
         if tick % 16 == 0 {
-            self.socks.retain(|_, st| st.finished.is_some() || st.last_seen_tick + 2 >= tick);
+            self.table.forget_vanished(tick);
         }
         self.read_drops();
-        self.stats.sockets_tracked = self.socks.len();
+        self.stats.sockets_tracked = self.table.socks.len();
         self.stats.ticks += 1;
         let total_t: Traffic = total.into();
         self.stats.kernel_total.add(&total_t);
@@ -638,6 +676,189 @@ impl Poller {
             if let Ok(v) = self.maps.drops.get(&(i as u32), 0) {
                 self.stats.kernel_drops.insert(name, v.iter().sum());
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod model {
+    //! Replays random operation sequences against a fake kernel (two slots, a socket map,
+    //! a bounded ring of final records) and checks the harvest against the truth: every
+    //! interval's per-socket deltas equal what was counted into the harvested slot.
+    use super::*;
+
+    /// Small deterministic PRNG (xorshift) so failures replay.
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    #[derive(Default)]
+    struct FakeKernel {
+        epoch: u32,
+        map: HashMap<u64, SockCounters>,
+        ring: Vec<FinalRecord>,
+        ring_cap: usize,
+        finished: std::collections::HashSet<u64>,
+    }
+
+    impl FakeKernel {
+        fn packet(&mut self, cookie: u64, len: u64, egress: bool) -> bool {
+            if self.finished.contains(&cookie) {
+                return false; // no packets after the end (TCP_CLOSE / release)
+            }
+            let slot = (self.epoch & 1) as usize;
+            let e = self.map.entry(cookie).or_default();
+            let c = &mut e.slot[slot];
+            if egress {
+                c.tx_bytes += len;
+                c.tx_packets += 1;
+            } else {
+                c.rx_bytes += len;
+                c.rx_packets += 1;
+            }
+            true
+        }
+
+        fn finish(&mut self, cookie: u64) {
+            if self.finished.contains(&cookie) {
+                return;
+            }
+            let Some(e) = self.map.get_mut(&cookie) else { return };
+            self.finished.insert(cookie);
+            if self.ring.len() < self.ring_cap {
+                // Submit, then delete: the order the kernel program uses.
+                self.ring.push(FinalRecord { cookie, counters: *e, ..Default::default() });
+                self.map.remove(&cookie);
+            } else {
+                e.final_pending = 1;
+            }
+        }
+    }
+
+    fn run(seed: u64, ring_cap: usize) {
+        let mut rng = Rng(seed | 1);
+        let mut k = FakeKernel { ring_cap, ..Default::default() };
+        let mut table = SockTable::default();
+        // Truth: per (interval, cookie) what was counted.
+        let mut truth: HashMap<(u64, u64), Counters> = HashMap::new();
+        let mut interval = 1u64;
+        let mut next_cookie = 1u64;
+        let mut live: Vec<u64> = vec![];
+        let mut reported: HashMap<u64, Counters> = HashMap::new();
+        let mut counted: HashMap<u64, Counters> = HashMap::new();
+
+        let mut kernel_op = |k: &mut FakeKernel, rng: &mut Rng, live: &mut Vec<u64>, interval: u64, truth: &mut HashMap<(u64, u64), Counters>, counted: &mut HashMap<u64, Counters>| {
+            match rng.below(10) {
+                0 => {
+                    live.push(next_cookie);
+                    next_cookie += 1;
+                }
+                1..=6 if !live.is_empty() => {
+                    let c = live[rng.below(live.len() as u64) as usize];
+                    let len = 40 + rng.below(1500);
+                    let eg = rng.below(2) == 0;
+                    if k.packet(c, len, eg) {
+                        let d = Counters {
+                            tx_bytes: if eg { len } else { 0 },
+                            rx_bytes: if eg { 0 } else { len },
+                            tx_packets: eg as u64,
+                            rx_packets: (!eg) as u64,
+                        };
+                        add(truth.entry((interval, c)).or_default(), &d);
+                        add(counted.entry(c).or_default(), &d);
+                    }
+                }
+                7 if !live.is_empty() => {
+                    let i = rng.below(live.len() as u64) as usize;
+                    let c = live.swap_remove(i);
+                    k.finish(c);
+                }
+                _ => {}
+            }
+        };
+
+        for tick in 1..=300u64 {
+            for _ in 0..rng.below(40) {
+                kernel_op(&mut k, &mut rng, &mut live, interval, &mut truth, &mut counted);
+            }
+            // Tick: flip; after the grace period nothing writes the old slot.
+            let slot = (k.epoch & 1) as usize;
+            k.epoch += 1;
+            let harvested_interval = interval;
+            interval += 1;
+            let entries: Vec<(u64, SockCounters)> = k.map.iter().map(|(a, b)| (*a, *b)).collect();
+            // Between reading the map and draining the ring, the kernel keeps running:
+            // packets into the new slot, sockets finishing.
+            for _ in 0..rng.below(8) {
+                kernel_op(&mut k, &mut rng, &mut live, interval, &mut truth, &mut counted);
+            }
+            let records = std::mem::take(&mut k.ring);
+            let h = table.harvest(slot, tick, &entries, &records);
+            for (cookie, d) in &h.deltas {
+                let want = truth.get(&(harvested_interval, *cookie)).copied().unwrap_or_default();
+                assert_eq!(*d, want, "seed {seed}: tick {tick} socket {cookie}");
+                add(reported.entry(*cookie).or_default(), d);
+            }
+            for ((iv, cookie), want) in &truth {
+                if *iv == harvested_interval && !want.is_zero() {
+                    assert!(h.deltas.contains_key(cookie), "seed {seed}: tick {tick} socket {cookie} missing {want:?}");
+                }
+            }
+            table.forget(&h.done);
+            for (cookie, left) in &h.done {
+                if *left {
+                    k.map.remove(cookie);
+                }
+            }
+            if tick % 16 == 0 {
+                table.forget_vanished(tick);
+            }
+        }
+        // Close everything and drain: nothing counted may be missing.
+        for c in live.drain(..) {
+            k.finish(c);
+        }
+        for tick in 301..=304 {
+            let slot = (k.epoch & 1) as usize;
+            k.epoch += 1;
+            let entries: Vec<(u64, SockCounters)> = k.map.iter().map(|(a, b)| (*a, *b)).collect();
+            let records = std::mem::take(&mut k.ring);
+            let h = table.harvest(slot, tick, &entries, &records);
+            for (cookie, d) in &h.deltas {
+                add(reported.entry(*cookie).or_default(), d);
+            }
+            table.forget(&h.done);
+            for (cookie, left) in &h.done {
+                if *left {
+                    k.map.remove(cookie);
+                }
+            }
+        }
+        assert_eq!(reported, counted.into_iter().filter(|(_, c)| !c.is_zero()).collect::<HashMap<_, _>>(), "seed {seed}");
+        assert!(table.is_empty(), "seed {seed}: {} sockets still tracked", table.len());
+        assert!(k.map.is_empty(), "seed {seed}: kernel entries left behind");
+    }
+
+    #[test]
+    fn harvest_matches_the_truth_with_a_roomy_ring() {
+        for seed in 1..200 {
+            run(seed * 7919, 1 << 20);
+        }
+    }
+
+    #[test]
+    fn harvest_matches_the_truth_when_the_ring_is_often_full() {
+        for seed in 1..200 {
+            run(seed * 104729, 1);
         }
     }
 }

@@ -47,8 +47,14 @@ fn tcp_sent(s: &TcpStream) -> (u64, u64) {
     };
     assert!(r == 0 && len >= 216, "TCP_INFO: {}", std::io::Error::last_os_error());
     let rd = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
+    let rd32 = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap()) as u64;
+    // tcpi_rcv_ooopack (224): segments this socket received out of order; it then sent
+    // SACK options, which make its ACKs longer than the plain header.
+    OOO.fetch_add(if len >= 228 { rd32(224) } else { 0 }, std::sync::atomic::Ordering::Relaxed);
     (rd(200), rd(208))
 }
+
+static OOO: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 static RETRANS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -79,6 +85,7 @@ fn report_wire() {
     use std::sync::atomic::Ordering::Relaxed;
     out(format!("wire_sent {}", SENT.load(Relaxed)));
     out(format!("wire_retrans {}", RETRANS.load(Relaxed)));
+    out(format!("wire_ooo {}", OOO.load(Relaxed)));
 }
 
 /// The socket's drop counter from /proc/net/udp{,6} (last column), found by inode.
