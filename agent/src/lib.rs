@@ -8,6 +8,7 @@
 //! - [`labels`] / [`config`]: the rules that give every socket exactly one label.
 //! - [`event`]: the delta event written as one JSON line.
 //! - [`bpfsys`]: the few bpf(2) calls aya lacks (batched map reads).
+//! - [`spool`]: crash-safe zstd segments on disk; [`upload`]: acknowledged HTTP upload.
 pub mod bpfsys;
 pub mod cli;
 pub mod daemon;
@@ -18,3 +19,5 @@ pub mod labels;
 pub mod loader;
 pub mod poller;
 pub mod procfs;
+pub mod spool;
+pub mod upload;

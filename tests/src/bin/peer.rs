@@ -16,9 +16,10 @@
 //!   peer [--name N] udp-count LISTEN_ADDR SECONDS             (prints "port P"; counts datagrams for
 //!                                                              SECONDS from the first; "datagrams N", "nanos T")
 //!   peer [--name N] udp-blast ADDR PORT SECONDS SIZE          (unpaced; "sent N", "errors E", "nanos T")
-//!   peer [--name N] hold-many PAIRS ACTIVE                    (PAIRS established loopback TCP connections,
-//!                                                              both ends here; prints "sockets S"; keeps light
-//!                                                              traffic on ACTIVE pairs until a line on stdin)
+//!   peer [--name N] hold-many PAIRS ACTIVE [FIRST]            (PAIRS established loopback TCP connections to
+//!                                                              listeners on 127.0.0.FIRST…, both ends here;
+//!                                                              prints "sockets S"; keeps light traffic on
+//!                                                              ACTIVE pairs until a line on stdin)
 use std::{
     io::{BufRead, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -247,7 +248,8 @@ fn main() {
         ["tcp-blast", addr, port, secs] => bench_tcp_blast(addr, port, secs),
         ["udp-count", listen, secs] => bench_udp_count(listen, secs),
         ["udp-blast", addr, port, secs, size] => bench_udp_blast(addr, port, secs, size),
-        ["hold-many", pairs, active] => bench_hold_many(pairs, active),
+        ["hold-many", pairs, active] => bench_hold_many(pairs, active, "2"),
+        ["hold-many", pairs, active, first_ip] => bench_hold_many(pairs, active, first_ip),
         ["tcp-serve-fork", listen, worker_name, greeting, reply] => {
             // Pre-fork server: this process listens, a forked worker with another name
             // accepts and talks, so the listener's owner differs from the accepter.
@@ -426,22 +428,27 @@ fn bench_linger0(s: &TcpStream) {
 /// created in this process's cgroup), each carrying one byte so it has a map entry. The
 /// destinations are spread over several 127.0.0.x listeners so ephemeral ports never run
 /// out. Sockets close with RST (linger 0): no TIME_WAIT left behind.
-fn bench_hold_many(pairs: &str, active: &str) {
-    let (pairs, active): (usize, usize) = (pairs.parse().unwrap(), active.parse().unwrap());
+fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
+    let (pairs, active, first): (usize, usize, usize) = (pairs.parse().unwrap(), active.parse().unwrap(), first_ip.parse().unwrap());
     let per_listener = 10_000;
     let nl = pairs.div_ceil(per_listener).max(1);
-    assert!(nl < 200, "too many pairs");
-    let want = (2 * pairs + nl + 1024) as libc::rlim_t;
+    assert!(first >= 1 && first + nl < 255, "listener addresses beyond 127.0.0.254");
+    let want = (2 * pairs + nl + 512) as libc::rlim_t;
     let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
     if rl.rlim_cur < want {
+        // Raising the hard limit needs CAP_SYS_RESOURCE; the soft one never does.
         let new = libc::rlimit { rlim_cur: want, rlim_max: want.max(rl.rlim_max) };
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
-            panic!("raising RLIMIT_NOFILE to {want}: {}", std::io::Error::last_os_error());
+            panic!(
+                "raising RLIMIT_NOFILE to {want} (hard limit {}): {} (use fewer pairs per process)",
+                rl.rlim_max,
+                std::io::Error::last_os_error()
+            );
         }
     }
     let listeners: Vec<TcpListener> =
-        (0..nl).map(|i| TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, 2 + i as u8), 0)).unwrap()).collect();
+        (0..nl).map(|i| TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, (first + i) as u8), 0)).unwrap()).collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut conns = Vec::with_capacity(pairs);
     for i in 0..pairs {
