@@ -70,6 +70,20 @@ impl DeltaEvent {
     pub fn conserves(&self) -> bool {
         self.attributed_sum() == self.total
     }
+
+    /// Folds a later event into this one: the result covers both intervals (and the
+    /// time between them). Used while logging is paused, so nothing counted is lost.
+    pub fn absorb(&mut self, later: &DeltaEvent) {
+        for (l, t) in &later.labels {
+            self.labels.entry(l.clone()).or_default().add(t);
+        }
+        for (l, t) in &later.ifaces {
+            self.ifaces.entry(l.clone()).or_default().add(t);
+        }
+        self.unattributed.add(&later.unattributed);
+        self.total.add(&later.total);
+        self.d = (later.t + later.d).saturating_sub(self.t);
+    }
 }
 
 /// Who is writing: a stable agent id and this boot's id.
@@ -169,6 +183,31 @@ mod tests {
         let e = SeqAllocator::open(&p).err().unwrap().to_string();
         assert!(e.contains("not a sequence number"), "{e}");
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn absorb_covers_both_intervals_and_conserves() {
+        let t = |tx| Traffic { tx, rx: 1, tx_packets: 1, rx_packets: 1 };
+        let ev = |t0, label: &str, tr: Traffic| DeltaEvent {
+            v: 1,
+            kind: "delta".into(),
+            agent: "a".into(),
+            boot: "b".into(),
+            seq: 0,
+            t: t0,
+            d: 100,
+            labels: [(label.to_string(), tr)].into_iter().collect(),
+            unattributed: Traffic::default(),
+            total: tr,
+            ifaces: BTreeMap::new(),
+        };
+        let mut a = ev(1000, "x", t(5));
+        a.absorb(&ev(1300, "x", t(7)));
+        a.absorb(&ev(1400, "y", t(1)));
+        assert_eq!((a.t, a.d), (1000, 500));
+        assert_eq!(a.labels["x"].tx, 12);
+        assert_eq!(a.labels["y"].tx, 1);
+        assert!(a.conserves());
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod bpfsys;
 pub mod cli;
 pub mod daemon;
 pub mod config;
+pub mod control;
 pub mod discover;
 pub mod event;
 pub mod labels;

@@ -308,7 +308,19 @@ impl SockTable {
     }
 }
 
+/// A label an application gave its own socket through the control socket.
+#[derive(Debug, Clone)]
+pub struct NamedSocket {
+    pub label: String,
+    /// Who asked (for the per-uid cap).
+    pub uid: u32,
+}
+
+/// Shared between the poller and the control socket.
+pub type LabelOverrides = Arc<std::sync::Mutex<HashMap<u64, NamedSocket>>>;
+
 pub struct Poller {
+    overrides: LabelOverrides,
     maps: Maps,
     identity: Identity,
     seq: SeqAllocator,
@@ -343,6 +355,7 @@ impl Poller {
         let maps = Maps::take(loaded)?;
         let iface_names = loaded.interfaces.iter().cloned().collect();
         let mut p = Poller {
+            overrides: LabelOverrides::default(),
             maps,
             identity,
             seq,
@@ -399,6 +412,22 @@ impl Poller {
 
     pub fn identity(&self) -> &Identity {
         &self.identity
+    }
+
+    /// Labels applications asked for; entries are removed when their socket is gone.
+    pub fn overrides(&self) -> LabelOverrides {
+        self.overrides.clone()
+    }
+
+    /// A second handle on the owner map, for ownership checks outside the poller.
+    pub fn owners_fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        self.maps.owners.fd().as_fd().try_clone_to_owned()
+    }
+
+    /// Whether the kernel still tracks `cookie` (as a socket that carried bytes, or as
+    /// an owner record).
+    pub fn owner_of(&self, cookie: u64) -> Option<Owner> {
+        bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie).ok().flatten()
     }
 
     fn label_id(&mut self, label: String) -> u32 {
@@ -505,6 +534,14 @@ impl Poller {
 
     /// Current label of a socket, resolving (or improving) its owner when needed.
     fn label_of(&mut self, cookie: u64, rec: Option<&Owner>) -> Option<u32> {
+        // A label the owning application asked for (control socket) wins.
+        let named = self.overrides.lock().ok().and_then(|o| o.get(&cookie).map(|n| n.label.clone()));
+        if let Some(label) = named {
+            let id = self.label_id(label);
+            let st = self.table.socks.get_mut(&cookie)?;
+            st.label = Some(id);
+            return Some(id);
+        }
         let st = self.table.socks.get(&cookie)?;
         let retry = match st.owner_source {
             None => st.owner_attempts < 100 || rec.is_some(),
@@ -628,6 +665,15 @@ impl Poller {
         // 6. Housekeeping: forget finished sockets, delete entries the kernel left us,
         // forget sockets gone from the map without a record.
         self.table.forget(&done);
+        if !done.is_empty() {
+            if let Ok(mut o) = self.overrides.lock() {
+                if !o.is_empty() {
+                    for (cookie, _) in &done {
+                        o.remove(cookie);
+                    }
+                }
+            }
+        }
         for (cookie, kernel_entry_left) in done {
             if kernel_entry_left {
                 let _ = bpfsys::delete(self.maps.socks.fd().as_fd(), &cookie);

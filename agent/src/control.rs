@@ -1,0 +1,318 @@
+//! Control socket: line-delimited JSON requests from the admin CLI (and from applications
+//! naming their own sockets) over a Unix socket, with peer credentials checked.
+//!
+//! Request: one JSON object per line, at most [`MAX_REQUEST`] bytes, e.g.
+//! `{"cmd":"status"}`, `{"cmd":"flush"}`, `{"cmd":"pause"}`, `{"cmd":"resume"}`,
+//! `{"cmd":"label","cookie":1234,"label":"checkout"}`.
+//! Reply: one JSON object per line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
+use std::{
+    ffi::CString,
+    io::{self, BufRead, BufReader, Write},
+    os::{fd::AsRawFd, unix::fs::PermissionsExt, unix::net::UnixStream as StdUnixStream},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use thiserror::Error;
+use tokio::{
+    io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader},
+    net::{UnixListener, UnixStream},
+};
+
+/// Longest request line accepted.
+pub const MAX_REQUEST: usize = 64 * 1024;
+pub const DEFAULT_SOCKET: &str = "/run/sockacct/control.sock";
+
+#[derive(Debug, Error)]
+pub enum ControlError {
+    #[error("control socket {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error(
+        "another sockacct is already listening on {0} (stop it, or give this one another --control-socket)"
+    )]
+    InUse(PathBuf),
+    #[error("group {0:?} does not exist (--control-group)")]
+    NoGroup(String),
+    #[error("cannot reach the agent at {path}: {source} (is `sockacct run` running? as root?)")]
+    Connect { path: PathBuf, source: io::Error },
+    #[error("bad reply from the agent: {0}")]
+    BadReply(String),
+}
+
+/// Who is on the other end, from SO_PEERCRED.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Peer {
+    pub fn is_root(&self) -> bool {
+        self.uid == 0
+    }
+}
+
+/// A parsed request.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    Flush,
+    Pause,
+    Resume,
+    Label { cookie: u64, label: String },
+}
+
+impl Request {
+    fn needs_root(&self) -> bool {
+        matches!(self, Request::Flush | Request::Pause | Request::Resume)
+    }
+}
+
+/// Parses one request line; the error text is what the peer gets back.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    let v: Value = serde_json::from_slice(line).map_err(|e| format!("malformed request (expected one JSON object per line): {e}"))?;
+    let cmd = v
+        .get("cmd")
+        .and_then(Value::as_str)
+        .ok_or_else(|| "request has no \"cmd\" string; valid: status, flush, pause, resume, label".to_string())?
+        .to_string();
+    if !["status", "flush", "pause", "resume", "label"].contains(&cmd.as_str()) {
+        return Err(format!("unknown command {cmd:?}; valid: status, flush, pause, resume, label"));
+    }
+    if cmd != "label" {
+        if let Some(extra) = v.as_object().and_then(|o| o.keys().find(|k| *k != "cmd")) {
+            return Err(format!("bad {cmd} request: unexpected field {extra:?} ({cmd} takes no arguments)"));
+        }
+    }
+    serde_json::from_value(v).map_err(|e| format!("bad {cmd} request: {e}"))
+}
+
+/// Boxed future, so the handler trait needs no proc-macro crate.
+pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// What the daemon does for each request. Implemented by the daemon; tests use fakes.
+pub trait Handler: Send + Sync + 'static {
+    fn status(&self) -> Value;
+    fn flush(&self) -> BoxFuture<'_, Result<Value, String>>;
+    fn pause(&self) -> Value;
+    fn resume(&self) -> Value;
+    /// `peer` asks to label socket `cookie`; the handler checks ownership.
+    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Value, String>;
+}
+
+/// Access settings for the socket file and the peers.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    pub path: PathBuf,
+    /// A group whose members may connect (mode 0660) and use `status` and `label`.
+    pub group: Option<String>,
+}
+
+fn group_id(name: &str) -> Option<u32> {
+    let c = CString::new(name).ok()?;
+    let g = unsafe { libc::getgrnam(c.as_ptr()) };
+    if g.is_null() { None } else { Some(unsafe { (*g).gr_gid }) }
+}
+
+/// Supplementary groups of a process, from /proc/<pid>/status.
+fn groups_of(pid: i32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Groups:"))
+                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        })
+        .unwrap_or_default()
+}
+
+fn peer_of(s: &UnixStream) -> io::Result<Peer> {
+    let c = s.peer_cred()?;
+    Ok(Peer { pid: c.pid().unwrap_or(0), uid: c.uid(), gid: c.gid() })
+}
+
+/// The listening control socket.
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+    group: Option<u32>,
+}
+
+impl ControlServer {
+    /// Binds the socket: parent directory created (0755), a stale socket file replaced
+    /// (but not one a live agent listens on), mode 0600 root-only, or 0660 with the
+    /// configured group.
+    pub fn bind(cfg: &ControlConfig) -> Result<ControlServer, ControlError> {
+        let path = cfg.path.clone();
+        let io = |source| ControlError::Io { path: path.clone(), source };
+        let group = match &cfg.group {
+            Some(g) => Some(group_id(g).ok_or_else(|| ControlError::NoGroup(g.clone()))?),
+            None => None,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        if path.exists() {
+            if StdUnixStream::connect(&path).is_ok() {
+                return Err(ControlError::InUse(path));
+            }
+            std::fs::remove_file(&path).map_err(io)?;
+        }
+        // Bind with a restrictive umask so there is no window with a wider mode.
+        let old = unsafe { libc::umask(0o177) };
+        let listener = UnixListener::bind(&path);
+        unsafe { libc::umask(old) };
+        let listener = listener.map_err(io)?;
+        if let Some(gid) = group {
+            let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+            if unsafe { libc::chown(c.as_ptr(), 0, gid) } != 0 {
+                return Err(io(io::Error::last_os_error()));
+            }
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
+        }
+        Ok(ControlServer { listener, path, group })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn allowed(&self, peer: &Peer, req: &Request) -> Result<(), String> {
+        if peer.is_root() {
+            return Ok(());
+        }
+        let in_group = self.group.is_some_and(|g| peer.gid == g || groups_of(peer.pid).contains(&g));
+        if !in_group {
+            return Err(format!("permission denied: uid {} is not root and not in the control group", peer.uid));
+        }
+        if req.needs_root() {
+            return Err("permission denied: flush, pause and resume need root".into());
+        }
+        Ok(())
+    }
+
+    /// Serves until the task is dropped. Each connection may send several requests.
+    pub async fn serve(self, handler: Arc<dyn Handler>) {
+        let me = Arc::new(self);
+        loop {
+            let (stream, _) = match me.listener.accept().await {
+                Ok(s) => s,
+                Err(e) => {
+                    log::warn!("control socket accept: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let (me, handler) = (me.clone(), handler.clone());
+            tokio::spawn(async move {
+                if let Err(e) = me.session(stream, handler).await {
+                    log::debug!("control session: {e}");
+                }
+            });
+        }
+    }
+
+    async fn session(&self, stream: UnixStream, handler: Arc<dyn Handler>) -> io::Result<()> {
+        let peer = peer_of(&stream)?;
+        let (r, mut w) = stream.into_split();
+        let mut r = TokioBufReader::new(r);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            // Read at most MAX_REQUEST + 1 bytes of this line.
+            let n = (&mut r).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            if line.len() > MAX_REQUEST {
+                let e = json!({"ok": false, "error": format!("request too large (limit {MAX_REQUEST} bytes); connection closed")});
+                w.write_all(format!("{e}\n").as_bytes()).await?;
+                return Ok(());
+            }
+            let reply = match parse_request(line.trim_ascii()) {
+                Err(e) => json!({"ok": false, "error": e}),
+                Ok(req) => match self.allowed(&peer, &req) {
+                    Err(e) => json!({"ok": false, "error": e}),
+                    Ok(()) => {
+                        let r = match &req {
+                            Request::Status => Ok(handler.status()),
+                            Request::Flush => handler.flush().await,
+                            Request::Pause => Ok(handler.pause()),
+                            Request::Resume => Ok(handler.resume()),
+                            Request::Label { cookie, label } => handler.label(peer, *cookie, label),
+                        };
+                        match r {
+                            Ok(mut v) => {
+                                if let Some(o) = v.as_object_mut() {
+                                    o.insert("ok".into(), Value::Bool(true));
+                                    v
+                                } else {
+                                    json!({"ok": true, "result": v})
+                                }
+                            }
+                            Err(e) => json!({"ok": false, "error": e}),
+                        }
+                    }
+                },
+            };
+            w.write_all(format!("{reply}\n").as_bytes()).await?;
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Sends one request and returns the reply object (blocking; used by the CLI).
+pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, ControlError> {
+    let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    s.set_read_timeout(Some(timeout)).ok();
+    let mut w = &s;
+    w.write_all(format!("{req}\n").as_bytes()).map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
+    let mut line = String::new();
+    BufReader::new(&s)
+        .read_line(&mut line)
+        .map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
+    let _ = s.as_raw_fd();
+    serde_json::from_str(&line).map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))
+}
+
+/// Reply shape, for callers that want types.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Reply {
+    pub ok: bool,
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_the_commands_and_explains_the_rest() {
+        assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
+        assert_eq!(
+            parse_request(br#"{"cmd":"label","cookie":5,"label":"x"}"#),
+            Ok(Request::Label { cookie: 5, label: "x".into() })
+        );
+        let e = parse_request(b"not json").unwrap_err();
+        assert!(e.starts_with("malformed request"), "{e}");
+        let e = parse_request(br#"{"cmd":"reboot"}"#).unwrap_err();
+        assert!(e.contains("unknown command \"reboot\""), "{e}");
+        let e = parse_request(br#"{"op":"status"}"#).unwrap_err();
+        assert!(e.contains("no \"cmd\""), "{e}");
+        let e = parse_request(br#"{"cmd":"label","cookie":"x","label":"y"}"#).unwrap_err();
+        assert!(e.starts_with("bad label request"), "{e}");
+        let e = parse_request(br#"{"cmd":"status","extra":1}"#).unwrap_err();
+        assert!(e.contains("extra"), "{e}");
+    }
+}
