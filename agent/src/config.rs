@@ -46,6 +46,110 @@ pub struct Config {
     /// `[[rule]]` tables, tried in order; the first that matches gives the label.
     #[serde(rename = "rule", deserialize_with = "de_rules")]
     pub rules: Vec<Rule>,
+    /// `[spool]`: where events are kept until uploaded.
+    pub spool: SpoolSection,
+    /// `[upload]`: where `sockacct flush` sends them.
+    pub upload: UploadSection,
+    /// `[control]`: the admin socket.
+    pub control: ControlSection,
+}
+
+/// `[spool]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolSection {
+    pub dir: PathBuf,
+    /// A segment is sealed when it reaches this size...
+    pub segment_max_bytes: u64,
+    /// ...or this age.
+    pub segment_max_age_secs: u64,
+    /// Total size cap; the oldest unsent data is dropped beyond it (and a gap recorded).
+    pub max_bytes: u64,
+    /// "always", "never", or a duration in milliseconds: at most that much of the most
+    /// recent events is at risk in a power loss.
+    pub fsync: FsyncSetting,
+    /// Events kept in memory while the disk is full or read-only.
+    pub memory_backlog: usize,
+}
+
+impl Default for SpoolSection {
+    fn default() -> Self {
+        SpoolSection {
+            dir: PathBuf::from("/var/lib/sockacct/spool"),
+            segment_max_bytes: 8 << 20,
+            segment_max_age_secs: 600,
+            max_bytes: 1 << 30,
+            fsync: FsyncSetting::IntervalMs(1000),
+            memory_backlog: 100_000,
+        }
+    }
+}
+
+/// `fsync = "always" | "never" | <milliseconds>`
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncSetting {
+    Always,
+    Never,
+    IntervalMs(u64),
+}
+
+impl<'de> Deserialize<'de> for FsyncSetting {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(ms) => Ok(FsyncSetting::IntervalMs(ms)),
+            Raw::S(s) if s == "always" => Ok(FsyncSetting::Always),
+            Raw::S(s) if s == "never" => Ok(FsyncSetting::Never),
+            Raw::S(s) => Err(de::Error::custom(format!(
+                r#"{s:?} is not an fsync policy (expected "always", "never" or milliseconds such as 1000)"#
+            ))),
+        }
+    }
+}
+
+/// `[upload]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UploadSection {
+    /// http(s) URL; a query string is kept as it is (e.g. ClickHouse's
+    /// `?query=INSERT INTO t FORMAT JSONEachRow`).
+    pub url: Option<String>,
+    /// File holding a bearer token (never on the command line).
+    pub token_file: Option<PathBuf>,
+    pub max_body_bytes: u64,
+    pub timeout_ms: u64,
+    /// How long one flush may take, retries included.
+    pub deadline_ms: u64,
+    /// Upload on its own every this many seconds; 0 = only when an admin asks (default).
+    pub every_secs: u64,
+}
+
+impl Default for UploadSection {
+    fn default() -> Self {
+        UploadSection { url: None, token_file: None, max_body_bytes: 4 << 20, timeout_ms: 10_000, deadline_ms: 60_000, every_secs: 0 }
+    }
+}
+
+/// `[control]`
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControlSection {
+    pub socket: PathBuf,
+    /// Members of this group may connect and use `status` and `label`.
+    pub group: Option<String>,
+    /// Most sockets one uid may name with `label`.
+    pub max_labels_per_uid: usize,
+}
+
+impl Default for ControlSection {
+    fn default() -> Self {
+        ControlSection { socket: PathBuf::from("/run/sockacct/control.sock"), group: None, max_labels_per_uid: 1024 }
+    }
 }
 
 impl Default for Config {
@@ -58,6 +162,9 @@ impl Default for Config {
             agent_id: None,
             default_label: DefaultLabel::Process,
             rules: Vec::new(),
+            spool: SpoolSection::default(),
+            upload: UploadSection::default(),
+            control: ControlSection::default(),
         }
     }
 }
@@ -562,6 +669,26 @@ impl Config {
     /// Checks ranges and compiles the rules once. `parse` calls this; call it yourself on a
     /// `Config` built in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Some(url) = &self.upload.url {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(ConfigError::field(
+                    "upload.url",
+                    format!(r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#),
+                ));
+            }
+        }
+        if self.upload.max_body_bytes < 4096 {
+            return Err(ConfigError::field("upload.max_body_bytes", format!("{} is too small (at least 4096)", self.upload.max_body_bytes)));
+        }
+        if self.spool.segment_max_bytes < 4096 || self.spool.max_bytes < 2 * self.spool.segment_max_bytes {
+            return Err(ConfigError::field(
+                "spool",
+                format!(
+                    "segment_max_bytes {} must be at least 4096 and max_bytes {} at least twice that",
+                    self.spool.segment_max_bytes, self.spool.max_bytes
+                ),
+            ));
+        }
         if !INTERVAL_MS_RANGE.contains(&self.interval_ms) {
             return Err(ConfigError::field(
                 "interval_ms",

@@ -271,6 +271,39 @@ impl Drop for ControlServer {
     }
 }
 
+/// Whether process `pid` holds a socket whose cookie is `cookie`: each of its socket
+/// descriptors is duplicated with pidfd_getfd (needs ptrace rights over it, which the
+/// root daemon has) and asked for SO_COOKIE.
+pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
+    if pidfd < 0 {
+        return false;
+    }
+    let mut found = false;
+    for e in dir.flatten() {
+        let is_socket = std::fs::read_link(e.path()).map(|t| t.to_string_lossy().starts_with("socket:")).unwrap_or(false);
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        if !is_socket {
+            continue;
+        }
+        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
+        if dup < 0 {
+            continue;
+        }
+        let mut v: u64 = 0;
+        let mut len = 8 as libc::socklen_t;
+        let r = unsafe { libc::getsockopt(dup, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+        unsafe { libc::close(dup) };
+        if r == 0 && v == cookie {
+            found = true;
+            break;
+        }
+    }
+    unsafe { libc::close(pidfd) };
+    found
+}
+
 /// Sends one request and returns the reply object (blocking; used by the CLI).
 pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, ControlError> {
     let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
@@ -296,6 +329,17 @@ pub struct Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_a_socket_this_process_holds() {
+        use std::os::fd::AsRawFd;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut v: u64 = 0;
+        let mut len = 8 as libc::socklen_t;
+        unsafe { libc::getsockopt(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+        assert!(process_holds_socket(std::process::id() as i32, v));
+        assert!(!process_holds_socket(std::process::id() as i32, v + 1_000_000));
+    }
 
     #[test]
     fn parse_accepts_the_commands_and_explains_the_rest() {
