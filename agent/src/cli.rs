@@ -1,5 +1,5 @@
 //! Command line: `sockacct run|check`.
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
@@ -29,6 +29,47 @@ pub enum Command {
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
     },
+    /// Ask the running agent to seal its spool and upload everything pending; prints a
+    /// receipt and exits non-zero if anything failed.
+    Flush(ControlArgs),
+    /// Show the running agent's state: sockets, map fill, events, spool, upload, drops.
+    Status(ControlArgs),
+    /// Stop writing events (counting goes on; see docs/operations.md for what happens
+    /// to bytes counted while paused).
+    Pause(ControlArgs),
+    /// Resume writing events.
+    Resume(ControlArgs),
+    /// Give one of your own sockets a label (its cookie from getsockopt SO_COOKIE).
+    Label {
+        #[arg(long)]
+        cookie: u64,
+        label: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Read the on-disk spool without the agent.
+    Spool {
+        #[command(subcommand)]
+        cmd: SpoolCmd,
+        /// Spool directory (as `run --spool-dir`).
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/sockacct/spool", global = true)]
+        spool_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ControlArgs {
+    /// The agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
+    pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SpoolCmd {
+    /// Print every spooled record as a JSON line, oldest first.
+    Cat,
+    /// Check every frame of every segment and report records and damage (changes nothing).
+    Verify,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -67,6 +108,28 @@ pub struct RunArgs {
     /// Agent id written into every event (default: config `agent_id`, else /etc/machine-id).
     #[arg(long, value_name = "ID")]
     pub agent_id: Option<String>,
+
+    /// Spool directory: events are kept here, zstd-compressed, until uploaded
+    /// (default: config [spool] dir, else /var/lib/sockacct/spool).
+    #[arg(long, value_name = "DIR")]
+    pub spool_dir: Option<PathBuf>,
+
+    /// Do not spool events to disk (only --stdout, if given).
+    #[arg(long)]
+    pub no_spool: bool,
+
+    /// Where `sockacct flush` uploads the spool (http or https; may carry a query string).
+    #[arg(long, value_name = "URL")]
+    pub upload_url: Option<String>,
+
+    /// Control socket for flush/status/pause/resume/label
+    /// (default: config [control] socket, else /run/sockacct/control.sock).
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
+    /// Group whose members may use the control socket for `status` and `label`.
+    #[arg(long, value_name = "GROUP")]
+    pub control_group: Option<String>,
 }
 
 /// Entry point of the `sockacct` binary (in the library so test binaries can embed it).
@@ -78,6 +141,14 @@ pub fn main() {
     let r = match cli.command {
         Command::Run(args) => crate::daemon::run(args),
         Command::Check { cgroup } => check(cgroup),
+        Command::Flush(c) => control(&c, serde_json::json!({"cmd": "flush"}), Duration::from_secs(3600)),
+        Command::Status(c) => control(&c, serde_json::json!({"cmd": "status"}), Duration::from_secs(10)),
+        Command::Pause(c) => control(&c, serde_json::json!({"cmd": "pause"}), Duration::from_secs(10)),
+        Command::Resume(c) => control(&c, serde_json::json!({"cmd": "resume"}), Duration::from_secs(10)),
+        Command::Label { cookie, label, control: c } => {
+            control(&c, serde_json::json!({"cmd": "label", "cookie": cookie, "label": label}), Duration::from_secs(10))
+        }
+        Command::Spool { cmd, spool_dir } => spool(cmd, &spool_dir),
     };
     if let Err(e) = r {
         eprintln!("sockacct: error: {e:#}");
@@ -85,8 +156,37 @@ pub fn main() {
     }
 }
 
+/// Sends one control request, prints the reply (pretty JSON), exits 1 when it failed.
+fn control(c: &ControlArgs, req: serde_json::Value, timeout: Duration) -> anyhow::Result<()> {
+    let reply = crate::control::request(&c.control_socket, &req, timeout)?;
+    println!("{}", serde_json::to_string_pretty(&reply)?);
+    if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
+        let why = reply.get("error").and_then(|v| v.as_str()).unwrap_or("the agent reported a failure");
+        anyhow::bail!("{why}");
+    }
+    Ok(())
+}
+
 fn check(cgroup: Option<PathBuf>) -> anyhow::Result<()> {
     let path = crate::loader::preflight(cgroup.as_deref())?;
     println!("ok: privileges, BTF and cgroup v2 present; would attach to {}", path.display());
+    Ok(())
+}
+
+fn spool(cmd: SpoolCmd, dir: &std::path::Path) -> anyhow::Result<()> {
+    match cmd {
+        SpoolCmd::Cat => {
+            let out = std::io::stdout();
+            let mut out = std::io::BufWriter::new(out.lock());
+            let report = crate::spool::cat(dir, &mut out)?;
+            use std::io::Write as _;
+            out.flush()?;
+            eprintln!("{report:?}");
+        }
+        SpoolCmd::Verify => {
+            let report = crate::spool::verify(dir)?;
+            println!("{report:#?}");
+        }
+    }
     Ok(())
 }

@@ -249,7 +249,8 @@ impl ControlServer {
                         match r {
                             Ok(mut v) => {
                                 if let Some(o) = v.as_object_mut() {
-                                    o.insert("ok".into(), Value::Bool(true));
+                                    // A handler may report failure itself (a flush receipt).
+                                    o.entry("ok").or_insert(Value::Bool(true));
                                     v
                                 } else {
                                     json!({"ok": true, "result": v})

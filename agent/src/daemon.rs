@@ -1,26 +1,39 @@
-//! The `run` command: load, poll every interval, write events, detach on a signal.
+//! The `run` command: load, poll every interval, spool events, serve the control socket,
+//! upload on demand, detach on a signal.
+//!
+//! Threads: the poller runs on its own thread (its work is blocking syscalls and file
+//! writes); the control socket and uploads run on a small tokio runtime. They share
+//! [`Shared`]: the spool behind a mutex, the pause flag, label overrides and a status
+//! snapshot the poller refreshes every tick.
 use std::{
+    collections::BTreeMap,
     io::Write as _,
+    os::fd::{AsFd, OwnedFd},
     path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::Context as _;
 use log::{info, warn};
+use serde_json::{Value, json};
 
 use crate::{
+    bpfsys,
     cli::RunArgs,
-    config::Config,
+    config::{Config, FsyncSetting},
+    control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Peer},
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
     labels::Labeler,
     loader::{self, LoadOptions},
-    poller::Poller,
+    poller::{LabelOverrides, NamedSocket, Poller},
     procfs,
+    spool::{FsyncPolicy, Spool, SpoolConfig},
+    upload::{self, UploadConfig, Uploader},
 };
 
 /// Settings after merging the config file and flags.
@@ -30,6 +43,7 @@ pub struct Settings {
     pub interval: Duration,
     pub stdout: bool,
     pub state_dir: PathBuf,
+    pub spool: bool,
 }
 
 pub fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
@@ -54,54 +68,335 @@ pub fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
     if let Some(a) = &args.agent_id {
         config.agent_id = Some(a.clone());
     }
+    if let Some(d) = &args.spool_dir {
+        config.spool.dir = d.clone();
+    }
+    if let Some(u) = &args.upload_url {
+        anyhow::ensure!(
+            u.starts_with("http://") || u.starts_with("https://"),
+            "--upload-url {u:?}: must be an http:// or https:// URL"
+        );
+        config.upload.url = Some(u.clone());
+    }
+    if let Some(s) = &args.control_socket {
+        config.control.socket = s.clone();
+    }
+    if let Some(g) = &args.control_group {
+        config.control.group = Some(g.clone());
+    }
     Ok(Settings {
         interval: Duration::from_millis(config.interval_ms),
         config,
         stdout: args.stdout,
         state_dir: args.state_dir.clone(),
+        spool: !args.no_spool,
     })
 }
 
-/// Where events go until the spool lands: stdout, or a periodic summary in the log.
-pub trait EventSink: Send {
-    fn write(&mut self, ev: &DeltaEvent) -> std::io::Result<()>;
+/// Upload bookkeeping for `status`.
+#[derive(Debug, Default)]
+struct UploadState {
+    flushes: u64,
+    failures: u64,
+    last: Option<Value>,
 }
 
-pub struct StdoutSink;
-impl EventSink for StdoutSink {
-    fn write(&mut self, ev: &DeltaEvent) -> std::io::Result<()> {
+/// State shared by the poller thread, the control socket and uploads.
+pub struct Shared {
+    identity: Identity,
+    spool: Option<Mutex<Spool>>,
+    uploader: Option<Uploader>,
+    max_body: u64,
+    paused: AtomicBool,
+    /// Bytes counted while paused (they are written in one event at resume).
+    paused_bytes: AtomicU64,
+    status: Mutex<Value>,
+    started: Instant,
+    overrides: LabelOverrides,
+    owners: OwnedFd,
+    max_labels_per_uid: usize,
+    flush_lock: tokio::sync::Mutex<()>,
+    upload_state: Mutex<UploadState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic elsewhere must not take the control socket down with it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Seals the spool and uploads every pending body, oldest first, stopping at the
+    /// first failure. Returns the receipt.
+    async fn flush_now(self: &Arc<Self>) -> Value {
+        let Some(up) = &self.uploader else {
+            return json!({"ok": false, "error": "no upload URL configured: set [upload] url in the config, or run with --upload-url"});
+        };
+        if self.spool.is_none() {
+            return json!({"ok": false, "error": "the agent runs with --no-spool: nothing to upload"});
+        }
+        let _one_at_a_time = self.flush_lock.lock().await;
+        let me = self.clone();
+        let max_body = self.max_body;
+        let bodies = tokio::task::spawn_blocking(move || {
+            let mut sp = lock(me.spool.as_ref().unwrap());
+            sp.seal()?;
+            sp.bodies(max_body)
+        })
+        .await;
+        let bodies = match bodies {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return json!({"ok": false, "error": format!("reading the spool: {e}")}),
+            Err(e) => return json!({"ok": false, "error": format!("reading the spool: {e}")}),
+        };
+        let deadline = up.flush_deadline();
+        let (mut records, mut bytes, mut sent_bodies) = (0u64, 0u64, 0u64);
+        let mut segments: Vec<String> = vec![];
+        let (mut first, mut last): (Option<u64>, Option<u64>) = (None, None);
+        let mut server: Vec<Value> = vec![];
+        let mut error: Option<String> = None;
+        for b in &bodies {
+            let body = upload::Body {
+                bytes: b.data.clone(),
+                first_seq: b.first_seq,
+                last_seq: b.last_seq,
+                records: b.records,
+                agent: self.identity.agent.clone(),
+                boot: self.identity.boot.clone(),
+            };
+            match up.send(&body, deadline).await {
+                Ok(r) => {
+                    let me = self.clone();
+                    let pos = b.pos.clone();
+                    let acked = tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).acknowledge(pos)).await;
+                    if let Err(e) = acked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        // The server has it; we could not record that. A retry will send it
+                        // again with the same idempotency key.
+                        error = Some(format!("the server stored seq {}..={} but recording that failed: {e}", b.first_seq, b.last_seq));
+                        break;
+                    }
+                    sent_bodies += 1;
+                    records += b.records;
+                    bytes += b.data.len() as u64;
+                    if !segments.contains(&b.segment) {
+                        segments.push(b.segment.clone());
+                    }
+                    first.get_or_insert(b.first_seq);
+                    last = Some(b.last_seq);
+                    server.push(json!({"status": r.status, "attempts": r.attempts, "said": r.server_said, "ms": r.elapsed.as_millis() as u64, "idempotency_key": body.idempotency_key()}));
+                }
+                Err(e) => {
+                    error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        let pending_after = self.spool.as_ref().map(|s| lock(s).pending().len()).unwrap_or(0);
+        let receipt = json!({
+            "ok": error.is_none(),
+            "error": error,
+            "sent": {"bodies": sent_bodies, "segments": segments.len(), "records": records, "bytes": bytes,
+                     "first_seq": first, "last_seq": last},
+            "server": server,
+            "bodies_pending": bodies.len() as u64 - sent_bodies,
+            "segments_pending": pending_after,
+        });
+        let mut st = lock(&self.upload_state);
+        st.flushes += 1;
+        if error.is_some() {
+            st.failures += 1;
+        }
+        st.last = Some(receipt.clone());
+        receipt
+    }
+}
+
+impl Handler for Arc<Shared> {
+    fn status(&self) -> Value {
+        let mut v = lock(&self.status).clone();
+        if let Some(o) = v.as_object_mut() {
+            o.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
+            o.insert("paused".into(), json!(self.paused.load(Ordering::Relaxed)));
+            o.insert("paused_bytes".into(), json!(self.paused_bytes.load(Ordering::Relaxed)));
+            o.insert("spool".into(), match &self.spool {
+                Some(s) => serde_json::to_value(lock(s).stats()).unwrap_or(Value::Null),
+                None => Value::Null,
+            });
+            let up = lock(&self.upload_state);
+            o.insert("upload".into(), json!({
+                "configured": self.uploader.is_some(),
+                "flushes": up.flushes,
+                "failures": up.failures,
+                "last": up.last,
+            }));
+            o.insert("labels_named".into(), json!(lock(&self.overrides).len()));
+        }
+        v
+    }
+
+    fn flush(&self) -> BoxFuture<'_, Result<Value, String>> {
+        Box::pin(async move { Ok(self.flush_now().await) })
+    }
+
+    fn pause(&self) -> Value {
+        let was = self.paused.swap(true, Ordering::SeqCst);
+        json!({"paused": true, "was_paused": was,
+               "note": "counting continues; what is counted while paused is written as one event at resume"})
+    }
+
+    fn resume(&self) -> Value {
+        let was = self.paused.swap(false, Ordering::SeqCst);
+        json!({"paused": false, "was_paused": was})
+    }
+
+    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Value, String> {
+        if label.is_empty() || label.len() > crate::config::MAX_LABEL_BYTES || label.chars().any(char::is_control) {
+            return Err(format!(
+                "bad label {label:?}: expected 1 to {} bytes without control characters",
+                crate::config::MAX_LABEL_BYTES
+            ));
+        }
+        if !peer.is_root() {
+            let owner = bpfsys::lookup::<u64, agent_common::Owner>(self.owners.as_fd(), &cookie).ok().flatten();
+            let owns = owner.is_some_and(|o| o.origin != 0 && o.tgid as i32 == peer.pid)
+                || control::process_holds_socket(peer.pid, cookie);
+            if !owns {
+                return Err(format!(
+                    "socket {cookie} is not yours: process {} neither created it nor holds it (get your socket's cookie with getsockopt SO_COOKIE)",
+                    peer.pid
+                ));
+            }
+        }
+        let mut o = lock(&self.overrides);
+        if !peer.is_root() && !o.contains_key(&cookie) {
+            let mine = o.values().filter(|n| n.uid == peer.uid).count();
+            if mine >= self.max_labels_per_uid {
+                return Err(format!(
+                    "uid {} already named {mine} sockets (limit {}; closed sockets free their place)",
+                    peer.uid, self.max_labels_per_uid
+                ));
+            }
+        }
+        o.insert(cookie, NamedSocket { label: label.to_string(), uid: peer.uid });
+        Ok(json!({"cookie": cookie, "label": label}))
+    }
+}
+
+fn status_snapshot(p: &Poller, loaded: &loader::Loaded, max_sockets: u32, interval: Duration) -> Value {
+    let st = &p.stats;
+    json!({
+        "agent": p.identity().agent,
+        "boot": p.identity().boot,
+        "cgroup": loaded.cgroup.display().to_string(),
+        "interval_ms": interval.as_millis() as u64,
+        "accept_hook": loaded.accept_hook,
+        "sockets_tracked": st.sockets_tracked,
+        "map_entries": st.map_entries,
+        "map_capacity": max_sockets,
+        "map_fill": st.map_entries as f64 / max_sockets as f64,
+        "ticks": st.ticks,
+        "events": st.events,
+        "last_tick_work_ms": st.last_tick_work.as_secs_f64() * 1e3,
+        "last_tick_wait_ms": st.last_tick_wait.as_secs_f64() * 1e3,
+        "finished_sockets_folded_in": st.finals_received,
+        "kernel_total": st.kernel_total,
+        "drops": {
+            "kernel": st.kernel_drops.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+            "no_owner_bytes": st.no_owner_bytes,
+        },
+    })
+}
+
+fn spool_config(c: &Config) -> SpoolConfig {
+    SpoolConfig {
+        dir: c.spool.dir.clone(),
+        segment_max_bytes: c.spool.segment_max_bytes,
+        segment_max_age: Duration::from_secs(c.spool.segment_max_age_secs.max(1)),
+        total_max_bytes: c.spool.max_bytes,
+        fsync: match c.spool.fsync {
+            FsyncSetting::Always => FsyncPolicy::Always,
+            FsyncSetting::Never => FsyncPolicy::Never,
+            FsyncSetting::IntervalMs(ms) => FsyncPolicy::Interval(Duration::from_millis(ms.max(1))),
+        },
+        memory_backlog_records: c.spool.memory_backlog,
+    }
+}
+
+/// Writes one event: accumulated while paused, else spooled (which numbers it) and/or
+/// printed.
+struct Writer {
+    shared: Arc<Shared>,
+    stdout: bool,
+    /// Numbers events when there is no spool.
+    seq: Option<SeqAllocator>,
+    held: Option<DeltaEvent>,
+}
+
+impl Writer {
+    fn print(&self, bytes: &[u8]) -> anyhow::Result<()> {
+        if !self.stdout || bytes.is_empty() {
+            return Ok(());
+        }
         let mut out = std::io::stdout().lock();
-        serde_json::to_writer(&mut out, ev)?;
-        out.write_all(b"\n")?;
-        out.flush()
+        match out.write_all(bytes).and_then(|_| out.flush()) {
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => anyhow::bail!("standard output closed"),
+            Err(e) => {
+                warn!("writing to standard output: {e}");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
     }
-}
 
-/// Logs a one-line summary every 10 s (used when --stdout is not given).
-pub struct SummarySink {
-    last: Instant,
-    events: u64,
-    bytes: u64,
-}
-impl SummarySink {
-    pub fn new() -> Self {
-        SummarySink { last: Instant::now(), events: 0, bytes: 0 }
+    fn write(&mut self, ev: Option<DeltaEvent>) -> anyhow::Result<()> {
+        if self.shared.paused.load(Ordering::SeqCst) {
+            if let Some(ev) = ev {
+                self.shared.paused_bytes.fetch_add(ev.total.tx + ev.total.rx, Ordering::Relaxed);
+                match &mut self.held {
+                    Some(h) => h.absorb(&ev),
+                    None => self.held = Some(ev),
+                }
+            }
+            return self.tick_spool();
+        }
+        // After a pause, the held interval goes out first, as one event.
+        let mut batch: Vec<DeltaEvent> = self.held.take().into_iter().chain(ev).collect();
+        if !batch.is_empty() {
+            self.shared.paused_bytes.store(0, Ordering::Relaxed);
+        }
+        if batch.is_empty() {
+            return self.tick_spool();
+        }
+        match &self.shared.spool {
+            Some(sp) => {
+                let out = lock(sp).append(&mut batch, SystemTime::now());
+                if let Some(e) = &out.error {
+                    warn!("spool: {e} (events are held in memory; see `sockacct status`)");
+                }
+                self.print(&out.gaps)?;
+                self.print(&out.lines)?;
+            }
+            None => {
+                let mut lines = Vec::new();
+                let seq = self.seq.as_mut().expect("no spool means a sequence allocator");
+                for ev in &mut batch {
+                    ev.seq = seq.next().context("allocating a sequence number")?;
+                    serde_json::to_writer(&mut lines, ev)?;
+                    lines.push(b'\n');
+                }
+                self.print(&lines)?;
+            }
+        }
+        self.tick_spool()
     }
-}
-impl Default for SummarySink {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-impl EventSink for SummarySink {
-    fn write(&mut self, ev: &DeltaEvent) -> std::io::Result<()> {
-        self.events += 1;
-        self.bytes += ev.total.tx + ev.total.rx;
-        if self.last.elapsed() >= Duration::from_secs(10) {
-            info!("{} events, {} bytes counted in the last {:?} (use --stdout to see the events)", self.events, self.bytes, self.last.elapsed());
-            self.last = Instant::now();
-            self.events = 0;
-            self.bytes = 0;
+
+    fn tick_spool(&mut self) -> anyhow::Result<()> {
+        if let Some(sp) = &self.shared.spool {
+            let gaps = {
+                let mut sp = lock(sp);
+                sp.tick(SystemTime::now());
+                sp.take_gap_lines()
+            };
+            self.print(&gaps)?;
         }
         Ok(())
     }
@@ -117,14 +412,36 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let labeler = Arc::new(Labeler::new(&s.config, procfs::netns_cookie_of_self())?);
     std::fs::create_dir_all(&s.state_dir)
         .with_context(|| format!("creating state directory {} (set --state-dir)", s.state_dir.display()))?;
-    let seq = SeqAllocator::open(&s.state_dir.join("seq"))
-        .with_context(|| format!("opening {}", s.state_dir.join("seq").display()))?;
+    let seq_path = s.state_dir.join("seq");
+    let seq = SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
+    let uploader = match &s.config.upload.url {
+        Some(u) => {
+            let url = u.parse().with_context(|| format!("upload url {u:?}"))?;
+            let mut cfg = UploadConfig::new(url);
+            cfg.bearer_token_file = s.config.upload.token_file.clone();
+            cfg.timeout = Duration::from_millis(s.config.upload.timeout_ms);
+            cfg.deadline = Duration::from_millis(s.config.upload.deadline_ms);
+            cfg.max_body_bytes = s.config.upload.max_body_bytes;
+            Some(Uploader::new(cfg)?)
+        }
+        None => None,
+    };
 
     // Handlers first: a SIGTERM at any point from here on still detaches cleanly.
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [libc::SIGINT, libc::SIGTERM] {
         install_flag(sig, &stop)?;
     }
+    let identity = Identity::detect(s.config.agent_id.as_deref());
+    let (spool, poller_seq, writer_seq) = if s.spool {
+        let (sp, report) = Spool::open_dir(spool_config(&s.config), identity.clone(), seq)
+            .with_context(|| format!("opening the spool in {} (set --spool-dir, or --no-spool)", s.config.spool.dir.display()))?;
+        info!("spool {}: {report:?}", s.config.spool.dir.display());
+        (Some(Mutex::new(sp)), SeqAllocator::ephemeral(), None)
+    } else {
+        (None, SeqAllocator::ephemeral(), Some(seq))
+    };
+
     let mut loaded = loader::load(&opts)?;
     // Sockets that existed before we attached: find their owners now. Anything created
     // from here on is seen by sock_create.
@@ -137,12 +454,49 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     info!("{} existing sockets discovered", discovered.len());
-    let identity = Identity::detect(s.config.agent_id.as_deref());
-    let mut poller = Poller::new(&mut loaded, identity, seq, labeler, discovered)?;
-    let mut sink: Box<dyn EventSink> = if s.stdout { Box::new(StdoutSink) } else { Box::new(SummarySink::new()) };
+    let mut poller = Poller::new(&mut loaded, identity.clone(), poller_seq, labeler, discovered)?;
 
+    let first_status = status_snapshot(&poller, &loaded, s.config.max_sockets, s.interval);
+    let shared = Arc::new(Shared {
+        identity,
+        spool,
+        uploader,
+        max_body: s.config.upload.max_body_bytes,
+        paused: AtomicBool::new(false),
+        paused_bytes: AtomicU64::new(0),
+        status: Mutex::new(first_status),
+        started: Instant::now(),
+        overrides: poller.overrides(),
+        owners: poller.owners_fd()?,
+        max_labels_per_uid: s.config.control.max_labels_per_uid,
+        flush_lock: tokio::sync::Mutex::new(()),
+        upload_state: Mutex::new(UploadState::default()),
+    });
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let server = {
+        let _g = rt.enter();
+        ControlServer::bind(&ControlConfig { path: s.config.control.socket.clone(), group: s.config.control.group.clone() })?
+    };
+    info!("control socket {}", server.path().display());
+    rt.spawn(server.serve(Arc::new(shared.clone())));
+    if s.config.upload.every_secs > 0 && shared.uploader.is_some() {
+        let (sh, every) = (shared.clone(), Duration::from_secs(s.config.upload.every_secs));
+        rt.spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let r = sh.flush_now().await;
+                if r.get("ok") != Some(&Value::Bool(true)) {
+                    warn!("periodic upload: {}", r.get("error").cloned().unwrap_or(Value::Null));
+                }
+            }
+        });
+    }
+
+    let mut writer = Writer { shared: shared.clone(), stdout: s.stdout, seq: writer_seq, held: None };
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
+    let mut result = Ok(());
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now < next {
@@ -154,33 +508,35 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             // Fell behind (suspended?): do not burst, realign.
             next = Instant::now() + s.interval;
         }
-        emit(&mut poller, sink.as_mut())?;
+        let ev = poller.tick()?;
+        *lock(&shared.status) = status_snapshot(&poller, &loaded, s.config.max_sockets, s.interval);
+        if let Err(e) = writer.write(ev) {
+            result = Err(e);
+            break;
+        }
     }
     info!("stopping: detaching programs, final poll");
     loaded.detach();
-    emit(&mut poller, sink.as_mut())?;
+    // Whatever was held during a pause is written now: nothing counted is dropped.
+    shared.paused.store(false, Ordering::SeqCst);
+    let ev = poller.tick()?;
+    writer.write(ev)?;
+    if let Some(sp) = &shared.spool {
+        if let Err(e) = lock(sp).flush() {
+            warn!("spool: final fsync: {e}");
+        }
+    }
     let st = &poller.stats;
     info!(
         "totals: {} events, kernel counted {} B out / {} B in; {} finished sockets folded in; \
          {} B without an owner; kernel counters {:?}",
         st.events, st.kernel_total.tx, st.kernel_total.rx, st.finals_received, st.no_owner_bytes, st.kernel_drops
     );
+    rt.shutdown_timeout(Duration::from_secs(2));
     drop(poller);
     drop(loaded);
     info!("detached; bye");
-    Ok(())
-}
-
-fn emit(poller: &mut Poller, sink: &mut dyn EventSink) -> anyhow::Result<()> {
-    if let Some(ev) = poller.tick()? {
-        if let Err(e) = sink.write(&ev) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                anyhow::bail!("standard output closed");
-            }
-            warn!("writing event seq {}: {e}", ev.seq);
-        }
-    }
-    Ok(())
+    result
 }
 
 static STOP_FLAGS: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();

@@ -1,1 +1,1387 @@
-//! placeholder: being written
+//! Acknowledged HTTP upload of spooled bodies.
+//!
+//! The spool hands over [`Body`]s: whole zstd frames of JSON lines, already compressed,
+//! with the range of sequence numbers they hold. [`Uploader::send`] POSTs one body and
+//! returns only when the server answered 2xx (a [`SendReceipt`]), or with an
+//! [`UploadError`] that says why not. The caller deletes spooled data only after a receipt.
+//!
+//! # Requests
+//! Every attempt is a `POST` to the configured URL exactly as given (a query string such as
+//! ClickHouse's `?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow` is kept byte for byte) with
+//! `Content-Type: application/x-ndjson`, `Content-Encoding: zstd`, `Content-Length`,
+//! `User-Agent: sockacct/<version>`, `X-Sockacct-Agent`, `X-Sockacct-Boot`,
+//! `X-Sockacct-Seq-First`, `X-Sockacct-Seq-Last`, `X-Sockacct-Records`, and
+//! `Idempotency-Key: <agent>:<boot>:<first_seq>-<last_seq>`, which is the same on every
+//! retry of a body, so a server can drop the duplicate that follows a lost reply.
+//! With a bearer token file, `Authorization: Bearer <token>` (the file is read, and trimmed,
+//! at every [`Uploader::send`], so a rotated token is picked up without a restart).
+//!
+//! # Retry policy
+//! - Retried: connection errors (refused, reset, closed before the reply), no response
+//!   within [`UploadConfig::timeout`], and HTTP 408, 429 and every 5xx.
+//! - Not retried: every other status. Only 2xx is success; 1xx/3xx/4xx end the send with
+//!   [`UploadError::Rejected`]. Redirects are not followed (a redirected POST would turn into
+//!   a GET and lose the body): point the URL at the final location.
+//! - Wait before retry *n* (n = 1, 2, …): `b = min(initial_backoff · 2^(n-1), max_backoff)`,
+//!   then a random wait in `[b/2, b]` ("equal jitter"), so agents that failed together do not
+//!   retry together. A `Retry-After` header (delay-seconds or HTTP-date, on any retried
+//!   status) raises the wait to at least what the server asked for.
+//! - Every attempt is given `min(timeout, time left before the deadline)`. When the next wait
+//!   would reach the deadline (e.g. `Retry-After: 120` with 30 s left), the send stops at once
+//!   with [`UploadError::DeadlineExceeded`] instead of sleeping into a certain failure.
+//!
+//! # Client
+//! rustls with the webpki roots (no OpenSSL on the host), HTTP/1.1, connection reuse.
+//! Proxies: environment variables (`HTTP_PROXY`, `HTTPS_PROXY`, `ALL_PROXY`, `NO_PROXY`) are
+//! **ignored**. A root daemon that inherits a stray proxy variable from a shell or a unit
+//! drop-in would otherwise send accounting data (and the bearer token) somewhere other than
+//! the configured URL; the upload goes exactly where the URL says.
+//! If the URL carries `user:password@`, it is sent as HTTP basic auth, unless a bearer token
+//! file is configured, whose `Authorization` header then replaces it.
+//! URLs in errors and logs have their password and secret-looking query parameters
+//! (`password`, `token`, `secret`, `key`, `auth`, `sig…`) replaced by `***`.
+
+use std::{
+    fmt::Write as _,
+    hash::{BuildHasher, Hasher},
+    path::PathBuf,
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use reqwest::{
+    StatusCode, Url,
+    header::{
+        AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue,
+        RETRY_AFTER,
+    },
+};
+pub use tokio::time::Instant;
+
+/// `User-Agent` of every request.
+pub const USER_AGENT: &str = concat!("sockacct/", env!("CARGO_PKG_VERSION"));
+/// Default per-request timeout.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default time budget of a whole flush.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
+/// Default largest body the caller should build (4 MiB).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 4 << 20;
+/// Default wait before the first retry.
+pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(250);
+/// Default longest wait between retries (a server's `Retry-After` may ask for more).
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+/// How many bytes of a response body are kept for receipts and errors.
+const SERVER_SAID_MAX: usize = 512;
+
+/// One upload: whole zstd frames of JSON lines, with what they hold.
+#[derive(Debug, Clone)]
+pub struct Body {
+    /// Whole zstd frames, sent as they are (`Content-Encoding: zstd`).
+    pub bytes: Vec<u8>,
+    /// `seq` of the first record in the body.
+    pub first_seq: u64,
+    /// `seq` of the last record in the body.
+    pub last_seq: u64,
+    /// Number of records (lines) in the body.
+    pub records: u64,
+    /// The records' `agent`.
+    pub agent: String,
+    /// The records' `boot`.
+    pub boot: String,
+}
+
+impl Body {
+    /// `<agent>:<boot>:<first_seq>-<last_seq>`: the same for every retry of this body.
+    pub fn idempotency_key(&self) -> String {
+        format!(
+            "{}:{}:{}-{}",
+            self.agent, self.boot, self.first_seq, self.last_seq
+        )
+    }
+}
+
+/// Where and how to upload.
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    /// Target, `http` or `https`, used exactly as given, query string included.
+    pub url: Url,
+    /// File holding the bearer token; read (and trimmed) at every send. Never take the
+    /// token itself from the command line: argv is world-readable in /proc.
+    pub bearer_token_file: Option<PathBuf>,
+    /// Limit of one request, from connecting to the end of the reply (default 10 s).
+    pub timeout: Duration,
+    /// Budget of a whole flush, retries included (default 60 s); see [`Uploader::flush_deadline`].
+    pub deadline: Duration,
+    /// Largest body the caller should build (default 4 MiB). Not enforced by [`Uploader::send`].
+    pub max_body_bytes: u64,
+    /// Wait before the first retry (default 250 ms), doubled for every further one.
+    pub initial_backoff: Duration,
+    /// Cap of the doubled wait (default 10 s).
+    pub max_backoff: Duration,
+}
+
+impl UploadConfig {
+    /// A config for `url` with every other setting at its default.
+    pub fn new(url: Url) -> UploadConfig {
+        UploadConfig {
+            url,
+            bearer_token_file: None,
+            timeout: DEFAULT_TIMEOUT,
+            deadline: DEFAULT_DEADLINE,
+            max_body_bytes: DEFAULT_MAX_BODY_BYTES,
+            initial_backoff: DEFAULT_INITIAL_BACKOFF,
+            max_backoff: DEFAULT_MAX_BACKOFF,
+        }
+    }
+}
+
+/// What the server answered to a successful upload.
+#[derive(Debug, Clone)]
+pub struct SendReceipt {
+    /// The 2xx status.
+    pub status: u16,
+    /// Requests made, this one included (1 when the first one succeeded).
+    pub attempts: u32,
+    /// First 512 bytes of the response body, lossy UTF-8.
+    pub server_said: String,
+    /// From the start of [`Uploader::send`] to the acknowledgement.
+    pub elapsed: Duration,
+}
+
+/// Why an upload did not happen. URLs are shown with secrets replaced by `***`.
+#[derive(Debug, thiserror::Error)]
+pub enum UploadError {
+    #[error("upload URL {url}: scheme {scheme:?} is not supported; use http:// or https://")]
+    BadScheme { url: String, scheme: String },
+    #[error("upload config: {0}")]
+    InvalidConfig(String),
+    #[error("HTTP client for {url}: {detail}")]
+    Client { url: String, detail: String },
+    #[error("cannot read the bearer token file {path}: {source}")]
+    TokenFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the bearer token file {path} is empty")]
+    TokenEmpty { path: PathBuf },
+    #[error("the bearer token file {path} holds characters that cannot go into an HTTP header")]
+    TokenInvalid { path: PathBuf },
+    #[error("cannot send {field} {value:?} as an HTTP header: only visible ASCII is allowed")]
+    BadHeader { field: &'static str, value: String },
+    #[error(
+        "upload to {url} was rejected with HTTP {status}{} after {attempts} attempt(s), not retried; server said: {}",
+        status_hint(*status),
+        quote_said(server_said)
+    )]
+    Rejected {
+        url: String,
+        status: u16,
+        attempts: u32,
+        server_said: String,
+    },
+    #[error(
+        "upload to {url}: deadline exceeded after {attempts} attempt(s) (last error: {last_error})"
+    )]
+    DeadlineExceeded {
+        url: String,
+        attempts: u32,
+        last_error: String,
+    },
+}
+
+impl UploadError {
+    /// The HTTP status of a rejection (e.g. 413: the caller should send smaller bodies).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            UploadError::Rejected { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+fn status_hint(status: u16) -> String {
+    let reason = StatusCode::from_u16(status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .map(|r| format!(" {r}"))
+        .unwrap_or_default();
+    let hint = if (300..400).contains(&status) {
+        " (redirects are not followed; configure the final URL)"
+    } else {
+        ""
+    };
+    format!("{reason}{hint}")
+}
+
+fn quote_said(said: &str) -> String {
+    let said = said.trim();
+    if said.is_empty() {
+        "(empty body)".to_string()
+    } else {
+        format!("{said:?}")
+    }
+}
+
+/// Uploads bodies to one URL.
+#[derive(Debug, Clone)]
+pub struct Uploader {
+    client: reqwest::Client,
+    cfg: UploadConfig,
+    /// `cfg.url` with secrets replaced, for errors and logs.
+    shown_url: String,
+}
+
+impl Uploader {
+    /// Checks the config and builds the HTTP client (rustls, HTTP/1.1, no environment
+    /// proxies, no redirects, `User-Agent: sockacct/<version>`). The token file is not read
+    /// here but at every [`send`](Self::send).
+    pub fn new(cfg: UploadConfig) -> Result<Uploader, UploadError> {
+        let shown_url = redact_url(&cfg.url);
+        match cfg.url.scheme() {
+            "http" | "https" => {}
+            other => {
+                return Err(UploadError::BadScheme {
+                    url: shown_url,
+                    scheme: other.to_string(),
+                });
+            }
+        }
+        if cfg.url.host().is_none() {
+            return Err(UploadError::InvalidConfig(format!(
+                "upload URL {shown_url} has no host"
+            )));
+        }
+        if cfg.timeout.is_zero() {
+            return Err(UploadError::InvalidConfig(
+                "the upload timeout must be above zero".into(),
+            ));
+        }
+        if cfg.deadline.is_zero() {
+            return Err(UploadError::InvalidConfig(
+                "the upload deadline must be above zero".into(),
+            ));
+        }
+        if cfg.initial_backoff.is_zero() || cfg.max_backoff.is_zero() {
+            return Err(UploadError::InvalidConfig(
+                "upload backoffs must be above zero".into(),
+            ));
+        }
+        let client = reqwest::Client::builder()
+            .use_rustls_tls()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .user_agent(USER_AGENT)
+            .connect_timeout(cfg.timeout)
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build()
+            .map_err(|e| UploadError::Client {
+                url: shown_url.clone(),
+                detail: describe(e),
+            })?;
+        Ok(Uploader {
+            client,
+            cfg,
+            shown_url,
+        })
+    }
+
+    /// The config this uploader was built with.
+    pub fn config(&self) -> &UploadConfig {
+        &self.cfg
+    }
+
+    /// Now + [`UploadConfig::deadline`]: the deadline to pass to every `send` of one flush.
+    pub fn flush_deadline(&self) -> Instant {
+        Instant::now() + self.cfg.deadline
+    }
+
+    /// POSTs one body and waits for a 2xx. Retries connection errors, timeouts, 408, 429 and
+    /// 5xx with exponential backoff and jitter, honouring `Retry-After` (seconds or
+    /// HTTP-date) as long as it fits before `deadline`; any other status fails at once.
+    /// `deadline` may be a `tokio::time::Instant` or a `std::time::Instant`.
+    pub async fn send(
+        &self,
+        body: &Body,
+        deadline: impl Into<Instant>,
+    ) -> Result<SendReceipt, UploadError> {
+        let deadline: Instant = deadline.into();
+        let started = Instant::now();
+        let template = self.build_request(body)?;
+        let mut attempts: u32 = 0;
+        let mut last_error = String::from("none: the deadline had passed before the first attempt");
+        loop {
+            let now = Instant::now();
+            let left = deadline.saturating_duration_since(now);
+            if left.is_zero() {
+                return Err(self.deadline_exceeded(attempts, last_error));
+            }
+            attempts += 1;
+            let limit = self.cfg.timeout.min(left);
+            let request = template
+                .try_clone()
+                .expect("a request with an in-memory body can always be cloned");
+            log::debug!(
+                "upload {} to {}: attempt {attempts} ({} bytes, limit {limit:?})",
+                body.idempotency_key(),
+                self.shown_url,
+                body.bytes.len()
+            );
+            let mut retry_after = None;
+            match self.attempt(request, limit).await {
+                Attempt::Answered {
+                    status,
+                    said,
+                    retry_after: ra,
+                } => {
+                    if status.is_success() {
+                        return Ok(SendReceipt {
+                            status: status.as_u16(),
+                            attempts,
+                            server_said: said,
+                            elapsed: started.elapsed(),
+                        });
+                    }
+                    if !is_retryable(status) {
+                        return Err(UploadError::Rejected {
+                            url: self.shown_url.clone(),
+                            status: status.as_u16(),
+                            attempts,
+                            server_said: said,
+                        });
+                    }
+                    last_error = format!(
+                        "HTTP {}{}; server said: {}",
+                        status.as_u16(),
+                        status_hint(status.as_u16()),
+                        quote_said(&said)
+                    );
+                    retry_after = ra;
+                }
+                Attempt::Failed(e) => last_error = e,
+            }
+
+            let mut wait = jittered(backoff(
+                attempts,
+                self.cfg.initial_backoff,
+                self.cfg.max_backoff,
+            ));
+            if let Some(ra) = retry_after {
+                wait = wait.max(ra);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if wait >= left {
+                if let Some(ra) = retry_after.filter(|ra| *ra >= left) {
+                    let _ = write!(
+                        last_error,
+                        "; the server asked to retry after {ra:?}, past the deadline"
+                    );
+                }
+                return Err(self.deadline_exceeded(attempts, last_error));
+            }
+            log::warn!(
+                "upload {} to {}: attempt {attempts} failed ({last_error}); retrying in {wait:?}",
+                body.idempotency_key(),
+                self.shown_url
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn deadline_exceeded(&self, attempts: u32, last_error: String) -> UploadError {
+        UploadError::DeadlineExceeded {
+            url: self.shown_url.clone(),
+            attempts,
+            last_error,
+        }
+    }
+
+    /// The request every attempt clones: method, URL, headers and body.
+    fn build_request(&self, body: &Body) -> Result<reqwest::Request, UploadError> {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/x-ndjson"),
+        );
+        headers.insert(CONTENT_ENCODING, HeaderValue::from_static("zstd"));
+        let text = |field: &'static str, value: &str| {
+            HeaderValue::from_str(value).map_err(|_| UploadError::BadHeader {
+                field,
+                value: value.to_string(),
+            })
+        };
+        let number = |n: u64| HeaderValue::from(n);
+        headers.insert(
+            HeaderName::from_static("x-sockacct-agent"),
+            text("agent id", &body.agent)?,
+        );
+        headers.insert(
+            HeaderName::from_static("x-sockacct-boot"),
+            text("boot id", &body.boot)?,
+        );
+        headers.insert(
+            HeaderName::from_static("x-sockacct-seq-first"),
+            number(body.first_seq),
+        );
+        headers.insert(
+            HeaderName::from_static("x-sockacct-seq-last"),
+            number(body.last_seq),
+        );
+        headers.insert(
+            HeaderName::from_static("x-sockacct-records"),
+            number(body.records),
+        );
+        headers.insert(
+            HeaderName::from_static("idempotency-key"),
+            text("idempotency key", &body.idempotency_key())?,
+        );
+
+        let mut request = self
+            .client
+            .post(self.cfg.url.clone())
+            .body(body.bytes.clone())
+            .build()
+            .map_err(|e| UploadError::Client {
+                url: self.shown_url.clone(),
+                detail: describe(e),
+            })?;
+        // After build(): a URL's user:password has become basic auth by now, and a bearer
+        // token replaces it rather than adding a second Authorization header.
+        if let Some(path) = &self.cfg.bearer_token_file {
+            headers.insert(AUTHORIZATION, read_token(path)?);
+        }
+        for (name, value) in headers {
+            if let Some(name) = name {
+                request.headers_mut().insert(name, value);
+            }
+        }
+        Ok(request)
+    }
+
+    /// One request, within `limit`: the status, what the server said, and its Retry-After.
+    async fn attempt(&self, request: reqwest::Request, limit: Duration) -> Attempt {
+        let started = Instant::now();
+        let mut response = match tokio::time::timeout(limit, self.client.execute(request)).await {
+            Err(_) => return Attempt::Failed(format!("no response within {limit:?}")),
+            Ok(Err(e)) => return Attempt::Failed(describe(e)),
+            Ok(Ok(response)) => response,
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| retry_after_delay(v, SystemTime::now()));
+        // The status is the answer; a body that fails or stalls only shortens what we report.
+        let mut said = Vec::new();
+        let rest = limit.saturating_sub(started.elapsed());
+        let note = match tokio::time::timeout(rest, read_prefix(&mut response, &mut said)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!(" [reading the reply failed: {}]", describe(e))),
+            Err(_) => Some(" [reply body timed out]".to_string()),
+        };
+        let mut said = String::from_utf8_lossy(&said).into_owned();
+        if let Some(note) = note {
+            said.push_str(&note);
+        }
+        Attempt::Answered {
+            status,
+            said,
+            retry_after,
+        }
+    }
+}
+
+enum Attempt {
+    /// The server answered with a status.
+    Answered {
+        status: StatusCode,
+        said: String,
+        retry_after: Option<Duration>,
+    },
+    /// No status: connection error or timeout, described.
+    Failed(String),
+}
+
+fn is_retryable(status: StatusCode) -> bool {
+    status == StatusCode::REQUEST_TIMEOUT
+        || status == StatusCode::TOO_MANY_REQUESTS
+        || status.is_server_error()
+}
+
+/// Reads the first [`SERVER_SAID_MAX`] bytes of the response body into `out`.
+async fn read_prefix(response: &mut reqwest::Response, out: &mut Vec<u8>) -> reqwest::Result<()> {
+    while out.len() < SERVER_SAID_MAX {
+        match response.chunk().await? {
+            Some(chunk) => {
+                let take = chunk.len().min(SERVER_SAID_MAX - out.len());
+                out.extend_from_slice(&chunk[..take]);
+            }
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Reads, trims and checks the bearer token; the header value is marked sensitive.
+fn read_token(path: &std::path::Path) -> Result<HeaderValue, UploadError> {
+    let token = std::fs::read_to_string(path).map_err(|source| UploadError::TokenFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(UploadError::TokenEmpty {
+            path: path.to_path_buf(),
+        });
+    }
+    let mut value = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|_| {
+        UploadError::TokenInvalid {
+            path: path.to_path_buf(),
+        }
+    })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+/// An error and its causes on one line, without the URL (errors carry the redacted one).
+fn describe(e: reqwest::Error) -> String {
+    let timed_out = e.is_timeout();
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.ends_with(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    if timed_out && !text.contains("timed out") {
+        text.push_str(" (timed out)");
+    }
+    text
+}
+
+/// Wait before retry number `attempt` (1-based), before jitter:
+/// `min(initial · 2^(attempt-1), max)`.
+fn backoff(attempt: u32, initial: Duration, max: Duration) -> Duration {
+    let doublings = attempt.saturating_sub(1).min(31);
+    initial.saturating_mul(1u32 << doublings).min(max)
+}
+
+/// A random duration in `[base/2, base]`.
+fn jittered(base: Duration) -> Duration {
+    let half = base / 2;
+    let span = (base - half).as_nanos() as u64;
+    half + Duration::from_nanos(if span == 0 {
+        0
+    } else {
+        random_u64() % (span + 1)
+    })
+}
+
+/// Randomness enough for jitter, without a dependency: std's per-process random hash keys
+/// mixed with a counter and the clock.
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.write_u128(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos(),
+    );
+    h.finish()
+}
+
+/// Longest `Retry-After` we take literally; anything beyond is past every deadline anyway.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The delay a `Retry-After` value asks for: delay-seconds or an HTTP-date (a date in the
+/// past means now). `None` for a value that is neither.
+fn retry_after_delay(value: &str, now: SystemTime) -> Option<Duration> {
+    let value = value.trim();
+    if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+        let secs = value.parse::<u64>().unwrap_or(u64::MAX);
+        return Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX));
+    }
+    let at = parse_http_date(value)?;
+    Some(
+        at.duration_since(now)
+            .unwrap_or(Duration::ZERO)
+            .min(RETRY_AFTER_MAX),
+    )
+}
+
+/// Parses an HTTP-date (RFC 9110 §5.6.7) in any of its three forms:
+/// IMF-fixdate `Sun, 06 Nov 1994 08:49:37 GMT`, obsolete RFC 850
+/// `Sunday, 06-Nov-94 08:49:37 GMT` (two-digit years 00–69 are 20xx, 70–99 are 19xx) and
+/// asctime `Sun Nov  6 08:49:37 1994`. The weekday is not checked.
+fn parse_http_date(s: &str) -> Option<SystemTime> {
+    fn num(s: &str, min_len: usize, max_len: usize) -> Option<u32> {
+        let ok = (min_len..=max_len).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit());
+        if ok { s.parse().ok() } else { None }
+    }
+    fn month(s: &str) -> Option<u32> {
+        const MONTHS: [&str; 12] = [
+            "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+        ];
+        let lower = s.to_ascii_lowercase();
+        MONTHS
+            .iter()
+            .position(|m| *m == lower)
+            .map(|i| i as u32 + 1)
+    }
+    fn year(s: &str) -> Option<i64> {
+        let y = i64::from(num(s, 2, 4)?);
+        Some(match s.len() {
+            2 if y < 70 => 2000 + y,
+            2 => 1900 + y,
+            4 => y,
+            _ => return None,
+        })
+    }
+    fn clock(s: &str) -> Option<u64> {
+        let mut parts = s.split(':');
+        let h = num(parts.next()?, 2, 2)?;
+        let m = num(parts.next()?, 2, 2)?;
+        let sec = num(parts.next()?, 2, 2)?;
+        if parts.next().is_some() || h > 23 || m > 59 || sec > 60 {
+            return None;
+        }
+        Some(u64::from(h) * 3600 + u64::from(m) * 60 + u64::from(sec))
+    }
+
+    let s = s.trim();
+    let (day, mon, yr, time) = match s.split_once(',') {
+        Some((_weekday, rest)) => {
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            match fields.as_slice() {
+                [d, m, y, t, "GMT"] if y.len() == 4 => {
+                    (num(d, 2, 2)?, month(m)?, year(y)?, clock(t)?)
+                }
+                [dmy, t, "GMT"] => {
+                    let mut p = dmy.split('-');
+                    let (d, m, y) = (p.next()?, p.next()?, p.next()?);
+                    if p.next().is_some() {
+                        return None;
+                    }
+                    (num(d, 2, 2)?, month(m)?, year(y)?, clock(t)?)
+                }
+                _ => return None,
+            }
+        }
+        None => {
+            let fields: Vec<&str> = s.split_whitespace().collect();
+            match fields.as_slice() {
+                [_weekday, m, d, t, y] if y.len() == 4 => {
+                    (num(d, 1, 2)?, month(m)?, year(y)?, clock(t)?)
+                }
+                _ => return None,
+            }
+        }
+    };
+    let days_in_month = match mon {
+        2 if yr % 4 == 0 && (yr % 100 != 0 || yr % 400 == 0) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    };
+    if day == 0 || day > days_in_month {
+        return None;
+    }
+    let days = days_from_civil(yr, mon, day);
+    let secs = days.checked_mul(86_400)?.checked_add(time as i64)?;
+    if secs < 0 {
+        return Some(UNIX_EPOCH);
+    }
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64))
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = if y >= 0 { y } else { y - 399 } / 400;
+    let yoe = y - era * 400;
+    let (m, d) = (i64::from(m), i64::from(d));
+    let doy = (153 * (if m > 2 { m - 3 } else { m + 9 }) + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The URL with its password and secret-looking query parameters replaced by `***`.
+fn redact_url(url: &Url) -> String {
+    let mut shown = url.clone();
+    if shown.password().is_some() {
+        let _ = shown.set_password(Some("***"));
+    }
+    if let Some(query) = url.query() {
+        let mut changed = false;
+        let parts: Vec<String> = query
+            .split('&')
+            .map(|part| {
+                let (name, _) = part.split_once('=').unwrap_or((part, ""));
+                let name = name.to_ascii_lowercase();
+                let secret = [
+                    "pass",
+                    "token",
+                    "secret",
+                    "key",
+                    "auth",
+                    "sig",
+                    "credential",
+                ]
+                .iter()
+                .any(|s| name.contains(s));
+                if secret {
+                    changed = true;
+                    format!("{}=***", part.split_once('=').map_or(part, |(n, _)| n))
+                } else {
+                    part.to_string()
+                }
+            })
+            .collect();
+        if changed {
+            shown.set_query(Some(&parts.join("&")));
+        }
+    }
+    shown.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::{TcpListener, TcpStream},
+    };
+
+    // ---- a tiny scripted HTTP/1.1 server -------------------------------------------------
+
+    #[derive(Debug, Clone)]
+    struct Recorded {
+        method: String,
+        /// Path and query, as on the request line.
+        target: String,
+        /// Names lower-cased, in arrival order.
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        /// When the request head had arrived.
+        at: std::time::Instant,
+    }
+
+    impl Recorded {
+        fn header(&self, name: &str) -> Option<&str> {
+            self.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.as_str())
+        }
+        fn header_count(&self, name: &str) -> usize {
+            self.headers.iter().filter(|(n, _)| n == name).count()
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Reply {
+        /// Status, extra headers, body.
+        Status(u16, Vec<(&'static str, String)>, Vec<u8>),
+        /// Close the connection without answering (FIN).
+        Close,
+        /// Reset the connection without answering (RST).
+        Reset,
+        /// Keep the connection open without answering.
+        Hang,
+    }
+
+    fn status(code: u16, body: &str) -> Reply {
+        Reply::Status(code, vec![], body.as_bytes().to_vec())
+    }
+
+    struct Server {
+        addr: std::net::SocketAddr,
+        log: Arc<Mutex<Vec<Recorded>>>,
+    }
+
+    impl Server {
+        /// Answers the n-th request with `script[n]`, then 200 "ok" once the script ran out.
+        async fn start(script: Vec<Reply>) -> Server {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let log = Arc::new(Mutex::new(Vec::new()));
+            let script = Arc::new(script);
+            let log2 = log.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((stream, _)) = listener.accept().await else {
+                        return;
+                    };
+                    tokio::spawn(serve(stream, log2.clone(), script.clone()));
+                }
+            });
+            Server { addr, log }
+        }
+
+        fn url(&self, path_and_query: &str) -> Url {
+            Url::parse(&format!("http://{}{}", self.addr, path_and_query)).unwrap()
+        }
+
+        fn requests(&self) -> Vec<Recorded> {
+            self.log.lock().unwrap().clone()
+        }
+    }
+
+    async fn serve(mut stream: TcpStream, log: Arc<Mutex<Vec<Recorded>>>, script: Arc<Vec<Reply>>) {
+        let mut buf = Vec::new();
+        let head_end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 4096];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let at = std::time::Instant::now();
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        let mut lines = head.split("\r\n");
+        let mut request_line = lines.next().unwrap_or("").split(' ');
+        let method = request_line.next().unwrap_or("").to_string();
+        let target = request_line.next().unwrap_or("").to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter(|l| !l.is_empty())
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let length: usize = headers
+            .iter()
+            .find(|(n, _)| n == "content-length")
+            .and_then(|(_, v)| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = buf[head_end..].to_vec();
+        while body.len() < length {
+            let mut chunk = [0u8; 65536];
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => body.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let reply = {
+            let mut log = log.lock().unwrap();
+            log.push(Recorded {
+                method,
+                target,
+                headers,
+                body,
+                at,
+            });
+            script
+                .get(log.len() - 1)
+                .cloned()
+                .unwrap_or_else(|| status(200, "ok"))
+        };
+        match reply {
+            Reply::Status(code, extra, body) => {
+                let mut out = format!(
+                    "HTTP/1.1 {code} Whatever\r\nContent-Length: {}\r\nConnection: close\r\n",
+                    body.len()
+                );
+                for (n, v) in extra {
+                    out.push_str(&format!("{n}: {v}\r\n"));
+                }
+                out.push_str("\r\n");
+                let mut out = out.into_bytes();
+                out.extend_from_slice(&body);
+                let _ = stream.write_all(&out).await;
+                let _ = stream.shutdown().await;
+            }
+            Reply::Close => drop(stream),
+            Reply::Reset => {
+                let _ = stream.set_zero_linger();
+                drop(stream);
+            }
+            Reply::Hang => {
+                tokio::time::sleep(Duration::from_secs(30)).await;
+                drop(stream);
+            }
+        }
+    }
+
+    // ---- helpers -------------------------------------------------------------------------
+
+    const LINES: &str = concat!(
+        "{\"v\":1,\"type\":\"delta\",\"agent\":\"host-a\",\"boot\":\"b00t\",\"seq\":41}\n",
+        "{\"v\":1,\"type\":\"delta\",\"agent\":\"host-a\",\"boot\":\"b00t\",\"seq\":42}\n",
+        "{\"v\":1,\"type\":\"delta\",\"agent\":\"host-a\",\"boot\":\"b00t\",\"seq\":43}\n",
+    );
+
+    /// Two whole zstd frames, as the spool writes them.
+    fn body() -> Body {
+        let (a, b) = LINES.split_at(LINES.find("\n").unwrap() + 1);
+        let mut bytes = zstd::encode_all(a.as_bytes(), 3).unwrap();
+        bytes.extend(zstd::encode_all(b.as_bytes(), 3).unwrap());
+        Body {
+            bytes,
+            first_seq: 41,
+            last_seq: 43,
+            records: 3,
+            agent: "host-a".into(),
+            boot: "b00t".into(),
+        }
+    }
+
+    fn config(url: Url) -> UploadConfig {
+        UploadConfig {
+            initial_backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(200),
+            timeout: Duration::from_secs(3),
+            ..UploadConfig::new(url)
+        }
+    }
+
+    fn in_secs(s: f64) -> Instant {
+        Instant::now() + Duration::from_secs_f64(s)
+    }
+
+    fn temp_path(name: &str) -> PathBuf {
+        static N: AtomicU64 = AtomicU64::new(0);
+        std::env::temp_dir().join(format!(
+            "sockacct-upload-test-{}-{}-{name}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ))
+    }
+
+    // ---- requests ------------------------------------------------------------------------
+
+    #[tokio::test]
+    async fn headers_query_and_body_are_sent_as_given() {
+        let server = Server::start(vec![status(200, "Ok.\n")]).await;
+        let target = "/ingest/v1?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow&x=a%2Bb&y";
+        let up = Uploader::new(config(server.url(target))).unwrap();
+        let b = body();
+        let receipt = up.send(&b, in_secs(5.0)).await.unwrap();
+        assert_eq!(receipt.status, 200);
+        assert_eq!(receipt.attempts, 1);
+        assert_eq!(receipt.server_said, "Ok.\n");
+
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 1);
+        let r = &reqs[0];
+        assert_eq!(r.method, "POST");
+        assert_eq!(r.target, target);
+        assert_eq!(r.header("content-type"), Some("application/x-ndjson"));
+        assert_eq!(r.header("content-encoding"), Some("zstd"));
+        assert_eq!(
+            r.header("content-length"),
+            Some(b.bytes.len().to_string().as_str())
+        );
+        assert_eq!(r.header("user-agent"), Some(USER_AGENT));
+        assert!(USER_AGENT.starts_with("sockacct/"));
+        assert_eq!(r.header("x-sockacct-agent"), Some("host-a"));
+        assert_eq!(r.header("x-sockacct-boot"), Some("b00t"));
+        assert_eq!(r.header("x-sockacct-seq-first"), Some("41"));
+        assert_eq!(r.header("x-sockacct-seq-last"), Some("43"));
+        assert_eq!(r.header("x-sockacct-records"), Some("3"));
+        assert_eq!(r.header("idempotency-key"), Some("host-a:b00t:41-43"));
+        assert_eq!(r.header("authorization"), None);
+        assert_eq!(r.header("transfer-encoding"), None);
+        assert_eq!(r.body, b.bytes);
+        let decoded = zstd::decode_all(&r.body[..]).unwrap();
+        assert_eq!(String::from_utf8(decoded).unwrap(), LINES);
+    }
+
+    #[tokio::test]
+    async fn server_said_is_cut_at_512_bytes() {
+        let long = "x".repeat(2000);
+        let server = Server::start(vec![status(202, &long)]).await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let receipt = up.send(&body(), in_secs(5.0)).await.unwrap();
+        assert_eq!(receipt.status, 202);
+        assert_eq!(receipt.server_said.len(), 512);
+    }
+
+    // ---- retries -------------------------------------------------------------------------
+
+    #[tokio::test]
+    async fn retries_500_with_the_same_idempotency_key() {
+        let server = Server::start(vec![status(500, "try later"), status(200, "ok")]).await;
+        let up = Uploader::new(config(server.url("/in"))).unwrap();
+        let receipt = up.send(&body(), in_secs(5.0)).await.unwrap();
+        assert_eq!((receipt.status, receipt.attempts), (200, 2));
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 2);
+        assert_eq!(reqs[0].header("idempotency-key"), Some("host-a:b00t:41-43"));
+        assert_eq!(
+            reqs[0].header("idempotency-key"),
+            reqs[1].header("idempotency-key")
+        );
+        assert_eq!(reqs[0].body, reqs[1].body);
+        assert_eq!(reqs[1].target, "/in");
+        // Waited at least half the initial backoff.
+        assert!(reqs[1].at - reqs[0].at >= Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn retries_408_and_503() {
+        let server =
+            Server::start(vec![status(408, ""), status(503, "busy"), status(204, "")]).await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let receipt = up.send(&body(), in_secs(5.0)).await.unwrap();
+        assert_eq!((receipt.status, receipt.attempts), (204, 3));
+        assert_eq!(server.requests().len(), 3);
+    }
+
+    #[tokio::test]
+    async fn honours_retry_after_seconds_on_429() {
+        let server = Server::start(vec![
+            Reply::Status(
+                429,
+                vec![("Retry-After", "1".into())],
+                b"slow down".to_vec(),
+            ),
+            status(200, "ok"),
+        ])
+        .await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let receipt = up.send(&body(), in_secs(5.0)).await.unwrap();
+        assert_eq!(receipt.attempts, 2);
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 2);
+        let gap = reqs[1].at - reqs[0].at;
+        assert!(
+            gap >= Duration::from_secs(1),
+            "second attempt after {gap:?}"
+        );
+        assert!(gap < Duration::from_secs(2), "second attempt after {gap:?}");
+    }
+
+    #[tokio::test]
+    async fn retry_after_past_the_deadline_gives_up_at_once() {
+        let server = Server::start(vec![Reply::Status(
+            503,
+            vec![("Retry-After", "120".into())],
+            b"maintenance".to_vec(),
+        )])
+        .await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let started = std::time::Instant::now();
+        let err = up.send(&body(), in_secs(5.0)).await.unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let msg = err.to_string();
+        assert!(
+            matches!(err, UploadError::DeadlineExceeded { attempts: 1, .. }),
+            "{msg}"
+        );
+        assert!(msg.contains("deadline exceeded after 1 attempt"), "{msg}");
+        assert!(
+            msg.contains("HTTP 503") && msg.contains("maintenance"),
+            "{msg}"
+        );
+        assert!(msg.contains("retry after 120s"), "{msg}");
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_after_the_connection_is_closed_or_reset() {
+        let server = Server::start(vec![Reply::Close, Reply::Reset, status(200, "ok")]).await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let receipt = up.send(&body(), in_secs(5.0)).await.unwrap();
+        assert_eq!((receipt.status, receipt.attempts), (200, 3));
+        let reqs = server.requests();
+        assert_eq!(reqs.len(), 3);
+        assert!(
+            reqs.iter()
+                .all(|r| r.header("idempotency-key") == Some("host-a:b00t:41-43"))
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_refused_is_retried_until_the_deadline() {
+        // Bind and drop: nothing listens on the port any more.
+        let addr = TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let up = Uploader::new(config(Url::parse(&format!("http://{addr}/x")).unwrap())).unwrap();
+        let err = up.send(&body(), in_secs(0.3)).await.unwrap_err();
+        let msg = err.to_string();
+        let UploadError::DeadlineExceeded { attempts, .. } = err else {
+            panic!("{msg}")
+        };
+        assert!(attempts >= 2, "{msg}");
+        assert!(msg.contains(&format!("http://{addr}/x")), "{msg}");
+        assert!(msg.to_lowercase().contains("connect"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_hanging_server_times_out_then_the_deadline_ends_it() {
+        let server = Server::start(vec![Reply::Hang; 10]).await;
+        let cfg = UploadConfig {
+            timeout: Duration::from_millis(300),
+            ..config(server.url("/h"))
+        };
+        let up = Uploader::new(cfg).unwrap();
+        let started = std::time::Instant::now();
+        let err = up.send(&body(), in_secs(1.0)).await.unwrap_err();
+        let took = started.elapsed();
+        let msg = err.to_string();
+        let UploadError::DeadlineExceeded { attempts, .. } = err else {
+            panic!("{msg}")
+        };
+        assert!(attempts >= 2, "{msg}");
+        assert_eq!(server.requests().len() as u32, attempts, "{msg}");
+        assert!(took < Duration::from_millis(1300), "took {took:?}: {msg}");
+        assert!(
+            msg.contains(&format!(
+                "upload to http://{}/h: deadline exceeded after",
+                server.addr
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("(last error: no response within"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn a_passed_deadline_makes_no_request() {
+        let server = Server::start(vec![]).await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let err = up.send(&body(), Instant::now()).await.unwrap_err();
+        assert!(
+            matches!(err, UploadError::DeadlineExceeded { attempts: 0, .. }),
+            "{err}"
+        );
+        assert!(server.requests().is_empty());
+    }
+
+    // ---- rejections ----------------------------------------------------------------------
+
+    #[tokio::test]
+    async fn a_400_is_not_retried_and_the_error_says_why() {
+        let server = Server::start(vec![status(
+            400,
+            "Cannot parse input: unknown field `labelz`\n",
+        )])
+        .await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let err = up.send(&body(), in_secs(5.0)).await.unwrap_err();
+        let msg = err.to_string();
+        assert_eq!(err.status(), Some(400));
+        assert!(
+            matches!(err, UploadError::Rejected { attempts: 1, .. }),
+            "{msg}"
+        );
+        assert!(msg.contains("HTTP 400 Bad Request"), "{msg}");
+        assert!(msg.contains("unknown field `labelz`"), "{msg}");
+        assert!(msg.contains(&server.addr.to_string()), "{msg}");
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn redirects_are_not_followed() {
+        let server = Server::start(vec![Reply::Status(
+            302,
+            vec![("Location", "/elsewhere".into())],
+            vec![],
+        )])
+        .await;
+        let up = Uploader::new(config(server.url("/"))).unwrap();
+        let err = up.send(&body(), in_secs(5.0)).await.unwrap_err();
+        assert_eq!(err.status(), Some(302));
+        assert!(
+            err.to_string().contains("redirects are not followed"),
+            "{err}"
+        );
+        assert_eq!(server.requests().len(), 1);
+    }
+
+    // ---- bearer token --------------------------------------------------------------------
+
+    #[tokio::test]
+    async fn bearer_token_is_read_from_the_file_at_each_send() {
+        let server = Server::start(vec![]).await;
+        let path = temp_path("token");
+        std::fs::write(&path, "  s3cr3t-one\n").unwrap();
+        let cfg = UploadConfig {
+            bearer_token_file: Some(path.clone()),
+            ..config(server.url("/"))
+        };
+        let up = Uploader::new(cfg).unwrap();
+        up.send(&body(), in_secs(5.0)).await.unwrap();
+        std::fs::write(&path, "s3cr3t-two").unwrap();
+        up.send(&body(), in_secs(5.0)).await.unwrap();
+        std::fs::remove_file(&path).unwrap();
+
+        let reqs = server.requests();
+        assert_eq!(reqs[0].header("authorization"), Some("Bearer s3cr3t-one"));
+        assert_eq!(reqs[1].header("authorization"), Some("Bearer s3cr3t-two"));
+        assert_eq!(reqs[1].header_count("authorization"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_missing_or_empty_token_file_is_a_clear_error() {
+        let server = Server::start(vec![]).await;
+        let path = temp_path("missing");
+        let cfg = UploadConfig {
+            bearer_token_file: Some(path.clone()),
+            ..config(server.url("/"))
+        };
+        let up = Uploader::new(cfg).unwrap();
+        let err = up.send(&body(), in_secs(5.0)).await.unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, UploadError::TokenFile { .. }), "{msg}");
+        assert!(msg.contains("bearer token file"), "{msg}");
+        assert!(msg.contains(&path.display().to_string()), "{msg}");
+        assert!(msg.contains("No such file"), "{msg}");
+
+        std::fs::write(&path, " \n").unwrap();
+        let err = up.send(&body(), in_secs(5.0)).await.unwrap_err();
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(err, UploadError::TokenEmpty { .. }), "{err}");
+        assert!(server.requests().is_empty());
+    }
+
+    // ---- config and parsing --------------------------------------------------------------
+
+    #[test]
+    fn only_http_and_https_are_accepted() {
+        let err = Uploader::new(UploadConfig::new(
+            Url::parse("ftp://example.com/x").unwrap(),
+        ))
+        .unwrap_err();
+        assert!(matches!(err, UploadError::BadScheme { .. }));
+        assert!(err.to_string().contains("\"ftp\""), "{err}");
+        let err =
+            Uploader::new(UploadConfig::new(Url::parse("file:///tmp/x").unwrap())).unwrap_err();
+        assert!(matches!(err, UploadError::BadScheme { .. }), "{err}");
+        Uploader::new(UploadConfig::new(
+            Url::parse("https://example.com/x").unwrap(),
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_identity_is_refused_before_sending() {
+        let up = Uploader::new(UploadConfig::new(
+            Url::parse("http://127.0.0.1:9/").unwrap(),
+        ))
+        .unwrap();
+        let b = Body {
+            agent: "bad\nagent".into(),
+            ..body()
+        };
+        let err = up.build_request(&b).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                UploadError::BadHeader {
+                    field: "agent id",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn urls_in_errors_hide_secrets() {
+        let url = Url::parse(
+            "https://u:hunter2@ch.example:8443/?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow&password=hunter2&api_key=k",
+        )
+        .unwrap();
+        let shown = redact_url(&url);
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("=k"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow"),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("password=***") && shown.contains("api_key=***"),
+            "{shown}"
+        );
+        let plain = Url::parse("http://h/p?query=x").unwrap();
+        assert_eq!(redact_url(&plain), "http://h/p?query=x");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_with_jitter() {
+        let (i, m) = (Duration::from_millis(250), Duration::from_secs(10));
+        assert_eq!(backoff(1, i, m), Duration::from_millis(250));
+        assert_eq!(backoff(2, i, m), Duration::from_millis(500));
+        assert_eq!(backoff(3, i, m), Duration::from_secs(1));
+        assert_eq!(backoff(7, i, m), Duration::from_secs(10));
+        assert_eq!(backoff(u32::MAX, i, m), Duration::from_secs(10));
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let j = jittered(Duration::from_secs(1));
+            assert!(
+                j >= Duration::from_millis(500) && j <= Duration::from_secs(1),
+                "{j:?}"
+            );
+            seen.insert(j);
+        }
+        assert!(seen.len() > 100, "jitter is not random");
+        assert_eq!(jittered(Duration::ZERO), Duration::ZERO);
+    }
+
+    #[test]
+    fn http_dates_in_all_three_forms() {
+        let want = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"), Some(want));
+        assert_eq!(
+            parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"),
+            Some(want)
+        );
+        assert_eq!(parse_http_date("Sun Nov  6 08:49:37 1994"), Some(want));
+        assert_eq!(
+            parse_http_date("Thu, 29 Feb 2024 23:59:59 GMT"),
+            Some(UNIX_EPOCH + Duration::from_secs(1_709_251_199))
+        );
+        for bad in [
+            "",
+            "soon",
+            "Sun, 06 Nov 1994 08:49:37 UTC",
+            "Sun, 31 Nov 1994 08:49:37 GMT",
+            "Thu, 29 Feb 2023 12:00:00 GMT",
+            "Sun, 06 Nov 1994 24:00:00 GMT",
+            "Sun, 06 Foo 1994 08:49:37 GMT",
+            "Sun, 6 Nov 1994 08:49:37 GMT",
+        ] {
+            assert_eq!(parse_http_date(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_after_values() {
+        let now = UNIX_EPOCH + Duration::from_secs(784_111_777);
+        assert_eq!(retry_after_delay("1", now), Some(Duration::from_secs(1)));
+        assert_eq!(
+            retry_after_delay(" 120 ", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            retry_after_delay("99999999999999999999999", now),
+            Some(RETRY_AFTER_MAX)
+        );
+        assert_eq!(
+            retry_after_delay("Sun, 06 Nov 1994 08:50:07 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            retry_after_delay("Sun, 06 Nov 1994 08:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(retry_after_delay("-1", now), None);
+        assert_eq!(retry_after_delay("1.5", now), None);
+        assert_eq!(retry_after_delay("later", now), None);
+    }
+}

@@ -164,6 +164,15 @@ impl Peer {
     /// Spawns `sockacct-peer --name NAME ARGS…`, inside `cg` (if given) and inside network
     /// namespace `ns` (if given).
     pub fn spawn(cg: Option<&TestCgroup>, ns: Option<&str>, name: &str, args: &[&str]) -> Peer {
+        Peer::spawn_as(cg, ns, name, args, None)
+    }
+
+    /// Like [`Peer::spawn`], running as `(uid, gid)` when given (no supplementary groups).
+    pub fn spawn_as(cg: Option<&TestCgroup>, ns: Option<&str>, name: &str, args: &[&str], user: Option<(u32, u32)>) -> Peer {
+        Peer::spawn_inner(cg, ns, name, args, user)
+    }
+
+    fn spawn_inner(cg: Option<&TestCgroup>, ns: Option<&str>, name: &str, args: &[&str], user: Option<(u32, u32)>) -> Peer {
         let exe = sibling_exe("sockacct-peer");
         let mut cmd = match ns {
             Some(ns) => {
@@ -176,6 +185,16 @@ impl Peer {
         cmd.arg("--name").arg(name).args(args);
         cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
         let _guard = cg.map(|c| join_cgroup_before_exec(&mut cmd, &c.path));
+        if let Some((uid, gid)) = user {
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().expect("spawn peer");
         let stdout = child.stdout.take().unwrap();
         let stdin = child.stdin.take();
@@ -188,6 +207,27 @@ impl Peer {
             }
         });
         Peer { child, lines: rx, stdin, seen: vec![] }
+    }
+
+    /// Waits for a "KEY TEXT" line and returns TEXT.
+    pub fn text(&mut self, key: &str) -> String {
+        let pre = format!("{key} ");
+        if let Some(v) = self.seen.iter().find_map(|l| l.strip_prefix(&pre)) {
+            return v.to_string();
+        }
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(l) => {
+                    self.seen.push(l.clone());
+                    if let Some(v) = l.strip_prefix(&pre) {
+                        return v.to_string();
+                    }
+                }
+                Err(_) => panic!("peer never printed {key:?} (saw {:?})", self.seen),
+            }
+        }
     }
 
     /// Waits for a "KEY VALUE" line and returns VALUE.
@@ -253,8 +293,11 @@ impl Drop for Peer {
 pub struct Daemon {
     child: Child,
     events: Arc<Mutex<Vec<DeltaEvent>>>,
+    lines: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
-    _state: TempDir,
+    /// State, spool and control socket live here.
+    pub dir: PathBuf,
+    _state: Option<TempDir>,
 }
 
 pub struct TempDir(pub PathBuf);
@@ -295,27 +338,45 @@ pub fn agent_exe() -> String {
 }
 
 impl Daemon {
-    /// Starts `sockacct run --stdout --cgroup CG ARGS…` and waits until it is attached.
+    /// Starts `sockacct run --stdout --cgroup CG ARGS…` with its state, spool and control
+    /// socket in a fresh temporary directory, and waits until it runs.
     pub fn start(cg: &TestCgroup, args: &[&str]) -> Daemon {
         let state = TempDir::new("state");
+        let dir = state.0.clone();
+        let mut d = Daemon::start_in(cg, &dir, args);
+        d._state = Some(state);
+        d
+    }
+
+    /// Same, in a directory the caller keeps (to restart on the same spool).
+    pub fn start_in(cg: &TestCgroup, dir: &Path, args: &[&str]) -> Daemon {
         let mut cmd = Command::new(agent_exe());
         cmd.args(["run", "--stdout", "--cgroup"])
             .arg(&cg.path)
             .arg("--state-dir")
-            .arg(&state.0)
+            .arg(dir)
+            .arg("--spool-dir")
+            .arg(dir.join("spool"))
+            .arg("--control-socket")
+            .arg(dir.join("control.sock"))
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn agent");
         let events = Arc::new(Mutex::new(vec![]));
+        let lines = Arc::new(Mutex::new(vec![]));
         let stderr = Arc::new(Mutex::new(vec![]));
         let (out, err) = (child.stdout.take().unwrap(), child.stderr.take().unwrap());
-        let ev = events.clone();
+        let (ev, li) = (events.clone(), lines.clone());
         thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let e: DeltaEvent = serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}"));
-                ev.lock().unwrap().push(e);
+                let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+                if v["type"] == "delta" {
+                    let e: DeltaEvent = serde_json::from_value(v).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}"));
+                    ev.lock().unwrap().push(e);
+                }
+                li.lock().unwrap().push(l);
             }
         });
         let se = stderr.clone();
@@ -325,8 +386,8 @@ impl Daemon {
                 se.lock().unwrap().push(l);
             }
         });
-        let mut d = Daemon { child, events, stderr, _state: state };
-        wait_for("the agent to attach", Duration::from_secs(30), || {
+        let mut d = Daemon { child, events, lines, stderr, dir: dir.to_path_buf(), _state: None };
+        wait_for("the agent to run", Duration::from_secs(30), || {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("agent exited early ({st}): {:?}", d.stderr.lock().unwrap());
             }
@@ -339,6 +400,11 @@ impl Daemon {
         self.events.lock().unwrap().clone()
     }
 
+    /// Every line written to stdout (events and gap records).
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
     pub fn stderr(&self) -> Vec<String> {
         self.stderr.lock().unwrap().clone()
     }
@@ -347,19 +413,57 @@ impl Daemon {
         self.child.id() as i32
     }
 
+    pub fn control_socket(&self) -> PathBuf {
+        self.dir.join("control.sock")
+    }
+
+    /// Sends one raw request line on the control socket and returns the reply line.
+    pub fn control_raw(&self, line: &[u8]) -> String {
+        let mut s = std::os::unix::net::UnixStream::connect(self.control_socket()).expect("connect control socket");
+        s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+        let _ = s.write_all(line);
+        let _ = s.write_all(b"\n");
+        let mut reply = String::new();
+        BufReader::new(&s).read_line(&mut reply).unwrap();
+        reply
+    }
+
+    /// Sends one request and parses the reply.
+    pub fn control(&self, req: serde_json::Value) -> serde_json::Value {
+        let r = self.control_raw(req.to_string().as_bytes());
+        serde_json::from_str(&r).unwrap_or_else(|e| panic!("bad control reply {r:?}: {e}"))
+    }
+
+    /// Runs the CLI (`sockacct ARGS… --control-socket <ours>`), returning (exit code, stdout, stderr).
+    pub fn cli(&self, args: &[&str]) -> (i32, String, String) {
+        let o = Command::new(agent_exe())
+            .args(args)
+            .arg("--control-socket")
+            .arg(self.control_socket())
+            .output()
+            .unwrap();
+        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+    }
+
+    /// SIGKILL: no chance to clean up. Returns the lines it wrote.
+    pub fn kill9(mut self) -> Vec<String> {
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGKILL) };
+        let _ = self.child.wait();
+        thread::sleep(Duration::from_millis(100));
+        self.lines()
+    }
+
     /// SIGTERM, wait for a clean exit, return every event it wrote.
     pub fn stop(mut self) -> Vec<DeltaEvent> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let st = wait_for("the agent to exit", Duration::from_secs(30), || self.child.try_wait().unwrap());
         assert!(st.success(), "agent exited with {st}: {:?}", self.stderr());
         // Let the reader thread take the last lines.
-        let n = Arc::clone(&self.events);
         wait_for("the last events", Duration::from_secs(5), || {
             self.stderr().iter().any(|l| l.contains("detached; bye")).then_some(())
         });
         thread::sleep(Duration::from_millis(100));
-        let v = n.lock().unwrap().clone();
-        v
+        self.events()
     }
 }
 
@@ -423,4 +527,122 @@ pub fn check_events(events: &[DeltaEvent]) {
 
 pub fn label<'a>(s: &'a Sums, name: &str) -> &'a Traffic {
     s.labels.get(name).unwrap_or_else(|| panic!("no label {name:?} in {:?}", s.labels.keys().collect::<Vec<_>>()))
+}
+
+/// How the test collector answers one request.
+#[derive(Debug, Clone)]
+pub enum Answer {
+    Status(u16, Vec<(String, String)>),
+    /// Read the request, then close without a reply (a lost reply).
+    Close,
+    /// Read the request, then say nothing for this long.
+    Hang(Duration),
+}
+
+/// One request as the collector received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    pub answered: u16,
+}
+
+impl Received {
+    /// The zstd body decoded into its JSON lines.
+    pub fn lines(&self) -> Vec<String> {
+        let raw = zstd::stream::decode_all(&self.body[..]).expect("body is zstd");
+        String::from_utf8(raw).unwrap().lines().map(str::to_owned).collect()
+    }
+}
+
+/// A minimal HTTP/1.1 collector on 127.0.0.1 that records every request and answers
+/// according to `script` (called with the request number, from 0).
+pub struct Collector {
+    pub port: u16,
+    pub received: Arc<Mutex<Vec<Received>>>,
+}
+
+impl Collector {
+    pub fn start(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> Collector {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let rec = received.clone();
+        let script = Arc::new(script);
+        let n = Arc::new(Mutex::new(0usize));
+        thread::spawn(move || {
+            for conn in l.incoming() {
+                let Ok(mut c) = conn else { continue };
+                let (rec, script, n) = (rec.clone(), script.clone(), n.clone());
+                thread::spawn(move || {
+                    loop {
+                        let Some((path, headers, body)) = read_request(&mut c) else { return };
+                        let i = {
+                            let mut n = n.lock().unwrap();
+                            *n += 1;
+                            *n - 1
+                        };
+                        let answer = script(i);
+                        let answered = match &answer {
+                            Answer::Status(s, _) => *s,
+                            _ => 0,
+                        };
+                        rec.lock().unwrap().push(Received { path, headers, body, answered });
+                        match answer {
+                            Answer::Status(code, extra) => {
+                                let mut h = format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\n");
+                                for (k, v) in extra {
+                                    h.push_str(&format!("{k}: {v}\r\n"));
+                                }
+                                h.push_str("\r\nok");
+                                if c.write_all(h.as_bytes()).is_err() {
+                                    return;
+                                }
+                            }
+                            Answer::Close => return,
+                            Answer::Hang(d) => {
+                                thread::sleep(d);
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Collector { port, received }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn requests(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+}
+
+fn read_request(c: &mut std::net::TcpStream) -> Option<(String, BTreeMap<String, String>, Vec<u8>)> {
+    use std::io::Read;
+    let mut buf = Vec::new();
+    let mut byte = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        if c.read(&mut byte).ok()? == 0 {
+            return None;
+        }
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_string();
+    let mut lines = head.split("\r\n");
+    let path = lines.next()?.split_whitespace().nth(1)?.to_string();
+    let mut headers = BTreeMap::new();
+    for l in lines {
+        if let Some((k, v)) = l.split_once(':') {
+            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
+        }
+    }
+    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let mut body = vec![0u8; len];
+    c.read_exact(&mut body).ok()?;
+    Some((path, headers, body))
 }

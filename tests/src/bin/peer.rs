@@ -292,6 +292,26 @@ fn main() {
             out(format!("received {}", r + g.len() as u64));
             report_wire();
         }
+        ["self-label", addr, port, control, label, send] => {
+            // An application naming its own socket: SO_COOKIE, then a label request on the
+            // control socket, then traffic.
+            use std::os::fd::AsRawFd;
+            let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
+            let s = TcpStream::connect(to).unwrap();
+            let mut cookie: u64 = 0;
+            let mut len = 8 as libc::socklen_t;
+            unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len) };
+            out(format!("cookie {cookie}"));
+            let mut c = std::os::unix::net::UnixStream::connect(control).unwrap();
+            writeln!(c, "{{\"cmd\":\"label\",\"cookie\":{cookie},\"label\":\"{label}\"}}").unwrap();
+            let mut reply = String::new();
+            std::io::BufReader::new(&c).read_line(&mut reply).unwrap();
+            out(format!("reply {}", reply.trim()));
+            let (s, r) = exchange(s, send.parse().unwrap());
+            out(format!("sent {s}"));
+            out(format!("received {r}"));
+            report_wire();
+        }
         _ => {
             eprintln!("peer: bad arguments {a:?}");
             std::process::exit(2);
