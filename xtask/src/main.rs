@@ -92,7 +92,18 @@ fn main() -> anyhow::Result<()> {
             let mut args = args;
             if args.is_empty() {
                 let state = root().join("target/sockacct-state");
-                args = vec!["run".into(), "--stdout".into(), "--state-dir".into(), state.display().to_string()];
+                let st = state.display().to_string();
+                args = vec![
+                    "run".into(),
+                    "--stdout".into(),
+                    "--state-dir".into(),
+                    st.clone(),
+                    "--spool-dir".into(),
+                    format!("{st}/spool"),
+                    "--control-socket".into(),
+                    format!("{st}/control.sock"),
+                ];
+                eprintln!("xtask: state, spool and control socket in {st}; e.g. `target/release/sockacct status --control-socket {st}/control.sock`");
             }
             let st = if is_root() {
                 Command::new(&bin).args(&args).status()?
