@@ -181,11 +181,11 @@ fn spool(cmd: SpoolCmd, dir: &std::path::Path) -> anyhow::Result<()> {
             let report = crate::spool::cat(dir, &mut out)?;
             use std::io::Write as _;
             out.flush()?;
-            eprintln!("{report:?}");
+            eprintln!("{report}");
         }
         SpoolCmd::Verify => {
             let report = crate::spool::verify(dir)?;
-            println!("{report:#?}");
+            println!("{report}");
         }
     }
     Ok(())

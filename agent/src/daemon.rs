@@ -135,60 +135,80 @@ impl Shared {
             return json!({"ok": false, "error": "the agent runs with --no-spool: nothing to upload"});
         }
         let _one_at_a_time = self.flush_lock.lock().await;
-        let me = self.clone();
         let max_body = self.max_body;
-        let bodies = tokio::task::spawn_blocking(move || {
-            let mut sp = lock(me.spool.as_ref().unwrap());
-            sp.seal()?;
-            sp.bodies(max_body)
-        })
-        .await;
-        let bodies = match bodies {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return json!({"ok": false, "error": format!("reading the spool: {e}")}),
-            Err(e) => return json!({"ok": false, "error": format!("reading the spool: {e}")}),
-        };
+        // Seal first so everything written so far is uploadable. A failed seal does not
+        // stop older sealed segments from going out.
+        let me = self.clone();
+        let seal_error = tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).seal())
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .err();
         let deadline = up.flush_deadline();
         let (mut records, mut bytes, mut sent_bodies) = (0u64, 0u64, 0u64);
         let mut segments: Vec<String> = vec![];
         let (mut first, mut last): (Option<u64>, Option<u64>) = (None, None);
         let mut server: Vec<Value> = vec![];
         let mut error: Option<String> = None;
-        for b in &bodies {
-            let body = upload::Body {
-                bytes: b.data.clone(),
-                first_seq: b.first_seq,
-                last_seq: b.last_seq,
-                records: b.records,
-                agent: self.identity.agent.clone(),
-                boot: self.identity.boot.clone(),
-            };
-            match up.send(&body, deadline).await {
-                Ok(r) => {
-                    let me = self.clone();
-                    let pos = b.pos.clone();
-                    let acked = tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).acknowledge(pos)).await;
-                    if let Err(e) = acked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
-                        // The server has it; we could not record that. A retry will send it
-                        // again with the same idempotency key.
-                        error = Some(format!("the server stored seq {}..={} but recording that failed: {e}", b.first_seq, b.last_seq));
-                        break;
-                    }
-                    sent_bodies += 1;
-                    records += b.records;
-                    bytes += b.data.len() as u64;
-                    if !segments.contains(&b.segment) {
-                        segments.push(b.segment.clone());
-                    }
-                    first.get_or_insert(b.first_seq);
-                    last = Some(b.last_seq);
-                    server.push(json!({"status": r.status, "attempts": r.attempts, "said": r.server_said, "ms": r.elapsed.as_millis() as u64, "idempotency_key": body.idempotency_key()}));
-                }
-                Err(e) => {
-                    error = Some(e.to_string());
+        let mut unsent = 0u64;
+        // The spool hands out a bounded batch of bodies per call: loop until done.
+        'batches: loop {
+            let me = self.clone();
+            let bodies = match tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).bodies(max_body)).await {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    error = Some(format!("reading the spool: {e}"));
                     break;
                 }
+                Err(e) => {
+                    error = Some(format!("reading the spool: {e}"));
+                    break;
+                }
+            };
+            if bodies.is_empty() {
+                break;
             }
+            for (i, b) in bodies.iter().enumerate() {
+                let body = upload::Body {
+                    bytes: b.data.clone(),
+                    first_seq: b.first_seq,
+                    last_seq: b.last_seq,
+                    records: b.records,
+                    agent: self.identity.agent.clone(),
+                    boot: self.identity.boot.clone(),
+                };
+                match up.send(&body, deadline).await {
+                    Ok(r) => {
+                        let me = self.clone();
+                        let pos = b.pos.clone();
+                        let acked = tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).acknowledge(pos)).await;
+                        if let Err(e) = acked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                            // The server has it; we could not record that. A retry sends it
+                            // again with the same idempotency key.
+                            error = Some(format!("the server stored seq {}..={} but recording that failed: {e}", b.first_seq, b.last_seq));
+                            unsent = (bodies.len() - i - 1) as u64;
+                            break 'batches;
+                        }
+                        sent_bodies += 1;
+                        records += b.records;
+                        bytes += b.data.len() as u64;
+                        if !segments.contains(&b.segment) {
+                            segments.push(b.segment.clone());
+                        }
+                        first.get_or_insert(b.first_seq);
+                        last = Some(b.last_seq);
+                        server.push(json!({"status": r.status, "attempts": r.attempts, "said": r.server_said, "ms": r.elapsed.as_millis() as u64, "idempotency_key": body.idempotency_key()}));
+                    }
+                    Err(e) => {
+                        error = Some(e.to_string());
+                        unsent = (bodies.len() - i) as u64;
+                        break 'batches;
+                    }
+                }
+            }
+        }
+        if error.is_none() {
+            error = seal_error.map(|e| format!("sealing the active segment failed ({e}); older segments were sent"));
         }
         let pending_after = self.spool.as_ref().map(|s| lock(s).pending().len()).unwrap_or(0);
         let receipt = json!({
@@ -197,7 +217,7 @@ impl Shared {
             "sent": {"bodies": sent_bodies, "segments": segments.len(), "records": records, "bytes": bytes,
                      "first_seq": first, "last_seq": last},
             "server": server,
-            "bodies_pending": bodies.len() as u64 - sent_bodies,
+            "bodies_unsent_in_batch": unsent,
             "segments_pending": pending_after,
         });
         let mut st = lock(&self.upload_state);
@@ -329,6 +349,7 @@ struct Writer {
     /// Numbers events when there is no spool.
     seq: Option<SeqAllocator>,
     held: Option<DeltaEvent>,
+    spool_failing: bool,
 }
 
 impl Writer {
@@ -369,11 +390,16 @@ impl Writer {
         match &self.shared.spool {
             Some(sp) => {
                 let out = lock(sp).append(&mut batch, SystemTime::now());
-                if let Some(e) = &out.error {
-                    warn!("spool: {e} (events are held in memory; see `sockacct status`)");
+                // Say it when the state changes, not every interval.
+                if out.error.is_some() != self.spool_failing {
+                    self.spool_failing = out.error.is_some();
+                    match &out.error {
+                        Some(e) => warn!("spool: {e} (events are held in memory; see `sockacct status`)"),
+                        None => info!("spool: writing again"),
+                    }
                 }
-                self.print(&out.gaps)?;
                 self.print(&out.lines)?;
+                self.print(&out.gaps)?;
             }
             None => {
                 let mut lines = Vec::new();
@@ -493,7 +519,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    let mut writer = Writer { shared: shared.clone(), stdout: s.stdout, seq: writer_seq, held: None };
+    let mut writer = Writer { shared: shared.clone(), stdout: s.stdout, seq: writer_seq, held: None, spool_failing: false };
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     let mut result = Ok(());
