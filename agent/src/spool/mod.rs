@@ -79,6 +79,9 @@ pub struct SpoolConfig {
 
 pub const DEFAULT_DIR: &str = "/var/lib/sockacct/spool";
 
+/// At most this many bytes of bodies per [`Spool::bodies`] call (but always one segment).
+pub const BODIES_BUDGET: u64 = 64 << 20;
+
 impl Default for SpoolConfig {
     fn default() -> Self {
         SpoolConfig {
@@ -1027,7 +1030,7 @@ impl<S: Storage> Spool<S> {
     pub fn flush(&mut self) -> Result<(), SpoolError> {
         let now = SystemTime::now();
         self.drain(now);
-        self.sync_active(now)?;
+        self.sync_active()?;
         if !self.queue.is_empty() {
             return Err(SpoolError::Backlog {
                 records: self.queue.iter().map(|f| f.records).sum(),
@@ -1042,7 +1045,7 @@ impl<S: Storage> Spool<S> {
     pub fn seal(&mut self) -> Result<(), SpoolError> {
         let now = SystemTime::now();
         self.drain(now);
-        self.seal_active(now)
+        self.seal_active()
     }
 
     /// Gap lines created by `tick`, `seal` or `flush` since the last outcome (appends return
@@ -1204,7 +1207,7 @@ impl<S: Storage> Spool<S> {
         self.stats.healthy = self.queue.is_empty();
         // Gap records are made durable at once, whatever the policy: they justify deletions.
         if (self.cfg.fsync == FsyncPolicy::Always || wrote_gap)
-            && let Err(e) = self.sync_active(now)
+            && let Err(e) = self.sync_active()
         {
             self.note_error(e.to_string());
         }
@@ -1219,14 +1222,14 @@ impl<S: Storage> Spool<S> {
                 .and_then(|a| a.oldest_unsynced)
                 .map(|t| now.duration_since(t).map(|e| e >= d).unwrap_or(false))
                 .unwrap_or(false);
-            if due && let Err(e) = self.sync_active(now) {
+            if due && let Err(e) = self.sync_active() {
                 self.note_error(e.to_string());
             }
         }
         if let Some(a) = &self.active {
             let old = now.duration_since(a.created).map(|e| e >= self.cfg.segment_max_age).unwrap_or(false);
             if (old || a.len >= self.cfg.segment_max_bytes)
-                && let Err(e) = self.seal_active(now)
+                && let Err(e) = self.seal_active()
             {
                 self.note_error(e.to_string());
             }
@@ -1310,14 +1313,14 @@ impl<S: Storage> Spool<S> {
         self.stats.json_bytes_written += f.raw;
         a.unsynced.push(f);
         if a.len >= self.cfg.segment_max_bytes
-            && let Err(e) = self.seal_active(now)
+            && let Err(e) = self.seal_active()
         {
             self.note_error(e.to_string());
         }
         Ok(())
     }
 
-    fn sync_active(&mut self, now: SystemTime) -> Result<(), SpoolError> {
+    fn sync_active(&mut self) -> Result<(), SpoolError> {
         let Some(a) = self.active.as_mut() else { return Ok(()) };
         if a.unsynced.is_empty() && a.synced_len == a.len {
             return Ok(());
@@ -1331,25 +1334,26 @@ impl<S: Storage> Spool<S> {
             Ok(()) => {
                 self.stats.fsyncs += 1;
                 let frames = std::mem::take(&mut a.unsynced);
-                let mut gap_durable = false;
                 for f in &frames {
                     a.synced.frames += 1;
                     a.synced.records += f.records;
                     a.synced.last_seq = Some(f.last_seq);
-                    if let Some(g) = &f.gap
-                        && let Some(i) = self.cursor.pending_gaps.iter().position(|n| n == g)
-                    {
-                        self.cursor.pending_gaps.remove(i);
-                        gap_durable = true;
-                    }
                 }
                 a.synced_len = a.len;
                 a.oldest_unsynced = None;
                 if !a.dir_synced && self.st.sync_dir().is_ok() {
                     a.dir_synced = true;
                 }
+                let mut gap_durable = false;
                 if a.dir_synced {
                     self.durable_seq = a.synced.last_seq.or(self.durable_seq);
+                    // spool_full losses now stated durably: the cursor need not keep them.
+                    for g in frames.iter().filter_map(|f| f.gap.as_ref()) {
+                        if let Some(i) = self.cursor.pending_gaps.iter().position(|n| n == g) {
+                            self.cursor.pending_gaps.remove(i);
+                            gap_durable = true;
+                        }
+                    }
                 }
                 if gap_durable {
                     self.cursor_dirty = true;
@@ -1359,7 +1363,6 @@ impl<S: Storage> Spool<S> {
                         Err(e) => self.note_error(e.to_string()),
                     }
                 }
-                let _ = now;
                 Ok(())
             }
             Err(e) => {
@@ -1386,7 +1389,7 @@ impl<S: Storage> Spool<S> {
         }
     }
 
-    fn seal_active(&mut self, now: SystemTime) -> Result<(), SpoolError> {
+    fn seal_active(&mut self) -> Result<(), SpoolError> {
         let Some(a) = self.active.as_mut() else { return Ok(()) };
         if a.needs_truncate {
             self.st.truncate(&a.name, a.len).map_err(ioe("truncate", &a.name))?;
@@ -1398,7 +1401,7 @@ impl<S: Storage> Spool<S> {
             self.st.remove(&name).map_err(ioe("remove", &name))?;
             return Ok(());
         }
-        self.sync_active(now)?;
+        self.sync_active()?;
         let a = self.active.as_mut().expect("still active");
         if a.len == 0 {
             return Ok(()); // the failed fsync path emptied it; nothing to seal
@@ -1541,23 +1544,31 @@ impl<S: Storage> Spool<S> {
             .collect()
     }
 
-    /// Upload bodies for the OLDEST pending segment: its frames after the acknowledged
-    /// cursor, in bodies of at most `max_body` bytes (a larger single frame goes alone, with
-    /// `oversize`). Call again after acknowledging to get the next segment's; empty when
-    /// nothing is pending. Every frame is checked (checksum, records, seq order) before it
-    /// goes out; damaged regions are skipped (and logged), and a segment with nothing good
-    /// left after the cursor is passed over.
+    /// Upload bodies, oldest first: the frames of the pending sealed segments after the
+    /// acknowledged cursor, in bodies of at most `max_body` bytes that never span two
+    /// segments (a single frame larger than `max_body` goes alone, with `oversize`).
+    /// To bound memory, one call returns whole segments up to [`BODIES_BUDGET`] bytes (at
+    /// least one segment): acknowledge them and call again until it returns nothing. Every
+    /// frame is checked (checksum, records, seq order) before it goes out; damaged regions
+    /// are skipped (and logged), and a segment with nothing good after the cursor is passed
+    /// over.
     pub fn bodies(&self, max_body: u64) -> Result<Vec<Body>, SpoolError> {
         let acked = self.cursor.acked_seq;
         let mut dctx = zstd::bulk::Decompressor::new().map_err(ioe("zstd init", ""))?;
+        let mut out = Vec::new();
+        let mut total = 0u64;
         for seg in self.sealed.iter().filter(|s| acked.is_none_or(|a| s.last_seq > a)) {
-            let out = self.segment_bodies(&mut dctx, seg, acked, max_body)?;
-            if !out.is_empty() {
-                return Ok(out);
+            if total > 0 && total + seg.bytes > BODIES_BUDGET {
+                break;
             }
-            warn!("spool: {} has no good frame after the acknowledged seq {acked:?}; passed over", seg.name);
+            let b = self.segment_bodies(&mut dctx, seg, acked, max_body)?;
+            if b.is_empty() {
+                warn!("spool: {} has no good frame after the acknowledged seq {acked:?}; passed over", seg.name);
+            }
+            total += b.iter().map(|b| b.data.len() as u64).sum::<u64>();
+            out.extend(b);
         }
-        Ok(Vec::new())
+        Ok(out)
     }
 
     fn segment_bodies(

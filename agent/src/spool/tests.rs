@@ -219,6 +219,7 @@ fn spool_round_trip_append_seal_bodies_acknowledge() {
     assert_eq!(sp.pending().len(), 1);
     let rest = sp.bodies(1 << 20).unwrap();
     assert_eq!(rest.len(), 1);
+    assert_eq!(rest[0].records, 30 - bodies[0].records - bodies[1].records);
     assert_eq!(rest[0].first_seq, bodies[2].first_seq);
     // Acknowledging beyond what is sealed is refused.
     let mut bad = rest[0].pos.clone();
@@ -380,7 +381,10 @@ fn spool_damaged_middle_segment_set_aside() {
     let p = sp.pending();
     assert_eq!(p.len(), 3);
     // The server acknowledged the first segment and part of the middle one.
-    for b in sp.bodies(1).unwrap() {
+    let all = sp.bodies(1).unwrap();
+    assert_eq!(all.len(), 15, "one frame per body, every segment");
+    assert!(all.windows(2).all(|w| w[0].last_seq < w[1].first_seq));
+    for b in all.into_iter().filter(|b| b.segment == p[0].name) {
         sp.acknowledge(b.pos).unwrap();
     }
     let b = sp.bodies(1).unwrap();
