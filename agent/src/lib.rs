@@ -16,6 +16,7 @@ pub mod config;
 pub mod control;
 pub mod discover;
 pub mod event;
+pub mod flows;
 pub mod labels;
 pub mod loader;
 pub mod poller;
