@@ -52,6 +52,8 @@ pub struct Config {
     pub upload: UploadSection,
     /// `[control]`: the admin socket.
     pub control: ControlSection,
+    /// `[flows]`: per-connection records (docs/flows.md).
+    pub flows: crate::flows::FlowsSection,
 }
 
 /// `[spool]`
@@ -165,6 +167,7 @@ impl Default for Config {
             spool: SpoolSection::default(),
             upload: UploadSection::default(),
             control: ControlSection::default(),
+            flows: crate::flows::FlowsSection::default(),
         }
     }
 }
@@ -669,6 +672,10 @@ impl Config {
     /// Checks ranges and compiles the rules once. `parse` calls this; call it yourself on a
     /// `Config` built in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = crate::flows::FlowConfig::from_section(&self.flows) {
+            // The message starts with the key already ("flows.udp_idle_ms: ...").
+            return Err(ConfigError::Invalid { origin: None, line: None, rule: None, field: None, message: e });
+        }
         if let Some(url) = &self.upload.url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::field(
