@@ -27,12 +27,28 @@ impl Counters {
     }
 }
 
+/// Bytes and packets one way, in one epoch slot.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Dir {
+    pub bytes: u64,
+    pub packets: u64,
+}
+
 /// Value of the per-socket map, keyed by socket cookie.
+///
+/// Sent and received counters sit 96 bytes apart, so they never share a cache line
+/// (whatever the 8-byte alignment of the entry): egress and ingress of one socket often
+/// run on different CPUs, and atomic adds on a shared line would make them wait for each
+/// other.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SockCounters {
-    /// Cumulative counters per epoch slot.
-    pub slot: [Counters; SLOTS],
+    /// Cumulative sent counters per epoch slot.
+    pub tx: [Dir; SLOTS],
+    /// `epoch + 1` of the last epoch in which a sent packet was counted. The first packet
+    /// of an epoch (per direction) notes the socket in that slot's active ring buffer.
+    pub tx_seen: u64,
     /// Non-zero once cgroup/sock_release ran for the socket.
     pub released: u64,
     /// Non-zero once a TCP socket reached TCP_CLOSE (no more packets after that).
@@ -40,9 +56,37 @@ pub struct SockCounters {
     /// Non-zero when the socket is finished but its final record could not be sent
     /// (ring buffer full): the daemon collects it from the map instead, then deletes it.
     pub final_pending: u64,
+    pub _pad: [u64; 4],
+    /// Cumulative received counters per epoch slot.
+    pub rx: [Dir; SLOTS],
+    /// Like `tx_seen`, for received packets.
+    pub rx_seen: u64,
 }
 
-/// Per-interface counters (tc), per epoch slot.
+impl SockCounters {
+    /// The four counters of one slot.
+    pub fn slot(&self, s: usize) -> Counters {
+        Counters {
+            tx_bytes: self.tx[s].bytes,
+            rx_bytes: self.rx[s].bytes,
+            tx_packets: self.tx[s].packets,
+            rx_packets: self.rx[s].packets,
+        }
+    }
+
+    /// Both slots.
+    pub fn slots(&self) -> [Counters; SLOTS] {
+        [self.slot(0), self.slot(1)]
+    }
+}
+
+const _: () = {
+    assert!(core::mem::offset_of!(SockCounters, rx) - core::mem::offset_of!(SockCounters, tx) >= 96);
+    assert!(core::mem::size_of::<SockCounters>() == 136);
+};
+
+/// Per-interface counters (tc), per epoch slot. The interface map is per-CPU: userspace
+/// adds up the CPUs' values.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct SlotCounters {
@@ -56,8 +100,9 @@ pub const ORIGIN_DISCOVERED: u32 = 3;
 /// Filled at sock_release from the closing task, for sockets with no owner until then
 /// (accepted sockets on kernels where the accept hook cannot be loaded).
 pub const ORIGIN_RELEASE: u32 = 4;
-/// Filled by the first send or receive call on the socket (process context), for sockets
-/// with no owner until then, when the accept hook is not available.
+/// Filled by the first TCP send or receive call on the socket (process context:
+/// tcp_sendmsg_locked, tcp_rcv_space_adjust), for accepted sockets with no owner until
+/// then, when the accept hook is not available.
 pub const ORIGIN_FIRST_IO: u32 = 5;
 
 /// Who owns a socket: taken in the owning process's context (sock_create, or the accept
@@ -114,6 +159,9 @@ pub const DROP_OWNER_INSERT: u32 = 2; // owner map full: the socket's bytes beco
 pub const DROP_IFACE_MISS: u32 = 3; // tc saw an interface the daemon did not register
 pub const DROP_NO_COOKIE: u32 = 4; // packet without a socket cookie (counted as unattributed)
 pub const DROP_NOT_FULL_SOCK: u32 = 5; // request/timewait socket (e.g. SYN-ACK): unattributed
+/// Active ring buffer of slot 0 / slot 1 full: the poller reads the whole socket map for
+/// that slot instead (indices DROP_ACTIVE_LOST + slot).
+pub const DROP_ACTIVE_LOST: u32 = 6;
 pub const DROP_COUNT: u32 = 8;
 
 pub const DROP_NAMES: [&str; 6] =
@@ -128,10 +176,15 @@ pub const MAP_UNATTR: &str = "UNATTR";
 pub const MAP_DROPS: &str = "DROPS";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_FINALS: &str = "FINALS";
+/// Per slot: cookies of the sockets that counted in the slot's current epoch.
+pub const MAP_ACTIVE: [&str; SLOTS] = ["ACTIVE0", "ACTIVE1"];
 
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const DEFAULT_MAX_IFACES: u32 = 256;
 pub const FINALS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
+/// Each record is a u64 cookie plus the ring's 8 B header: 131072 sockets per interval
+/// and slot before the poller falls back to reading the whole map.
+pub const ACTIVE_RINGBUF_BYTES: u32 = 2 * 1024 * 1024;
 
 #[cfg(feature = "user")]
 mod user {
@@ -141,4 +194,5 @@ mod user {
     unsafe impl aya::Pod for Owner {}
     unsafe impl aya::Pod for FinalRecord {}
     unsafe impl aya::Pod for SlotCounters {}
+    unsafe impl aya::Pod for Dir {}
 }

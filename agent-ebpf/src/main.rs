@@ -1,7 +1,10 @@
 //! sockacct kernel programs.
 //!
-//! Per packet (cgroup_skb): one array read for the epoch slot, one hash lookup by socket
-//! cookie, two atomic adds, two per-CPU adds for the global total. Nothing else.
+//! Per packet (cgroup_skb): one array read for the epoch, one hash lookup by socket
+//! cookie, two atomic adds to the socket's counters, two (uncontended) atomic adds to this
+//! CPU's global total, and one compare: the first packet of a socket in an epoch (per
+//! direction) notes its cookie in the slot's active ring buffer, so the poller reads only
+//! the sockets that moved. Nothing else.
 //! Owners are recorded once per socket in the owning task's context (sock_create, or the
 //! accept path). Finished sockets send their final counters through a ring buffer before
 //! their entries go, so nothing that closes between two polls is lost.
@@ -15,7 +18,7 @@ use core::{ffi::c_void, intrinsics::AtomicOrdering};
 use agent_common::*;
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, TC_ACT_OK},
+    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
@@ -23,9 +26,9 @@ use aya_ebpf::{
             bpf_sk_fullsock,
         },
     },
-    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, classifier, fexit, map},
-    maps::{Array, HashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, FExitContext, SkBuffContext, SockContext, TcContext},
+    macros::{btf_tracepoint, cgroup_skb, cgroup_sock, classifier, fexit, map, sock_ops},
+    maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
+    programs::{BtfTracePointContext, FExitContext, SkBuffContext, SockContext, SockOpsContext, TcContext},
 };
 
 const TCP: u32 = 6;
@@ -54,12 +57,20 @@ static UNATTR: PerCpuArray<Counters> = PerCpuArray::with_max_entries(SLOTS as u3
 #[map]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNT, 0);
 
-/// ifindex -> counters; entries are created by the daemon when it attaches tc.
+/// ifindex -> counters, per CPU (plain adds, no atomics); entries are created by the
+/// daemon when it attaches tc.
 #[map]
-static IFACES: HashMap<u32, SlotCounters> = HashMap::with_max_entries(DEFAULT_MAX_IFACES, 0);
+static IFACES: PerCpuHashMap<u32, SlotCounters> = PerCpuHashMap::with_max_entries(DEFAULT_MAX_IFACES, 0);
 
 #[map]
 static FINALS: RingBuf = RingBuf::with_byte_size(FINALS_RINGBUF_BYTES, 0);
+
+/// Cookies of the sockets that counted in the current epoch, one ring per slot: the poller
+/// drains the frozen slot's ring after the grace period and reads only those sockets.
+#[map]
+static ACTIVE0: RingBuf = RingBuf::with_byte_size(ACTIVE_RINGBUF_BYTES, 0);
+#[map]
+static ACTIVE1: RingBuf = RingBuf::with_byte_size(ACTIVE_RINGBUF_BYTES, 0);
 
 #[inline(always)]
 fn xadd(p: *mut u64, v: u64) {
@@ -68,51 +79,68 @@ fn xadd(p: *mut u64, v: u64) {
 }
 
 #[inline(always)]
-fn current_slot() -> usize {
+fn current_epoch() -> u32 {
     match EPOCH.get(0) {
-        Some(e) if *e & 1 == 1 => 1,
-        _ => 0,
+        Some(e) => *e,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn slot_of(epoch: u32) -> usize {
+    // Explicit branch keeps the index a constant for the verifier.
+    if epoch & 1 == 1 { 1 } else { 0 }
+}
+
+#[inline(always)]
+fn current_slot() -> usize {
+    slot_of(current_epoch())
+}
+
+/// Notes `cookie` as moved in `slot`'s current epoch. A full ring is counted per slot: the
+/// poller then reads the whole map for that slot, so nothing is missed.
+#[inline(always)]
+fn note_active(cookie: u64, slot: usize) {
+    let r = if slot == 1 {
+        ACTIVE1.output::<u64>(&cookie, BPF_RB_NO_WAKEUP as u64)
+    } else {
+        ACTIVE0.output::<u64>(&cookie, BPF_RB_NO_WAKEUP as u64)
+    };
+    if r.is_err() {
+        drop_count(if slot == 1 { DROP_ACTIVE_LOST + 1 } else { DROP_ACTIVE_LOST });
     }
 }
 
 #[inline(always)]
 fn drop_count(reason: u32) {
     if let Some(p) = DROPS.get_ptr_mut(reason) {
-        unsafe { *p += 1 };
+        xadd(p, 1); // see percpu_add: programs nest on one CPU
     }
 }
 
 #[inline(always)]
-fn slot_ptr(c: *mut Counters, slot: usize) -> *mut Counters {
+fn slot_ptr<T>(c: *mut T, slot: usize) -> *mut T {
     // Explicit branch keeps the index provably in bounds for the verifier.
     if slot == 1 { unsafe { c.add(1) } } else { c }
 }
 
-/// Per-CPU counters need no atomics: a program runs to completion on one CPU.
+/// Per-CPU counters, added with atomic adds all the same: a program does not run alone
+/// on its CPU. Egress in process context runs with softirqs enabled, and a softirq that
+/// sends (a TCP ACK, a timer) runs the egress program again on the same CPU in the
+/// middle of it; a plain load-add-store would then lose one of the two updates and the
+/// total would no longer equal what the sockets counted. The line is this CPU's own, so
+/// the atomic add is never contended.
 #[inline(always)]
 fn percpu_add(map: &PerCpuArray<Counters>, slot: usize, len: u64, egress: bool) {
     if let Some(c) = map.get_ptr_mut(slot as u32) {
         unsafe {
             if egress {
-                (*c).tx_bytes += len;
-                (*c).tx_packets += 1;
+                xadd(&raw mut (*c).tx_bytes, len);
+                xadd(&raw mut (*c).tx_packets, 1);
             } else {
-                (*c).rx_bytes += len;
-                (*c).rx_packets += 1;
+                xadd(&raw mut (*c).rx_bytes, len);
+                xadd(&raw mut (*c).rx_packets, 1);
             }
-        }
-    }
-}
-
-#[inline(always)]
-fn atomic_add(c: *mut Counters, len: u64, egress: bool) {
-    unsafe {
-        if egress {
-            xadd(&raw mut (*c).tx_bytes, len);
-            xadd(&raw mut (*c).tx_packets, 1);
-        } else {
-            xadd(&raw mut (*c).rx_bytes, len);
-            xadd(&raw mut (*c).rx_packets, 1);
         }
     }
 }
@@ -134,7 +162,8 @@ fn wire_len(ctx: &SkBuffContext) -> u64 {
 
 #[inline(always)]
 fn count_skb(ctx: &SkBuffContext, egress: bool) {
-    let slot = current_slot();
+    let epoch = current_epoch();
+    let slot = slot_of(epoch);
     let len = wire_len(ctx);
     percpu_add(&TOTALS, slot, len, egress);
 
@@ -155,12 +184,12 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
                 percpu_add(&UNATTR, slot, len, egress);
                 return;
             }
-            if unsafe { bpf_sk_fullsock(sk) }.is_null() {
+            let full = unsafe { bpf_sk_fullsock(sk) };
+            if full.is_null() {
                 drop_count(DROP_NOT_FULL_SOCK);
                 percpu_add(&UNATTR, slot, len, egress);
                 return;
             }
-            let full = unsafe { bpf_sk_fullsock(sk) };
             let _ = SOCKS.insert(cookie, SockCounters::default(), BPF_NOEXIST as u64);
             record_addresses(ctx, cookie, full);
             match SOCKS.get_ptr_mut(cookie) {
@@ -173,8 +202,28 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
             }
         }
     };
-    let c = slot_ptr(unsafe { &raw mut (*entry).slot } as *mut Counters, slot);
-    atomic_add(c, len, egress);
+    let (dir, seen) = unsafe {
+        if egress {
+            (&raw mut (*entry).tx as *mut Dir, &raw mut (*entry).tx_seen)
+        } else {
+            (&raw mut (*entry).rx as *mut Dir, &raw mut (*entry).rx_seen)
+        }
+    };
+    let d = slot_ptr(dir, slot);
+    unsafe {
+        xadd(&raw mut (*d).bytes, len);
+        xadd(&raw mut (*d).packets, 1);
+    }
+    // First packet this way in this epoch: note the socket for the poller. Two CPUs may
+    // both note it (harmless: the poller deduplicates); the one that skips saw the mark
+    // of one that notes it, and both finish before the grace period ends.
+    let cur = epoch as u64 + 1;
+    unsafe {
+        if core::ptr::read_volatile(seen) != cur {
+            core::ptr::write_volatile(seen, cur);
+            note_active(cookie, slot);
+        }
+    }
 }
 
 /// First packet of a socket: remember its addresses (from the socket, not the packet)
@@ -318,8 +367,11 @@ pub fn sockacct_accept(ctx: FExitContext) -> i32 {
 }
 
 /// Fallback owner for server-side sockets where the accept hook cannot be loaded: the
-/// first process to send or receive on the socket (always process context). Runs for
-/// every send/recv call, so it is attached only when needed, and does one lookup.
+/// first process to send or receive on the socket. Hooked on TCP's own send and receive
+/// paths (tcp_sendmsg_locked, tcp_rcv_space_adjust from tcp_recvmsg: process context),
+/// so other protocols never pay for it; attached only when needed, one lookup per call.
+/// The owner entry exists from the handshake on (sockacct_passive), so the very first
+/// send, before any packet was counted, already finds it.
 #[inline(always)]
 fn first_io(ctx: &BtfTracePointContext) -> i32 {
     let sk: *mut c_void = ctx.arg(0);
@@ -345,14 +397,47 @@ fn first_io(ctx: &BtfTracePointContext) -> i32 {
     0
 }
 
-#[btf_tracepoint(function = "sock_recv_length")]
+#[btf_tracepoint(function = "tcp_rcv_space_adjust")]
 pub fn sockacct_first_recv(ctx: BtfTracePointContext) -> i32 {
     first_io(&ctx)
 }
 
-#[btf_tracepoint(function = "sock_send_length")]
+/// tcp_sendmsg_locked(sk, msg, skb, size_goal) fires once per chunk a send queues, with
+/// `skb` the tail of the write queue. A socket's first send finds its queue empty; a bulk
+/// sender's queue is rarely empty: only look at sends into an empty queue.
+#[btf_tracepoint(function = "tcp_sendmsg_locked")]
 pub fn sockacct_first_send(ctx: BtfTracePointContext) -> i32 {
+    let tail: *const c_void = ctx.arg(2);
+    if !tail.is_null() {
+        return 0;
+    }
     first_io(&ctx)
+}
+
+/// Kernels without the TCP tracepoints: every send and receive of every socket.
+#[btf_tracepoint(function = "sock_recv_length")]
+pub fn sockacct_first_recv_any(ctx: BtfTracePointContext) -> i32 {
+    first_io(&ctx)
+}
+
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn sockacct_first_send_any(ctx: BtfTracePointContext) -> i32 {
+    first_io(&ctx)
+}
+
+/// With the first-I/O fallback only: an accepted socket of the cgroup gets its (empty)
+/// owner entry when its handshake completes, so first_io can fill it in before the
+/// socket's first packet. Runs a few times per TCP connection, never per packet.
+#[sock_ops]
+pub fn sockacct_passive(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
+        let owner = Owner { family: ctx.family(), sock_type: 1, protocol: TCP, ..Owner::default() };
+        if OWNERS.insert(cookie, owner, BPF_NOEXIST as u64).is_err() && OWNERS.get_ptr(cookie).is_none() {
+            drop_count(DROP_OWNER_INSERT);
+        }
+    }
+    1
 }
 
 // ------------------------------------------------------------------ end of a socket
@@ -380,13 +465,16 @@ fn finish(cookie: u64, entry: *mut SockCounters) {
             }
             // Submit before removing: a poller reading the map and then the ring buffer
             // sees the socket in at least one of them, never in neither.
-            rec.submit(0);
+            // No wakeup: the poller reads on its own schedule, nobody waits on the ring.
+            rec.submit(BPF_RB_NO_WAKEUP as u64);
             let _ = SOCKS.remove(cookie);
             let _ = OWNERS.remove(cookie);
         }
         None => {
             unsafe { (*entry).final_pending = 1 };
             drop_count(DROP_RINGBUF_FULL);
+            // Make sure the poller looks at the entry (it reads only sockets that moved).
+            note_active(cookie, current_slot());
         }
     }
 }
@@ -444,10 +532,21 @@ pub fn sockacct_tcp_state(ctx: BtfTracePointContext) -> i32 {
     }
     let sk: *mut c_void = ctx.arg(0);
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
-    if let Some(entry) = SOCKS.get_ptr_mut(cookie) {
-        xadd(unsafe { &raw mut (*entry).tcp_closed }, 1);
-        if unsafe { core::ptr::read_volatile(&raw const (*entry).released) } != 0 {
-            finish(cookie, entry);
+    match SOCKS.get_ptr_mut(cookie) {
+        Some(entry) => {
+            xadd(unsafe { &raw mut (*entry).tcp_closed }, 1);
+            if unsafe { core::ptr::read_volatile(&raw const (*entry).released) } != 0 {
+                finish(cookie, entry);
+            }
+        }
+        None => {
+            // Never carried a byte: an owner entry nobody filled in (an accepted socket
+            // closed before any process touched it) would never see sock_release.
+            if let Some(o) = OWNERS.get_ptr(cookie) {
+                if unsafe { (*o).origin } == 0 {
+                    let _ = OWNERS.remove(cookie);
+                }
+            }
         }
     }
     0
@@ -460,8 +559,20 @@ fn count_iface(ctx: &TcContext, egress: bool) {
     let ifindex = unsafe { (*ctx.skb.skb).ifindex };
     match IFACES.get_ptr_mut(ifindex) {
         Some(e) => {
+            // This CPU's copy, with plain adds: unlike cgroup_skb egress, tc never nests on
+            // a CPU (egress runs in __dev_queue_xmit with softirqs off, ingress in
+            // softirq), and the two directions add to different words.
             let c = slot_ptr(unsafe { &raw mut (*e).slot } as *mut Counters, current_slot());
-            atomic_add(c, ctx.len() as u64, egress);
+            let len = ctx.len() as u64;
+            unsafe {
+                if egress {
+                    (*c).tx_bytes += len;
+                    (*c).tx_packets += 1;
+                } else {
+                    (*c).rx_bytes += len;
+                    (*c).rx_packets += 1;
+                }
+            }
         }
         None => drop_count(DROP_IFACE_MISS),
     }

@@ -28,11 +28,12 @@ use crate::{
     control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Peer},
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
+    flows::{FlowConfig, FlowRecord, FlowTable},
     labels::Labeler,
     loader::{self, LoadOptions},
     poller::{LabelOverrides, NamedSocket, Poller},
     procfs,
-    spool::{FsyncPolicy, Spool, SpoolConfig},
+    spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
     upload::{self, UploadConfig, Uploader},
 };
 
@@ -110,6 +111,9 @@ pub struct Shared {
     paused: AtomicBool,
     /// Bytes counted while paused (they are written in one event at resume).
     paused_bytes: AtomicU64,
+    /// Flow records dropped because too many were held during a pause.
+    flows_dropped_paused: AtomicU64,
+    flow_stats: Mutex<Value>,
     status: Mutex<Value>,
     started: Instant,
     overrides: LabelOverrides,
@@ -249,6 +253,11 @@ impl Handler for Arc<Shared> {
                 "last": up.last,
             }));
             o.insert("labels_named".into(), json!(lock(&self.overrides).len()));
+            let mut f = lock(&self.flow_stats).clone();
+            if let Some(fo) = f.as_object_mut() {
+                fo.insert("dropped_while_paused".into(), json!(self.flows_dropped_paused.load(Ordering::Relaxed)));
+            }
+            o.insert("flows".into(), f);
         }
         v
     }
@@ -349,8 +358,14 @@ struct Writer {
     /// Numbers events when there is no spool.
     seq: Option<SeqAllocator>,
     held: Option<DeltaEvent>,
+    held_flows: Vec<FlowRecord>,
     spool_failing: bool,
 }
+
+/// Flow records per spool frame (keeps frames, and so upload bodies, small).
+const FLOW_RECORDS_PER_FRAME: usize = 512;
+/// Flow records held in memory while paused; beyond it they are counted and dropped.
+const MAX_HELD_FLOWS: usize = 200_000;
 
 impl Writer {
     fn print(&self, bytes: &[u8]) -> anyhow::Result<()> {
@@ -415,6 +430,42 @@ impl Writer {
         self.tick_spool()
     }
 
+    /// Writes flow records (held while paused, like events), in chunks so no spool frame
+    /// grows without bound.
+    fn write_flows(&mut self, mut recs: Vec<FlowRecord>) -> anyhow::Result<()> {
+        if self.shared.paused.load(Ordering::SeqCst) {
+            let room = MAX_HELD_FLOWS.saturating_sub(self.held_flows.len());
+            if recs.len() > room {
+                self.shared.flows_dropped_paused.fetch_add((recs.len() - room) as u64, Ordering::Relaxed);
+                recs.truncate(room);
+            }
+            self.held_flows.append(&mut recs);
+            return Ok(());
+        }
+        let mut all = std::mem::take(&mut self.held_flows);
+        all.append(&mut recs);
+        for chunk in all.chunks_mut(FLOW_RECORDS_PER_FRAME) {
+            match &self.shared.spool {
+                Some(sp) => {
+                    let out = lock(sp).append(chunk, SystemTime::now());
+                    self.print(&out.lines)?;
+                    self.print(&out.gaps)?;
+                }
+                None => {
+                    let mut lines = Vec::new();
+                    let seq = self.seq.as_mut().expect("no spool means a sequence allocator");
+                    for r in chunk.iter_mut() {
+                        r.set_seq(seq.next().context("allocating a sequence number")?);
+                        lines.extend_from_slice(&r.to_json_line());
+                        lines.push(b'\n');
+                    }
+                    self.print(&lines)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn tick_spool(&mut self) -> anyhow::Result<()> {
         if let Some(sp) = &self.shared.spool {
             let gaps = {
@@ -430,6 +481,8 @@ impl Writer {
 
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let s = settings(&args)?;
+    // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
+    loader::preflight(s.config.cgroup.as_deref())?;
     let opts = LoadOptions {
         cgroup: s.config.cgroup.clone(),
         interfaces: s.config.interfaces.clone(),
@@ -490,6 +543,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         max_body: s.config.upload.max_body_bytes,
         paused: AtomicBool::new(false),
         paused_bytes: AtomicU64::new(0),
+        flows_dropped_paused: AtomicU64::new(0),
+        flow_stats: Mutex::new(Value::Null),
         status: Mutex::new(first_status),
         started: Instant::now(),
         overrides: poller.overrides(),
@@ -519,7 +574,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    let mut writer = Writer { shared: shared.clone(), stdout: s.stdout, seq: writer_seq, held: None, spool_failing: false };
+    let mut flow_table = if s.config.flows.enabled {
+        let cfg = FlowConfig::from_section(&s.config.flows).map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        poller.enable_flow_views(true);
+        Some(FlowTable::new(cfg, &shared.identity))
+    } else {
+        None
+    };
+    let mut writer =
+        Writer { shared: shared.clone(), stdout: s.stdout, seq: writer_seq, held: None, held_flows: vec![], spool_failing: false };
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     let mut result = Ok(());
@@ -540,6 +603,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             result = Err(e);
             break;
         }
+        if let Some(ft) = &mut flow_table {
+            let (socks, peers) = poller.take_flow_views();
+            let recs = ft.observe(crate::poller::unix_ms(), &socks, &peers);
+            *lock(&shared.flow_stats) = serde_json::to_value(ft.stats()).unwrap_or(Value::Null);
+            if let Err(e) = writer.write_flows(recs) {
+                result = Err(e);
+                break;
+            }
+        }
     }
     info!("stopping: detaching programs, final poll");
     loaded.detach();
@@ -547,6 +619,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     shared.paused.store(false, Ordering::SeqCst);
     let ev = poller.tick()?;
     writer.write(ev)?;
+    if let Some(ft) = &mut flow_table {
+        let (socks, peers) = poller.take_flow_views();
+        let now = crate::poller::unix_ms();
+        let mut recs = ft.observe(now, &socks, &peers);
+        recs.extend(ft.finish_all(now));
+        writer.write_flows(recs)?;
+    }
     if let Some(sp) = &shared.spool {
         if let Err(e) = lock(sp).flush() {
             warn!("spool: final fsync: {e}");

@@ -10,12 +10,12 @@ use std::{
 use agent_common::*;
 use aya::{
     Btf, Ebpf, EbpfLoader,
-    maps::{HashMap as AyaHashMap, Map, MapData},
+    maps::{Map, MapData, PerCpuHashMap, PerCpuValues},
     programs::{
         BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, CgroupSock, FExit,
-        ProgramError, SchedClassifier, TcAttachType, cgroup_skb::CgroupSkbLinkId,
-        cgroup_sock::CgroupSockLinkId, fexit::FExitLinkId, tc::SchedClassifierLinkId,
-        tp_btf::BtfTracePointLinkId,
+        ProgramError, SchedClassifier, SockOps, TcAttachType, cgroup_skb::CgroupSkbLinkId,
+        cgroup_sock::CgroupSockLinkId, fexit::FExitLinkId, sock_ops::SockOpsLinkId,
+        tc::SchedClassifierLinkId, tp_btf::BtfTracePointLinkId,
     },
 };
 use log::{info, warn};
@@ -142,6 +142,7 @@ enum Link {
     Tp(&'static str, BtfTracePointLinkId),
     FExit(&'static str, FExitLinkId),
     Tc(&'static str, SchedClassifierLinkId),
+    SockOps(&'static str, SockOpsLinkId),
 }
 
 /// The loaded and attached programs and their maps.
@@ -150,8 +151,9 @@ pub struct Loaded {
     pub cgroup: PathBuf,
     /// (ifindex, name) of every interface counted with tc.
     pub interfaces: Vec<(u32, String)>,
-    /// False when the accept hook could not be attached (server-side sockets then take
-    /// their listener's owner).
+    /// False when the accept hook could not be attached (server-side sockets then take the
+    /// owner of the first process that sends or receives on them, their listener's until
+    /// then).
     pub accept_hook: bool,
     links: Vec<Link>,
     _cgroup_fd: File,
@@ -183,6 +185,12 @@ fn chain(e: &dyn std::error::Error) -> String {
 
 fn attach_error(name: &'static str, target: impl Into<String>, e: ProgramError) -> LoadError {
     LoadError::Attach { name, target: target.into(), detail: chain(&e) }
+}
+
+fn attach_tp(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, tp: &str) -> Result<BtfTracePointLinkId, LoadError> {
+    let p: &mut BtfTracePoint = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+    p.load(tp, btf).map_err(|e| program_error(name, e))?;
+    p.attach().map_err(|e| attach_error(name, format!("tp_btf/{tp}"), e))
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -257,22 +265,56 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         }
     };
     if !accept_hook {
-        for (name, tp) in [("sockacct_first_recv", "sock_recv_length"), ("sockacct_first_send", "sock_send_length")] {
-            let p: &mut BtfTracePoint = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
-            p.load(tp, &btf).map_err(|e| program_error(name, e))?;
-            let id = p.attach().map_err(|e| attach_error(name, format!("tp_btf/{tp}"), e))?;
-            links.push(Link::Tp(name, id));
+        // TCP's own send and receive paths, not sock_send_length/sock_recv_length: those
+        // run for every send and receive of every socket on the machine (small UDP paid
+        // for them), while only accepted TCP sockets need an owner this way. Kernels
+        // without these tracepoints get the generic ones.
+        let tcp = [("sockacct_first_recv", "tcp_rcv_space_adjust"), ("sockacct_first_send", "tcp_sendmsg_locked")];
+        let any = [("sockacct_first_recv_any", "sock_recv_length"), ("sockacct_first_send_any", "sock_send_length")];
+        let mut attached = vec![];
+        let mut failed = None;
+        for (name, tp) in tcp {
+            match attach_tp(&mut ebpf, &btf, name, tp) {
+                Ok(id) => attached.push(Link::Tp(name, id)),
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            }
         }
+        if let Some(e) = failed {
+            warn!("TCP send/receive tracepoints unavailable ({e}); watching every socket's send and receive instead");
+            for link in attached.drain(..) {
+                if let Link::Tp(n, id) = link {
+                    let _ = prog::<BtfTracePoint>(&mut ebpf, n).and_then(|p| p.detach(id));
+                }
+            }
+            for (name, tp) in any {
+                attached.push(Link::Tp(name, attach_tp(&mut ebpf, &btf, name, tp)?));
+            }
+        }
+        links.append(&mut attached);
+        // Accepted sockets get their owner entry at the end of the handshake, so the
+        // hooks above find it even before the socket's first packet.
+        let name = "sockacct_passive";
+        let p: &mut SockOps = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+        p.load().map_err(|e| program_error(name, e))?;
+        let id = p
+            .attach(cg.as_fd(), CgroupAttachMode::Single)
+            .map_err(|e| attach_error(name, cgroup.display().to_string(), e))?;
+        links.push(Link::SockOps(name, id));
     }
 
     if !ifaces.is_empty() {
-        let mut m: AyaHashMap<&mut MapData, u32, SlotCounters> = AyaHashMap::try_from(
+        let mut m: PerCpuHashMap<&mut MapData, u32, SlotCounters> = PerCpuHashMap::try_from(
             ebpf.map_mut(MAP_IFACES).ok_or(LoadError::MissingMap(MAP_IFACES))?,
         )
         .map_err(|source| LoadError::Map { name: MAP_IFACES, source })?;
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Map { name: MAP_IFACES, source: e.into() })?;
         for (idx, _) in &ifaces {
-            m.insert(idx, SlotCounters::default(), 0)
-                .map_err(|source| LoadError::Map { name: MAP_IFACES, source })?;
+            let zero = PerCpuValues::try_from(vec![SlotCounters::default(); ncpus])
+                .map_err(|e| LoadError::Map { name: MAP_IFACES, source: e.into() })?;
+            m.insert(idx, zero, 0).map_err(|source| LoadError::Map { name: MAP_IFACES, source })?;
         }
         for (name, ty) in [("sockacct_tc_ingress", TcAttachType::Ingress), ("sockacct_tc_egress", TcAttachType::Egress)] {
             let p: &mut SchedClassifier =
@@ -305,6 +347,7 @@ impl Loaded {
                 Link::Tp(n, id) => prog::<BtfTracePoint>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
                 Link::FExit(n, id) => prog::<FExit>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
                 Link::Tc(n, id) => prog::<SchedClassifier>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
+                Link::SockOps(n, id) => prog::<SockOps>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
             };
             if let Err(e) = r {
                 warn!("detach: {}", chain(&e));

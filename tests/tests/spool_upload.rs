@@ -217,7 +217,7 @@ fn sigkill_at_random_points_loses_nothing_written() {
     let mut by_seq: BTreeMap<u64, &String> = BTreeMap::new();
     for l in &up {
         let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("corrupt record uploaded: {l:?}: {e}"));
-        assert!(v["type"] == "delta" || v["type"] == "gap", "{l}");
+        assert!(v["type"] == "delta" || v["type"] == "gap" || v["type"] == "flow", "{l}");
         if let Some(prev) = by_seq.insert(seq_of(l), l) {
             assert_eq!(prev, l, "seq {} uploaded with two contents", seq_of(l));
         }

@@ -4,7 +4,10 @@
 //! Figures, printed as one table on stdout and written to target/bench/last.json:
 //! - per-program average run time (kernel bpf_stats: run_time_ns / run_cnt), taken in one
 //!   extra agent run per traffic scenario with stats switched on (BPF_ENABLE_STATS; the
-//!   throughput rounds run with stats off, since stats add two clock reads per run);
+//!   throughput rounds run with stats off, since stats add two clock reads per run), and
+//!   while the sockets of the largest tick size are opened and closed (so the per-socket
+//!   programs get enough runs). Only programs held by the agent process under test (or by
+//!   the bench itself) count; names come from /proc/kallsyms by JIT address;
 //! - TCP bulk throughput on loopback and over a veth pair, and 64-byte UDP packets per
 //!   second over the veth pair, with the agent vs without, rounds in rotated order
 //!   (B A A B B A …), medians and the ratio of the medians;
@@ -259,11 +262,11 @@ fn kallsyms_names() -> BTreeMap<u64, String> {
         let mut f = l.split_whitespace();
         let (Some(addr), Some(sym)) = (f.next(), f.nth(1)) else { continue };
         let Some(rest) = sym.strip_prefix("bpf_prog_") else { continue };
-        if rest.len() > 17 && rest.as_bytes()[16] == b'_' && rest[17..].starts_with("sockacct_") {
-            if let Ok(a) = u64::from_str_radix(addr, 16) {
-                m.insert(a, rest[17..].to_string());
-            }
+        if rest.len() <= 17 || rest.as_bytes()[16] != b'_' || !rest[17..].starts_with("sockacct_") {
+            continue;
         }
+        let Ok(a) = u64::from_str_radix(addr, 16) else { continue };
+        m.insert(a, rest[17..].to_string());
     }
     m
 }
@@ -1020,7 +1023,7 @@ fn main() -> anyhow::Result<()> {
             jn.insert("all".into(), json!({"run_time_ns": tt, "run_cnt": tc, "ns_per_run": if tc == 0 { Value::Null } else { json!(avg) }}));
             jp.insert(name.clone(), Value::Object(jn));
         }
-        line(&mut out, "tcp_state and accept hook every socket on the machine, not just the cgroup's: their counts include other processes".into());
+        line(&mut out, "tcp_state, accept, first_recv, first_send are global hooks (every socket on the machine, not just the cgroup's): their counts include other processes".into());
         // Throughput during the stats runs, for scale (not part of the ratios).
         let mut thr = String::from("throughput during these runs:");
         for (sc, _, v) in &stat_results {
