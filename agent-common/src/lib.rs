@@ -56,7 +56,12 @@ pub struct SockCounters {
     /// Non-zero when the socket is finished but its final record could not be sent
     /// (ring buffer full): the daemon collects it from the map instead, then deletes it.
     pub final_pending: u64,
-    pub _pad: [u64; 4],
+    /// 1 for an unconnected UDP socket at its first packet: its packets are also counted
+    /// per peer (PEERS) for flow records.
+    pub per_peer: u64,
+    /// TCP state the socket left when it reached TCP_CLOSE, plus one (0 = not known).
+    pub end_state: u64,
+    pub _pad: [u64; 2],
     /// Cumulative received counters per epoch slot.
     pub rx: [Dir; SLOTS],
     /// Like `tx_seen`, for received packets.
@@ -162,7 +167,8 @@ pub const DROP_NOT_FULL_SOCK: u32 = 5; // request/timewait socket (e.g. SYN-ACK)
 /// Active ring buffer of slot 0 / slot 1 full: the poller reads the whole socket map for
 /// that slot instead (indices DROP_ACTIVE_LOST + slot).
 pub const DROP_ACTIVE_LOST: u32 = 6;
-pub const DROP_COUNT: u32 = 8;
+pub const DROP_PEER_INSERT: u32 = 8; // per-peer (unconnected UDP) map full: flow records miss it
+pub const DROP_COUNT: u32 = 10;
 
 pub const DROP_NAMES: [&str; 6] =
     ["sock_map_full", "ringbuf_full", "owner_map_full", "iface_unregistered", "no_socket_cookie", "not_full_socket"];
@@ -176,6 +182,21 @@ pub const MAP_UNATTR: &str = "UNATTR";
 pub const MAP_DROPS: &str = "DROPS";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_FINALS: &str = "FINALS";
+pub const MAP_PEERS: &str = "PEERS";
+pub const DEFAULT_MAX_PEERS: u32 = 65_536;
+
+/// Key of the per-peer counters of an unconnected UDP socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct PeerKey {
+    pub cookie: u64,
+    /// Peer address as on the wire (IPv4 in `[0]`), network byte order.
+    pub addr: [u32; 4],
+    /// Peer port, host byte order.
+    pub port: u32,
+    /// AF_INET or AF_INET6.
+    pub family: u32,
+}
 /// Per slot: cookies of the sockets that counted in the slot's current epoch.
 pub const MAP_ACTIVE: [&str; SLOTS] = ["ACTIVE0", "ACTIVE1"];
 
@@ -194,5 +215,6 @@ mod user {
     unsafe impl aya::Pod for Owner {}
     unsafe impl aya::Pod for FinalRecord {}
     unsafe impl aya::Pod for SlotCounters {}
+    unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for Dir {}
 }

@@ -32,6 +32,7 @@ use aya_ebpf::{
 };
 
 const TCP: u32 = 6;
+const UDP: u32 = 17;
 const TCP_CLOSE: i32 = 7;
 
 #[map]
@@ -61,6 +62,11 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNT, 0);
 /// daemon when it attaches tc.
 #[map]
 static IFACES: PerCpuHashMap<u32, SlotCounters> = PerCpuHashMap::with_max_entries(DEFAULT_MAX_IFACES, 0);
+
+/// Per-peer counters of unconnected UDP sockets (flow records). Not part of the exact
+/// per-interval ledger: the delta events never depend on it.
+#[map]
+static PEERS: HashMap<PeerKey, Counters> = HashMap::with_max_entries(DEFAULT_MAX_PEERS, BPF_F_NO_PREALLOC);
 
 #[map]
 static FINALS: RingBuf = RingBuf::with_byte_size(FINALS_RINGBUF_BYTES, 0);
@@ -193,7 +199,16 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
             let _ = SOCKS.insert(cookie, SockCounters::default(), BPF_NOEXIST as u64);
             record_addresses(ctx, cookie, full);
             match SOCKS.get_ptr_mut(cookie) {
-                Some(e) => e,
+                Some(e) => {
+                    // An unconnected UDP socket talks to many peers: count it per peer too.
+                    // The socket alone cannot name the peer; the packet headers can.
+                    unsafe {
+                        if (*full).protocol == UDP && (*ctx.skb.skb).remote_port == 0 {
+                            (*e).per_peer = 1;
+                        }
+                    }
+                    e
+                }
                 None => {
                     drop_count(DROP_SOCK_INSERT);
                     percpu_add(&UNATTR, slot, len, egress);
@@ -214,6 +229,9 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
         xadd(&raw mut (*d).bytes, len);
         xadd(&raw mut (*d).packets, 1);
     }
+    if unsafe { core::ptr::read_volatile(&raw const (*entry).per_peer) } != 0 {
+        count_peer(ctx, cookie, len, egress);
+    }
     // First packet this way in this epoch: note the socket for the poller. Two CPUs may
     // both note it (harmless: the poller deduplicates); the one that skips saw the mark
     // of one that notes it, and both finish before the grace period ends.
@@ -222,6 +240,65 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
         if core::ptr::read_volatile(seen) != cur {
             core::ptr::write_volatile(seen, cur);
             note_active(cookie, slot);
+        }
+    }
+}
+
+/// Counts one datagram of an unconnected UDP socket under its peer: the destination when
+/// sending, the source when receiving, read from the IP and UDP headers. Only these
+/// sockets pay for the parsing.
+#[inline(always)]
+fn count_peer(ctx: &SkBuffContext, cookie: u64, len: u64, egress: bool) {
+    const IPV4_BE: u32 = 0x0008;
+    const IPV6_BE: u32 = 0xdd86;
+    let proto = unsafe { (*ctx.skb.skb).protocol };
+    let mut key = PeerKey { cookie, ..PeerKey::default() };
+    if proto == IPV4_BE {
+        let Ok(vihl) = ctx.load::<u8>(0) else { return };
+        let Ok(l4) = ctx.load::<u8>(9) else { return };
+        if l4 != UDP as u8 {
+            return;
+        }
+        let ihl = ((vihl & 0x0f) as usize) * 4;
+        let Ok(addr) = ctx.load::<u32>(if egress { 16 } else { 12 }) else { return };
+        let Ok(port) = ctx.load::<u16>(ihl + if egress { 2 } else { 0 }) else { return };
+        key.addr = [addr, 0, 0, 0];
+        key.port = u16::from_be(port) as u32;
+        key.family = 2;
+    } else if proto == IPV6_BE {
+        // Extension headers before UDP are rare on datagram sockets: skip those packets.
+        let Ok(next) = ctx.load::<u8>(6) else { return };
+        if next != UDP as u8 {
+            return;
+        }
+        let Ok(addr) = ctx.load::<[u32; 4]>(if egress { 24 } else { 8 }) else { return };
+        let Ok(port) = ctx.load::<u16>(40 + if egress { 2 } else { 0 }) else { return };
+        key.addr = addr;
+        key.port = u16::from_be(port) as u32;
+        key.family = 10;
+    } else {
+        return;
+    }
+    let c = match PEERS.get_ptr_mut(&key) {
+        Some(c) => c,
+        None => {
+            let _ = PEERS.insert(&key, &Counters::ZERO, BPF_NOEXIST as u64);
+            match PEERS.get_ptr_mut(&key) {
+                Some(c) => c,
+                None => {
+                    drop_count(DROP_PEER_INSERT);
+                    return;
+                }
+            }
+        }
+    };
+    unsafe {
+        if egress {
+            xadd(&raw mut (*c).tx_bytes, len);
+            xadd(&raw mut (*c).tx_packets, 1);
+        } else {
+            xadd(&raw mut (*c).rx_bytes, len);
+            xadd(&raw mut (*c).rx_packets, 1);
         }
     }
 }
@@ -274,8 +351,9 @@ fn record_addresses(ctx: &SkBuffContext, cookie: u64, sk: *mut aya_ebpf::binding
             ];
         }
         (*owner).local_port = (*skb).local_port;
-        // remote_port holds the socket's big-endian port in its low 16 bits.
-        (*owner).remote_port = u16::from_be((*skb).remote_port as u16) as u32;
+        // On little-endian hosts the kernel loads the socket's big-endian port and shifts
+        // it into the upper 16 bits of remote_port.
+        (*owner).remote_port = u16::from_be(((*skb).remote_port >> 16) as u16) as u32;
     }
 }
 
@@ -531,9 +609,12 @@ pub fn sockacct_tcp_state(ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let sk: *mut c_void = ctx.arg(0);
+    let oldstate: i32 = ctx.arg(1);
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     match SOCKS.get_ptr_mut(cookie) {
         Some(entry) => {
+            // Written before the flag: the final record copies the entry after seeing it.
+            unsafe { core::ptr::write_volatile(&raw mut (*entry).end_state, oldstate as u64 + 1) };
             xadd(unsafe { &raw mut (*entry).tcp_closed }, 1);
             if unsafe { core::ptr::read_volatile(&raw const (*entry).released) } != 0 {
                 finish(cookie, entry);

@@ -37,6 +37,8 @@ unsafe impl Plain for u32 {}
 unsafe impl Plain for agent_common::SockCounters {}
 unsafe impl Plain for agent_common::SlotCounters {}
 unsafe impl Plain for agent_common::Owner {}
+unsafe impl Plain for agent_common::PeerKey {}
+unsafe impl Plain for agent_common::Counters {}
 
 /// Reads every entry of a (non-per-CPU) hash map with `BPF_MAP_LOOKUP_BATCH`, appending
 /// to `out`. `chunk` is the number of entries asked for per call. Not atomic across the

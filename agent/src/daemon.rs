@@ -605,6 +605,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         if let Some(ft) = &mut flow_table {
             let (socks, peers) = poller.take_flow_views();
+            log::debug!("flow views: {} sockets {:?}, {} peers", socks.len(), socks.iter().map(|s| (s.cookie, &s.label, s.remote, s.finished)).collect::<Vec<_>>(), peers.len());
             let recs = ft.observe(crate::poller::unix_ms(), &socks, &peers);
             *lock(&shared.flow_stats) = serde_json::to_value(ft.stats()).unwrap_or(Value::Null);
             if let Err(e) = writer.write_flows(recs) {

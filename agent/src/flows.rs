@@ -878,6 +878,17 @@ impl Out {
             && !t.opened
             && matches!(reason, EndReason::Closed | EndReason::Idle);
         if !merge {
+            // A flow that began and ended between two polls never had its open written;
+            // when opens are wanted at once (open_after_ms = 0), write it now, as it was at
+            // the start: nothing counted yet.
+            if !t.opened && self.cfg.events.open && self.cfg.open_delay_ms(&meta.label) == 0 {
+                let mut open = build(meta, t, FlowEvent::Open, t.start_ms);
+                open.tx = 0;
+                open.rx = 0;
+                open.tx_packets = 0;
+                open.rx_packets = 0;
+                self.outbox.push_back(open);
+            }
             self.outbox.push_back(rec);
             return;
         }
@@ -1453,11 +1464,12 @@ mod tests {
         let r = ft.observe(T0 + 100, &[fin(s, tr(70, 80, 2, 1), None)], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Close]);
         assert_eq!(r[0].traffic(), tr(70, 80, 2, 1));
-        // First seen already finished: only the close.
+        // First seen already finished, opens wanted at once: the open as it began, the close.
         let s = tcp(3, "10.0.0.2:40002", "10.0.0.9:443", tr(0, 0, 0, 0), T0 + 150);
         let r = ft.observe(T0 + 200, &[fin(s, tr(1, 2, 1, 1), None)], &[]);
-        assert_eq!(kinds(&r), [FlowEvent::Close]);
-        assert_eq!(r[0].start, T0 + 150);
+        assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
+        assert_eq!((r[0].start, r[0].end, r[0].tx), (T0 + 150, T0 + 150, 0));
+        assert_eq!(r[1].start, T0 + 150);
     }
 
     #[test]
@@ -1586,7 +1598,9 @@ mod tests {
             .map(|i| fin(tcp(i + 1, &format!("10.0.0.2:{}", 40000 + i), "10.0.0.9:443", tr(0, 0, 0, 0), T0), tr(5, 5, 1, 1), None))
             .collect();
         let r = ft.observe(T0 + 100, &views, &[]);
-        assert_eq!(kinds(&r), [FlowEvent::Close; 3], "written at once, one per connection");
+        // Raw labels get their opens at once: an open (as it started) and a close each.
+        use FlowEvent::{Close, Open};
+        assert_eq!(kinds(&r), [Open, Close, Open, Close, Open, Close], "written at once, one per connection");
         assert!(r.iter().all(|r| r.connections.is_none() && r.local_port.is_some()));
         assert_eq!(ft.stats().pending_sessions, 0);
         // ... and a live one opens at once.
@@ -1651,7 +1665,7 @@ mod tests {
         // New and finished while full: no room needed, the close is written.
         let late = fin(tcp(9, "10.0.0.2:41000", "10.0.0.9:443", tr(0, 0, 0, 0), T0 + 150), tr(1, 1, 1, 1), None);
         let r = ft.observe(T0 + 200, &[late], &[]);
-        assert_eq!(kinds(&r), [FlowEvent::Close]);
+        assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
 
         // Room again: the refused flow is picked up with exact cumulative counts.
         third.counters = tr(40, 6, 3, 2);
@@ -1696,6 +1710,10 @@ mod tests {
         let mut ft = table(no_gap());
         let s = tcp(1, "10.0.0.2:40000", "93.184.216.34:443", tr(0, 0, 0, 0), T0);
         let mut r = ft.observe(T0 + 300, &[fin(s, tr(1180, 5300, 9, 8), Some(7))], &[]);
+        // Begun and ended between two polls, opens wanted at once: open (as it started), close.
+        assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
+        assert_eq!((r[0].tx, r[0].end), (0, T0));
+        let mut r = vec![r.pop().unwrap()];
         r[0].set_seq(42);
         let j = json(&r[0]);
         assert_eq!(
@@ -1751,8 +1769,9 @@ mod tests {
         let views: Vec<_> = (0..25u64)
             .map(|i| fin(tcp(i + 1, &format!("10.0.0.2:{}", 40000 + i), "10.0.0.9:443", tr(0, 0, 0, 0), T0), tr(1, 1, 1, 1), None))
             .collect();
-        let sizes: Vec<usize> = (0..4).map(|k| ft.observe(T0 + k * 100, if k == 0 { &views } else { &[] }, &[]).len()).collect();
-        assert_eq!(sizes, [10, 10, 5, 0]);
+        // 25 connections begun and ended between polls: an open and a close each.
+        let sizes: Vec<usize> = (0..7).map(|k| ft.observe(T0 + k * 100, if k == 0 { &views } else { &[] }, &[]).len()).collect();
+        assert_eq!(sizes, [10, 10, 10, 10, 10, 0, 0]);
 
         // Opens are held back while records wait, so the backlog stays within a tick's worth.
         let live: Vec<_> = (0..25u64)
@@ -1766,7 +1785,7 @@ mod tests {
             opens += r.len();
         }
         assert_eq!(opens, 25);
-        assert_eq!(ft.stats().opens, 25);
+        assert_eq!(ft.stats().opens, 50, "25 opens written with the closes above, 25 here");
     }
 
     #[test]

@@ -192,6 +192,7 @@ pub struct Maps {
     ifaces: PerCpuHashMap<MapData, u32, SlotCounters>,
     finals: RingBuf<MapData>,
     active: [RingBuf<MapData>; SLOTS],
+    peers: MapData,
 }
 
 fn data(m: Map) -> MapData {
@@ -217,6 +218,7 @@ impl Maps {
                 RingBuf::try_from(l.take_map(MAP_ACTIVE[0])?).map_err(aya(MAP_ACTIVE[0]))?,
                 RingBuf::try_from(l.take_map(MAP_ACTIVE[1])?).map_err(aya(MAP_ACTIVE[1]))?,
             ],
+            peers: data(l.take_map(MAP_PEERS)?),
         })
     }
 }
@@ -517,6 +519,9 @@ pub struct Poller {
     /// Flow views are collected each tick (flow records on).
     flow_views_on: bool,
     flow_socks: Vec<crate::flows::SocketView>,
+    flow_peers: Vec<crate::flows::PeerView>,
+    /// Last counters seen per peer (to tell which moved).
+    peer_last: HashMap<PeerKey, Counters>,
     /// Flow facts of the last successful resolve().
     resolved_flow: Option<Box<FlowFacts>>,
     overrides: LabelOverrides,
@@ -560,6 +565,8 @@ impl Poller {
         let mut p = Poller {
             flow_views_on: false,
             flow_socks: vec![],
+            flow_peers: vec![],
+            peer_last: HashMap::new(),
             resolved_flow: None,
             overrides: LabelOverrides::default(),
             maps,
@@ -703,10 +710,10 @@ impl Poller {
         self.flow_views_on = on;
     }
 
-    /// The sockets that moved or finished in the last tick, for the flow table. Unconnected
-    /// sockets' per-peer counters are not collected yet (empty peer list).
+    /// The sockets that moved or finished in the last tick, and the per-peer counters of
+    /// unconnected UDP sockets that moved, for the flow table.
     pub fn take_flow_views(&mut self) -> (Vec<crate::flows::SocketView>, Vec<crate::flows::PeerView>) {
-        (std::mem::take(&mut self.flow_socks), vec![])
+        (std::mem::take(&mut self.flow_socks), std::mem::take(&mut self.flow_peers))
     }
 
     fn owner_flow_facts(&self, o: &Owner, source: OwnerSource, process: String) -> Option<Box<FlowFacts>> {
@@ -848,7 +855,44 @@ impl Poller {
     }
 
     /// Collects the flow table's view of the sockets that moved or finished this tick.
-    fn collect_flow_views(&mut self, moved: &[(u64, Counters)], finished: &[u64]) {
+    fn collect_flow_views(&mut self, moved: &[(u64, Counters)], finished: &[u64], end_states: &HashMap<u64, u64>, done: &[(u64, bool)]) {
+        // Per-peer counters of unconnected sockets: those that moved, and their sockets.
+        let mut peers: Vec<(PeerKey, Counters)> = vec![];
+        let _ = bpfsys::lookup_batch(self.maps.peers.fd().as_fd(), 4096, &mut peers);
+        let mut peer_socks: Vec<u64> = vec![];
+        for (k, c) in &peers {
+            if self.peer_last.get(k) == Some(c) {
+                continue;
+            }
+            self.peer_last.insert(*k, *c);
+            let ip = if k.family == libc::AF_INET as u32 {
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(k.addr[0])))
+            } else {
+                let mut b = [0u8; 16];
+                for (i, w) in k.addr.iter().enumerate() {
+                    b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
+                }
+                IpAddr::V6(Ipv6Addr::from(b))
+            };
+            self.flow_peers.push(crate::flows::PeerView {
+                cookie: k.cookie,
+                remote: std::net::SocketAddr::new(ip, k.port as u16),
+                counters: Traffic::from(*c),
+            });
+            peer_socks.push(k.cookie);
+        }
+        // Sockets we are done with: their peers go too.
+        if !done.is_empty() {
+            let gone: std::collections::HashSet<u64> = done.iter().map(|(c, _)| *c).collect();
+            for (k, _) in peers.iter().filter(|(k, _)| gone.contains(&k.cookie)) {
+                let _ = bpfsys::delete(self.maps.peers.fd().as_fd(), k);
+                self.peer_last.remove(k);
+            }
+        }
+        self.collect_socket_views(moved, finished, end_states, &peer_socks);
+    }
+
+    fn collect_socket_views(&mut self, moved: &[(u64, Counters)], finished: &[u64], end_states: &HashMap<u64, u64>, extra: &[u64]) {
         use crate::flows::SocketView;
         let cum = |c: &[Counters; SLOTS]| {
             let mut t = Counters::ZERO;
@@ -857,7 +901,9 @@ impl Poller {
             }
             Traffic::from(t)
         };
-        let cookies = moved.iter().map(|(c, _)| *c).chain(finished.iter().copied());
+        let mut cookies: Vec<u64> = moved.iter().map(|(c, _)| *c).chain(finished.iter().copied()).chain(extra.iter().copied()).collect();
+        cookies.sort_unstable();
+        cookies.dedup();
         for cookie in cookies {
             let Some(st) = self.table.socks.get_mut(&cookie) else { continue };
             if st.flow_closed {
@@ -881,7 +927,7 @@ impl Poller {
                 counters,
                 first_seen_ms: f.first_seen_ms,
                 finished: done,
-                tcp_state: None,
+                tcp_state: end_states.get(&cookie).filter(|&&s| s > 0).map(|&s| (s - 1) as u8),
             });
         }
     }
@@ -1058,7 +1104,8 @@ impl Poller {
         // forget sockets gone from the map without a record.
         if self.flow_views_on {
             let finished: Vec<u64> = records.iter().map(|r| r.cookie).chain(done.iter().map(|(c, _)| *c)).collect();
-            self.collect_flow_views(&deltas, &finished);
+            let end_states: HashMap<u64, u64> = records.iter().map(|r| (r.cookie, r.counters.end_state)).collect();
+            self.collect_flow_views(&deltas, &finished, &end_states, &done);
         }
         self.table.forget(&done);
         if !done.is_empty() {
@@ -1121,6 +1168,9 @@ impl Poller {
             .map(|v| v.iter().sum::<u64>())
             .sum();
         self.stats.kernel_drops.insert("active_ring_full", lost);
+        if let Ok(v) = self.maps.drops.get(&DROP_PEER_INSERT, 0) {
+            self.stats.kernel_drops.insert("peer_map_full", v.iter().sum());
+        }
     }
 
     /// The kernel's cumulative count of active-ring notes lost for `slot` (all CPUs).

@@ -453,6 +453,14 @@ impl Daemon {
         self.lines()
     }
 
+    /// SIGTERM, wait for a clean exit, return every line it wrote.
+    pub fn stop_lines(self) -> Vec<String> {
+        let lines = self.lines.clone();
+        self.stop();
+        let v = lines.lock().unwrap().clone();
+        v
+    }
+
     /// SIGTERM, wait for a clean exit, return every event it wrote.
     pub fn stop(mut self) -> Vec<DeltaEvent> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -312,6 +312,36 @@ fn main() {
             out(format!("received {r}"));
             report_wire();
         }
+        ["tcp-trickle", addr, port, millis] => {
+            // A long-lived connection that keeps moving: 100 B every 50 ms.
+            let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
+            let mut s = TcpStream::connect(to).unwrap();
+            let end = std::time::Instant::now() + Duration::from_millis(millis.parse().unwrap());
+            let mut sent = 0u64;
+            while std::time::Instant::now() < end {
+                s.write_all(&[1u8; 100]).unwrap();
+                sent += 100;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let (_, r) = exchange(s, 0);
+            out(format!("sent {sent}"));
+            out(format!("received {r}"));
+        }
+        ["udp-multi", addr, ports, count, size] => {
+            // One unconnected socket talking to several peers.
+            let bind: IpAddr = if addr.contains(':') { "::1".parse().unwrap() } else { "127.0.0.1".parse().unwrap() };
+            let s = UdpSocket::bind((bind, 0)).unwrap();
+            out(format!("local_port {}", s.local_addr().unwrap().port()));
+            let buf = vec![0x33u8; size.parse().unwrap()];
+            let n: u64 = count.parse().unwrap();
+            for p in ports.split(',') {
+                let to = SocketAddr::new(addr.parse().unwrap(), p.parse().unwrap());
+                for _ in 0..n {
+                    s.send_to(&buf, to).unwrap();
+                }
+            }
+            out(format!("sent {}", n * ports.split(',').count() as u64));
+        }
         _ => {
             eprintln!("peer: bad arguments {a:?}");
             std::process::exit(2);
