@@ -1,5 +1,5 @@
 //! sockacct-bench: what the agent costs, measured on the real kernel (run as root through
-//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs]…`).
+//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs|spool|flows]…`).
 //!
 //! Figures, printed as one table on stdout and written to target/bench/last.json:
 //! - per-program average run time (kernel bpf_stats: run_time_ns / run_cnt), taken in one
@@ -13,6 +13,12 @@
 //!   (B A A B B A …), medians and the ratio of the medians;
 //! - Poller::tick work time and grace-period wait (p50 / p99) with 1k, 10k, 100k sockets,
 //!   using the library in-process.
+//! - spool append throughput (`--only spool`, in-process, temp directory, default config):
+//!   events/s with one event per append call and with 10, JSON and on-disk bytes per event;
+//! - the cost of flow records (`--only flows`): the agent with `[flows] enabled = false` vs
+//!   `true` (and no agent), rotated order, on 64-byte UDP from an unconnected socket over
+//!   veth (the kernel's per-peer path) and TCP on loopback, plus bpf_stats per program
+//!   during the UDP run with flows off and on.
 //!
 //! This is a reporting tool: nothing here asserts on timings. Targets are printed next to
 //! the figures for reference.
@@ -27,17 +33,18 @@ use std::{
     process::Command,
     sync::Arc,
     thread,
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, bail};
 use serde_json::{Value, json};
 use sockacct::{
     config::Config,
-    event::{Identity, SeqAllocator},
+    event::{DeltaEvent, FORMAT_VERSION, Identity, SeqAllocator, Traffic},
     labels::Labeler,
     loader::{self, LoadOptions},
     poller::Poller,
+    spool::{Spool, SpoolConfig},
 };
 use sockacct_tests::*;
 
@@ -387,6 +394,8 @@ enum Section {
     Udp,
     Ticks,
     Progs,
+    Spool,
+    Flows,
 }
 
 #[derive(Debug, Clone)]
@@ -399,7 +408,7 @@ struct Opts {
     sizes: Vec<usize>,
 }
 
-const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs]… [--rounds N] [--seconds S] [--ticks N]";
+const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs|spool|flows]… [--rounds N] [--seconds S] [--ticks N]";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut quick = false;
@@ -418,7 +427,9 @@ fn parse_args() -> anyhow::Result<Opts> {
                         "udp" => Section::Udp,
                         "ticks" => Section::Ticks,
                         "progs" => Section::Progs,
-                        other => bail!("--only {other}: expected tcp, veth, udp, ticks or progs\n{USAGE}"),
+                        "spool" => Section::Spool,
+                        "flows" => Section::Flows,
+                        other => bail!("--only {other}: expected tcp, veth, udp, ticks, progs, spool or flows\n{USAGE}"),
                     });
                 }
             }
@@ -433,7 +444,7 @@ fn parse_args() -> anyhow::Result<Opts> {
         }
     }
     if only.is_empty() {
-        only = [Section::Tcp, Section::Veth, Section::Udp, Section::Ticks, Section::Progs].into();
+        only = [Section::Tcp, Section::Veth, Section::Udp, Section::Ticks, Section::Progs, Section::Spool, Section::Flows].into();
     }
     Ok(Opts {
         quick,
@@ -513,6 +524,8 @@ enum Scenario {
     TcpLo,
     TcpVeth,
     UdpVeth,
+    /// UdpVeth from an unconnected socket (send_to): the kernel counts it per peer.
+    UdpVethTo,
 }
 
 impl Scenario {
@@ -521,6 +534,7 @@ impl Scenario {
             Scenario::TcpLo => "tcp_loopback",
             Scenario::TcpVeth => "tcp_veth",
             Scenario::UdpVeth => "udp64_veth",
+            Scenario::UdpVethTo => "udp64_sendto_veth",
         }
     }
     fn short(self) -> &'static str {
@@ -528,19 +542,20 @@ impl Scenario {
             Scenario::TcpLo => "TCP lo",
             Scenario::TcpVeth => "TCP veth",
             Scenario::UdpVeth => "UDP64 veth",
+            Scenario::UdpVethTo => "UDP64 sendto veth",
         }
     }
     /// Names of the figures one run yields; the first is the one the ratio target is for.
     fn metrics(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Scenario::TcpLo | Scenario::TcpVeth => &[("gbit_s", "Gbit/s")],
-            Scenario::UdpVeth => &[("rx_kpps", "kpps received"), ("tx_kpps", "kpps sent")],
+            Scenario::UdpVeth | Scenario::UdpVethTo => &[("rx_kpps", "kpps received"), ("tx_kpps", "kpps sent")],
         }
     }
     fn target(self) -> f64 {
         match self {
             Scenario::TcpLo | Scenario::TcpVeth => 0.98,
-            Scenario::UdpVeth => 0.95,
+            Scenario::UdpVeth | Scenario::UdpVethTo => 0.95,
         }
     }
 }
@@ -575,14 +590,15 @@ fn run_once(sc: Scenario, env: &Env) -> Vec<f64> {
             sink.finish();
             vec![got as f64 * 8.0 / nanos.max(1) as f64]
         }
-        Scenario::UdpVeth => {
+        Scenario::UdpVeth | Scenario::UdpVethTo => {
             let n = env.net.expect("veth pair");
+            let mode = if sc == Scenario::UdpVethTo { "udp-blast-to" } else { "udp-blast" };
             let mut rcv = Peer::spawn(None, Some(&n.ns), "bench-ucount", &["udp-count", &n.peer_ip, &secs]);
             let port = rcv.value("port").to_string();
             // The sender outlasts the receiver's window (which opens at the first datagram).
             let send_secs = format!("{:.3}", env.secs + 0.5);
             let mut snd =
-                Peer::spawn(Some(env.cg), None, "bench-ublast", &["udp-blast", &n.peer_ip, &port, &send_secs, "64"]);
+                Peer::spawn(Some(env.cg), None, "bench-ublast", &[mode, &n.peer_ip, &port, &send_secs, "64"]);
             let got = rcv.value("datagrams");
             let rns = rcv.value("nanos");
             let sent = snd.value("sent");
@@ -824,6 +840,358 @@ fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> 
     })
 }
 
+// ---- spool --------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+struct SpoolResult {
+    batch: usize,
+    secs: f64,
+    appends: u64,
+    events: u64,
+    frames: u64,
+    json_bytes: u64,
+    frame_bytes: u64,
+    bytes_on_disk: u64,
+    segments: usize,
+    fsyncs: u64,
+    /// Records the spool did not write at once (backlogged or dropped), and errors seen.
+    not_written: u64,
+    errors: u64,
+}
+
+const SPOOL_AGENT: &str = "3f9c2a7e51d84b0c9e6a1f2d7b8c4e05";
+const SPOOL_BOOT: &str = "7d41e0b2-9c3a-4f58-a6e1-2b8d90c4f713";
+
+/// Delta events as a busy host writes them: five labels, unattributed traffic, one
+/// interface, every number different (xorshift), one second apart.
+fn spool_events(n: usize) -> Vec<DeltaEvent> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut rnd = move |lo: u64, hi: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        lo + x % (hi - lo + 1)
+    };
+    let labels = ["nginx", "postgres", "node", "curl", "sshd"];
+    let t0 = 1_767_225_600_000u64;
+    (0..n)
+        .map(|i| {
+            let mut total = Traffic::default();
+            let mut lm = BTreeMap::new();
+            for l in labels {
+                let (txp, rxp) = (rnd(1, 6000), rnd(1, 6000));
+                let tr = Traffic { tx: txp * rnd(54, 1448), rx: rxp * rnd(54, 1448), tx_packets: txp, rx_packets: rxp };
+                total.add(&tr);
+                lm.insert(l.to_string(), tr);
+            }
+            let (utp, urp) = (rnd(0, 40), rnd(0, 60));
+            let un = Traffic { tx: utp * rnd(54, 600), rx: urp * rnd(54, 600), tx_packets: utp, rx_packets: urp };
+            total.add(&un);
+            // The interface also sees traffic of processes outside the cgroup.
+            let (itp, irp) = (rnd(0, 500), rnd(0, 800));
+            let mut ifc = total;
+            ifc.add(&Traffic { tx: itp * rnd(54, 1448), rx: irp * rnd(54, 1448), tx_packets: itp, rx_packets: irp });
+            DeltaEvent {
+                v: FORMAT_VERSION,
+                kind: "delta".into(),
+                agent: SPOOL_AGENT.into(),
+                boot: SPOOL_BOOT.into(),
+                seq: 0,
+                t: t0 + i as u64 * 1000 + rnd(0, 3),
+                d: 1000 + rnd(0, 2),
+                labels: lm,
+                unattributed: un,
+                total,
+                ifaces: [("eth0".to_string(), ifc)].into(),
+            }
+        })
+        .collect()
+}
+
+/// Appends for `secs` to a fresh spool in a temp directory (default config), `batch`
+/// events per append call.
+fn spool_run(batch: usize, secs: f64) -> anyhow::Result<SpoolResult> {
+    let dir = TempDir::new("benchspool");
+    let cfg = SpoolConfig::new(dir.0.join("spool"));
+    let identity = Identity { agent: SPOOL_AGENT.into(), boot: SPOOL_BOOT.into() };
+    let (mut sp, _) = Spool::open_dir(cfg, identity, SeqAllocator::ephemeral())?;
+    let mut pool = spool_events(4000);
+    let dur = Duration::from_secs_f64(secs);
+    let (mut appends, mut events, mut not_written, mut errors) = (0u64, 0u64, 0u64, 0u64);
+    let mut i = 0;
+    let start = Instant::now();
+    while start.elapsed() < dur {
+        if i + batch > pool.len() {
+            i = 0;
+        }
+        let out = sp.append(&mut pool[i..i + batch], SystemTime::now());
+        i += batch;
+        appends += 1;
+        events += batch as u64;
+        not_written += (out.backlogged + out.dropped) as u64;
+        errors += u64::from(out.error.is_some());
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let st = sp.stats();
+    drop(sp);
+    drop(dir);
+    Ok(SpoolResult {
+        batch,
+        secs,
+        appends,
+        events,
+        frames: st.frames_written,
+        json_bytes: st.json_bytes_written,
+        frame_bytes: st.bytes_written,
+        bytes_on_disk: st.bytes_on_disk,
+        segments: st.segments,
+        fsyncs: st.fsyncs,
+        not_written,
+        errors,
+    })
+}
+
+// ---- flow records -------------------------------------------------------------------------
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum FlowCond {
+    NoAgent,
+    Off,
+    On,
+}
+
+impl FlowCond {
+    fn key(self) -> &'static str {
+        match self {
+            FlowCond::NoAgent => "no_agent",
+            FlowCond::Off => "flows_off",
+            FlowCond::On => "flows_on",
+        }
+    }
+    fn label(self) -> &'static str {
+        match self {
+            FlowCond::NoAgent => "no agent",
+            FlowCond::Off => "flows off",
+            FlowCond::On => "flows on",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct FlowRun {
+    cond: FlowCond,
+    values: Vec<f64>,
+    events: usize,
+    flow_records: usize,
+    busy_before: f64,
+    foreign: usize,
+}
+
+#[derive(Debug, Clone, Default)]
+struct FlowsResult {
+    secs: f64,
+    rounds: usize,
+    /// (scenario, runs in the order they ran)
+    runs: Vec<(Scenario, Vec<FlowRun>)>,
+    /// Stats runs of the UDP scenario: (condition, per-program deltas, throughput, flow records).
+    progs: Vec<(FlowCond, ProgDelta, Vec<f64>, usize)>,
+}
+
+/// One run under `cond`; with `stats`, bpf_stats are on and the agent's program deltas are
+/// returned. Returns (metrics, delta events, flow records, program deltas).
+fn flows_once(sc: Scenario, env: &Env, cond: FlowCond, cfg_dir: &std::path::Path, stats: bool) -> (Vec<f64>, usize, usize, Option<ProgDelta>) {
+    if cond == FlowCond::NoAgent {
+        return (run_once(sc, env), 0, 0, None);
+    }
+    let cfg = cfg_dir.join(format!("{}.toml", cond.key()));
+    let mut args = agent_args(sc, env);
+    args.push("--config".into());
+    args.push(cfg.to_string_lossy().into_owned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let stats_fd = stats.then(|| bpf::enable_stats().expect("BPF_ENABLE_STATS"));
+    let d = Daemon::start(env.cg, &args);
+    let before = stats.then(|| prog_snapshot(&[d.pid()]));
+    let v = run_once(sc, env);
+    let progs = before.map(|b| prog_delta(&b, &prog_snapshot(&[d.pid()])));
+    let lines = d.stop_lines();
+    drop(stats_fd);
+    let count = |kind: &str| lines.iter().filter(|l| l.contains(&format!("\"type\":\"{kind}\""))).count();
+    (v, count("delta"), count("flow"), progs)
+}
+
+/// Flow records on vs off (and no agent): UDP 64 B from an unconnected socket over veth,
+/// TCP on loopback; rounds rotate the order of the three conditions (a Latin square).
+fn flows_section(opts: &Opts, budget: &mut Duration) -> FlowsResult {
+    let cg = TestCgroup::new("benchflows");
+    let net = VethNs::new("bf", 2 + (std::process::id() % 90) as u8);
+    let cfg_dir = TempDir::new("benchflowscfg");
+    fs::write(cfg_dir.0.join("flows_off.toml"), "[flows]\nenabled = false\n").unwrap();
+    fs::write(cfg_dir.0.join("flows_on.toml"), "[flows]\nenabled = true\n").unwrap();
+    let secs = opts.secs.min(2.0);
+    let rounds = opts.rounds.max(3);
+    let env = Env { cg: &cg, net: Some(&net), secs };
+    let conds = [FlowCond::NoAgent, FlowCond::Off, FlowCond::On];
+    let mut res = FlowsResult { secs, rounds, ..Default::default() };
+    for sc in [Scenario::UdpVethTo, Scenario::TcpLo] {
+        progress(format!("== flows: {} ({rounds} rounds, {secs:.1} s per run)", sc.short()));
+        let mut runs = vec![];
+        for r in 0..rounds {
+            for k in 0..conds.len() {
+                let cond = conds[(r + k) % conds.len()];
+                let (busy_before, foreign) = wait_quiet(budget);
+                let (values, events, flow_records, _) = flows_once(sc, &env, cond, &cfg_dir.0, false);
+                let foreign = foreign.max(prog_snapshot(&[]).foreign);
+                progress(format!(
+                    "flows {} round {}/{rounds} {:<9}: {} ({events} events, {flow_records} flow records)",
+                    sc.short(),
+                    r + 1,
+                    cond.label(),
+                    values.iter().zip(sc.metrics()).map(|(v, m)| format!("{v:.2} {}", m.1)).collect::<Vec<_>>().join(", "),
+                ));
+                runs.push(FlowRun { cond, values, events, flow_records, busy_before, foreign });
+            }
+        }
+        res.runs.push((sc, runs));
+    }
+    for cond in [FlowCond::Off, FlowCond::On] {
+        progress(format!("flows: {} stats run, {} (bpf_stats on)", Scenario::UdpVethTo.short(), cond.label()));
+        wait_quiet(budget);
+        let (v, _, flow_records, progs) = flows_once(Scenario::UdpVethTo, &env, cond, &cfg_dir.0, true);
+        res.progs.push((cond, progs.unwrap_or_default(), v, flow_records));
+    }
+    res
+}
+
+fn report_spool(out: &mut String, js: &mut serde_json::Map<String, Value>, rs: &[SpoolResult]) {
+    let mut push = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    push(String::new());
+    push("== Spool append (in-process, temp dir, default config: fsync at most 1 s after a write, 8 MiB segments; delta events with 5 labels + 1 iface) ==".into());
+    push(format!(
+        "{:>12} {:>11} {:>10} {:>12} {:>12} {:>11} {:>7} {:>8} {:>9}",
+        "events/call", "events/s", "calls/s", "JSON B/ev", "disk B/ev", "compression", "fsyncs", "segments", "seconds"
+    ));
+    let mut jv = vec![];
+    for r in rs {
+        let n = r.events.max(1) as f64;
+        let (eps, cps) = (r.events as f64 / r.secs, r.appends as f64 / r.secs);
+        let (jb, db) = (r.json_bytes as f64 / n, r.frame_bytes as f64 / n);
+        let ratio = r.json_bytes as f64 / r.frame_bytes.max(1) as f64;
+        push(format!(
+            "{:>12} {:>11.0} {:>10.0} {:>12.1} {:>12.1} {:>10.2}x {:>7} {:>8} {:>9.2}",
+            r.batch, eps, cps, jb, db, ratio, r.fsyncs, r.segments, r.secs
+        ));
+        jv.push(json!({"events_per_append": r.batch, "seconds": r.secs, "appends": r.appends, "events": r.events,
+            "frames_written": r.frames, "events_per_s": eps, "appends_per_s": cps, "json_bytes_per_event": jb,
+            "disk_bytes_per_event": db, "compression_ratio": ratio, "json_bytes": r.json_bytes, "frame_bytes": r.frame_bytes,
+            "bytes_on_disk_at_end": r.bytes_on_disk, "segments": r.segments, "fsyncs": r.fsyncs,
+            "records_not_written_at_once": r.not_written, "append_errors": r.errors}));
+        if r.not_written > 0 || r.errors > 0 {
+            push(format!("note: batch {}: {} records backlogged or dropped, {} append errors", r.batch, r.not_written, r.errors));
+        }
+    }
+    push("JSON B/ev = serialized line (+ newline); disk B/ev = zstd frame bytes written per event (one frame per call); compression = JSON / disk".into());
+    js.insert("spool".into(), Value::Array(jv));
+}
+
+fn report_flows(out: &mut String, js: &mut serde_json::Map<String, Value>, f: &FlowsResult) {
+    let mut push = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    let conds = [FlowCond::NoAgent, FlowCond::Off, FlowCond::On];
+    push(String::new());
+    push(format!(
+        "== Flow records: cost (agent with [flows] enabled = false vs true, and no agent; {} rounds, order rotated, {:.1} s per run, medians; bpf_stats off) ==",
+        f.rounds, f.secs
+    ));
+    push(format!("{:<34} {:>9} {:>9} {:>9} {:>7} {:>8}  {}", "scenario", "no agent", "flows off", "flows on", "on/off", "off/none", "runs no agent | off | on"));
+    let mut jt = serde_json::Map::new();
+    for (sc, runs) in &f.runs {
+        let mut jm = serde_json::Map::new();
+        for (i, (key, unit)) in sc.metrics().iter().enumerate() {
+            let vals = |c: FlowCond| runs.iter().filter(|r| r.cond == c).map(|r| r.values[i]).collect::<Vec<f64>>();
+            let v: Vec<Vec<f64>> = conds.iter().map(|&c| vals(c)).collect();
+            let m: Vec<f64> = v.iter().map(|x| median(x)).collect();
+            let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+            push(format!(
+                "{:<34} {:>9.2} {:>9.2} {:>9.2} {:>7.3} {:>8.3}  {} | {} | {}",
+                format!("{} ({unit})", sc.short()),
+                m[0],
+                m[1],
+                m[2],
+                m[2] / m[1],
+                m[1] / m[0],
+                list(&v[0]),
+                list(&v[1]),
+                list(&v[2])
+            ));
+            let mut jc = serde_json::Map::new();
+            for (k, &c) in conds.iter().enumerate() {
+                jc.insert(c.key().into(), json!({"runs": v[k], "median": m[k]}));
+            }
+            jc.insert("unit".into(), json!(unit));
+            jc.insert("ratio_on_off".into(), json!(m[2] / m[1]));
+            jc.insert("ratio_off_no_agent".into(), json!(m[1] / m[0]));
+            jc.insert("ratio_on_no_agent".into(), json!(m[2] / m[0]));
+            jm.insert(key.to_string(), Value::Object(jc));
+        }
+        jm.insert("order".into(), json!(runs.iter().map(|r| r.cond.key()).collect::<Vec<_>>()));
+        jm.insert("events_per_run".into(), json!(runs.iter().map(|r| r.events).collect::<Vec<_>>()));
+        jm.insert("flow_records_per_run".into(), json!(runs.iter().map(|r| r.flow_records).collect::<Vec<_>>()));
+        jm.insert("cpu_busy_before_run".into(), json!(runs.iter().map(|r| (r.busy_before * 1000.0).round() / 1000.0).collect::<Vec<_>>()));
+        jm.insert("foreign_sockacct_programs_per_run".into(), json!(runs.iter().map(|r| r.foreign).collect::<Vec<_>>()));
+        jt.insert(sc.key().into(), Value::Object(jm));
+        let fr = |c: FlowCond| runs.iter().filter(|r| r.cond == c).map(|r| r.flow_records.to_string()).collect::<Vec<_>>().join(" ");
+        push(format!("  {}: flow records per agent run: off {} | on {}", sc.short(), fr(FlowCond::Off), fr(FlowCond::On)));
+        let noisy = runs.iter().filter(|r| r.foreign > 0 || r.busy_before >= 0.15).count();
+        if noisy > 0 {
+            push(format!("  note: {noisy} of {} runs started on a busy machine or overlapped another sockacct instance", runs.len()));
+        }
+    }
+    push("UDP: 64 B payload from an UNCONNECTED socket (send_to) in the cgroup to a receiver in the namespace (per-peer kernel path); ratios on medians".into());
+    // Program run times during the UDP stats runs.
+    if !f.progs.is_empty() {
+        push(String::new());
+        push(format!("== Program run time during {} (kernel bpf_stats, one agent run each; ns per run (runs)) ==", Scenario::UdpVethTo.short()));
+        let get = |c: FlowCond| f.progs.iter().find(|p| p.0 == c);
+        let (off, on) = (get(FlowCond::Off), get(FlowCond::On));
+        push(format!("{:<22} {:>19} {:>19} {:>7}", "program", "flows off", "flows on", "on/off"));
+        let mut names: BTreeSet<String> = BTreeSet::new();
+        for p in &f.progs {
+            names.extend(p.1.iter().filter(|(_, v)| v.1 > 0).map(|(n, _)| n.clone()));
+        }
+        let mut names: Vec<String> = names.into_iter().collect();
+        names.sort_by_key(|n| (PROGRAMS.iter().position(|p| n.starts_with(p)).unwrap_or(99), n.clone()));
+        let mut jp = serde_json::Map::new();
+        for n in &names {
+            let ns = |p: Option<&(FlowCond, ProgDelta, Vec<f64>, usize)>| {
+                let (t, c) = p.and_then(|p| p.1.get(n).copied()).unwrap_or((0, 0));
+                (t, c, if c == 0 { f64::NAN } else { t as f64 / c as f64 })
+            };
+            let (a, b) = (ns(off), ns(on));
+            let cell = |x: (u64, u64, f64)| if x.1 == 0 { "-".to_string() } else { format!("{:.1} ({})", x.2, fmt_count(x.1)) };
+            push(format!("{:<22} {:>19} {:>19} {:>7.3}", n, cell(a), cell(b), b.2 / a.2));
+            jp.insert(
+                n.clone(),
+                json!({"flows_off": {"run_time_ns": a.0, "run_cnt": a.1}, "flows_on": {"run_time_ns": b.0, "run_cnt": b.1},
+                       "ratio_on_off": if a.1 > 0 && b.1 > 0 { json!(b.2 / a.2) } else { Value::Null }}),
+            );
+        }
+        let thr = |p: Option<&(FlowCond, ProgDelta, Vec<f64>, usize)>| {
+            p.and_then(|p| p.2.first().map(|v| format!("{v:.2} kpps received, {} flow records", p.3))).unwrap_or("-".into())
+        };
+        push(format!("during these runs: flows off {}; flows on {}", thr(off), thr(on)));
+        js.insert(
+            "flows_programs".into(),
+            json!({"per_program": jp, "throughput_kpps": {"flows_off": off.map(|p| p.2.clone()), "flows_on": on.map(|p| p.2.clone())}}),
+        );
+    }
+    js.insert("flows".into(), json!({"rounds": f.rounds, "seconds_per_run": f.secs, "scenarios": jt}));
+}
+
 // ---- report -------------------------------------------------------------------------------
 
 fn mark(ok: bool) -> &'static str {
@@ -925,6 +1293,33 @@ fn main() -> anyhow::Result<()> {
                 Ok(Ok(r)) => rows.push((n, r)),
                 Ok(Err(e)) => failures.push(format!("ticks {n}: {e:#}")),
                 Err(e) => failures.push(format!("ticks {n}: failed: {}", panic_text(&*e))),
+            }
+        }
+    }
+
+    // Spool throughput (in-process).
+    let mut spool_rows: Vec<SpoolResult> = vec![];
+    if has(Section::Spool) {
+        let secs = if opts.quick { 1.0 } else { 3.0 };
+        for batch in [1, 10] {
+            progress(format!("== spool: {batch} event(s) per append, {secs:.1} s"));
+            match catch_unwind(AssertUnwindSafe(|| spool_run(batch, secs))) {
+                Ok(Ok(r)) => spool_rows.push(r),
+                Ok(Err(e)) => failures.push(format!("spool {batch}: {e:#}")),
+                Err(e) => failures.push(format!("spool {batch}: failed: {}", panic_text(&*e))),
+            }
+        }
+    }
+
+    // Flow records on vs off.
+    let mut flows_res: Option<FlowsResult> = None;
+    if has(Section::Flows) {
+        match catch_unwind(AssertUnwindSafe(|| flows_section(&opts, &mut budget))) {
+            Ok(r) => flows_res = Some(r),
+            Err(e) => {
+                let msg = format!("flows: failed: {}", panic_text(&*e));
+                progress(&msg);
+                failures.push(msg);
             }
         }
     }
@@ -1102,6 +1497,13 @@ fn main() -> anyhow::Result<()> {
             line(&mut out, "batch rd = one bare BPF_MAP_LOOKUP_BATCH walk of the socket map; first tick = the tick that labels every socket".into());
         }
         js.insert("ticks".into(), Value::Array(jt));
+    }
+
+    if !spool_rows.is_empty() {
+        report_spool(&mut out, &mut js, &spool_rows);
+    }
+    if let Some(f) = &flows_res {
+        report_flows(&mut out, &mut js, f);
     }
 
     let elapsed = started.elapsed().as_secs_f64();

@@ -16,6 +16,7 @@
 //!   peer [--name N] udp-count LISTEN_ADDR SECONDS             (prints "port P"; counts datagrams for
 //!                                                              SECONDS from the first; "datagrams N", "nanos T")
 //!   peer [--name N] udp-blast ADDR PORT SECONDS SIZE          (unpaced; "sent N", "errors E", "nanos T")
+//!   peer [--name N] udp-blast-to ADDR PORT SECONDS SIZE       (the same from an unconnected socket, send_to)
 //!   peer [--name N] hold-many PAIRS ACTIVE [FIRST]            (PAIRS established loopback TCP connections to
 //!                                                              listeners on 127.0.0.FIRST…, both ends here;
 //!                                                              prints "sockets S"; keeps light traffic on
@@ -248,6 +249,7 @@ fn main() {
         ["tcp-blast", addr, port, secs] => bench_tcp_blast(addr, port, secs),
         ["udp-count", listen, secs] => bench_udp_count(listen, secs),
         ["udp-blast", addr, port, secs, size] => bench_udp_blast(addr, port, secs, size),
+        ["udp-blast-to", addr, port, secs, size] => bench_udp_blast_to(addr, port, secs, size),
         ["hold-many", pairs, active] => bench_hold_many(pairs, active, "2"),
         ["hold-many", pairs, active, first_ip] => bench_hold_many(pairs, active, first_ip),
         ["tcp-serve-fork", listen, worker_name, greeting, reply] => {
@@ -535,4 +537,28 @@ fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
     out("closing".into());
     drop(conns);
     std::process::exit(0);
+}
+
+/// Like `bench_udp_blast`, but the socket stays unconnected and every datagram goes out with
+/// send_to: the kernel counts such a socket per peer (the path flow records read).
+fn bench_udp_blast_to(addr: &str, port: &str, secs: &str, size: &str) {
+    let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
+    let bind: IpAddr = if to.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+    let s = UdpSocket::bind((bind, 0)).unwrap();
+    let dur = bench_duration(secs);
+    let buf = vec![0x11u8; size.parse().unwrap()];
+    let start = std::time::Instant::now();
+    let (mut sent, mut errors) = (0u64, 0u64);
+    while start.elapsed() < dur {
+        for _ in 0..256 {
+            match s.send_to(&buf, to) {
+                Ok(_) => sent += 1,
+                Err(_) => errors += 1,
+            }
+        }
+    }
+    let nanos = start.elapsed().as_nanos();
+    out(format!("sent {sent}"));
+    out(format!("errors {errors}"));
+    out(format!("nanos {nanos}"));
 }
