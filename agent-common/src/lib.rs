@@ -183,6 +183,10 @@ pub const MAP_DROPS: &str = "DROPS";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_FINALS: &str = "FINALS";
 pub const MAP_PEERS: &str = "PEERS";
+/// Settings the daemon writes before attaching (index 0: SETTING_* bits).
+pub const MAP_SETTINGS: &str = "SETTINGS";
+/// Count unconnected UDP sockets per peer (flow records are on).
+pub const SETTING_PER_PEER: u32 = 1;
 pub const DEFAULT_MAX_PEERS: u32 = 65_536;
 
 /// Key of the per-peer counters of an unconnected UDP socket.

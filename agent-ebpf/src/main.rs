@@ -68,6 +68,10 @@ static IFACES: PerCpuHashMap<u32, SlotCounters> = PerCpuHashMap::with_max_entrie
 #[map]
 static PEERS: HashMap<PeerKey, Counters> = HashMap::with_max_entries(DEFAULT_MAX_PEERS, BPF_F_NO_PREALLOC);
 
+/// Written by the daemon before it attaches anything: SETTING_* bits at index 0.
+#[map]
+static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
+
 #[map]
 static FINALS: RingBuf = RingBuf::with_byte_size(FINALS_RINGBUF_BYTES, 0);
 
@@ -203,7 +207,8 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
                     // An unconnected UDP socket talks to many peers: count it per peer too.
                     // The socket alone cannot name the peer; the packet headers can.
                     unsafe {
-                        if (*full).protocol == UDP && (*ctx.skb.skb).remote_port == 0 {
+                        let per_peer = SETTINGS.get(0).is_some_and(|v| *v & SETTING_PER_PEER != 0);
+                        if per_peer && (*full).protocol == UDP && (*ctx.skb.skb).remote_port == 0 {
                             (*e).per_peer = 1;
                         }
                     }

@@ -487,6 +487,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         cgroup: s.config.cgroup.clone(),
         interfaces: s.config.interfaces.clone(),
         max_sockets: s.config.max_sockets,
+        per_peer: s.config.flows.enabled,
     };
     let labeler = Arc::new(Labeler::new(&s.config, procfs::netns_cookie_of_self())?);
     std::fs::create_dir_all(&s.state_dir)

@@ -74,11 +74,13 @@ pub struct LoadOptions {
     pub interfaces: Vec<String>,
     /// Capacity of the per-socket and owner maps.
     pub max_sockets: u32,
+    /// Count unconnected UDP sockets per peer (for flow records).
+    pub per_peer: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { cgroup: None, interfaces: vec![], max_sockets: DEFAULT_MAX_SOCKETS }
+        Self { cgroup: None, interfaces: vec![], max_sockets: DEFAULT_MAX_SOCKETS, per_peer: false }
     }
 }
 
@@ -213,6 +215,15 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         .map_max_entries(MAP_SOCKS, opts.max_sockets)
         .map_max_entries(MAP_OWNERS, opts.max_sockets)
         .load(BPF_OBJECT)?;
+    // Settings before any program is attached, so the first packet already sees them.
+    {
+        let mut a: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+            ebpf.map_mut(MAP_SETTINGS).ok_or(LoadError::MissingMap(MAP_SETTINGS))?,
+        )
+        .map_err(|source| LoadError::Map { name: MAP_SETTINGS, source })?;
+        let bits = if opts.per_peer { SETTING_PER_PEER } else { 0 };
+        a.set(0, bits, 0).map_err(|source| LoadError::Map { name: MAP_SETTINGS, source })?;
+    }
     let mut links = vec![];
 
     for (name, ty) in [
