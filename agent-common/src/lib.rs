@@ -20,7 +20,12 @@ pub struct Counters {
 }
 
 impl Counters {
-    pub const ZERO: Counters = Counters { tx_bytes: 0, rx_bytes: 0, tx_packets: 0, rx_packets: 0 };
+    pub const ZERO: Counters = Counters {
+        tx_bytes: 0,
+        rx_bytes: 0,
+        tx_packets: 0,
+        rx_packets: 0,
+    };
 
     pub fn is_zero(&self) -> bool {
         self.tx_bytes == 0 && self.rx_bytes == 0 && self.tx_packets == 0 && self.rx_packets == 0
@@ -86,7 +91,9 @@ impl SockCounters {
 }
 
 const _: () = {
-    assert!(core::mem::offset_of!(SockCounters, rx) - core::mem::offset_of!(SockCounters, tx) >= 96);
+    assert!(
+        core::mem::offset_of!(SockCounters, rx) - core::mem::offset_of!(SockCounters, tx) >= 96
+    );
     assert!(core::mem::size_of::<SockCounters>() == 136);
 };
 
@@ -170,8 +177,14 @@ pub const DROP_ACTIVE_LOST: u32 = 6;
 pub const DROP_PEER_INSERT: u32 = 8; // per-peer (unconnected UDP) map full: flow records miss it
 pub const DROP_COUNT: u32 = 10;
 
-pub const DROP_NAMES: [&str; 6] =
-    ["sock_map_full", "ringbuf_full", "owner_map_full", "iface_unregistered", "no_socket_cookie", "not_full_socket"];
+pub const DROP_NAMES: [&str; 6] = [
+    "sock_map_full",
+    "ringbuf_full",
+    "owner_map_full",
+    "iface_unregistered",
+    "no_socket_cookie",
+    "not_full_socket",
+];
 
 /// Map names, shared so the loader and the kernel side cannot drift apart.
 pub const MAP_SOCKS: &str = "SOCKS";

@@ -18,17 +18,21 @@ use core::{ffi::c_void, intrinsics::AtomicOrdering};
 use agent_common::*;
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, TC_ACT_OK},
+    bindings::{
+        BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        TC_ACT_OK,
+    },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
         generated::{
-            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie,
-            bpf_sk_fullsock,
+            bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_fullsock,
         },
     },
     macros::{btf_tracepoint, cgroup_skb, cgroup_sock, classifier, fexit, map, sock_ops},
     maps::{Array, HashMap, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{BtfTracePointContext, FExitContext, SkBuffContext, SockContext, SockOpsContext, TcContext},
+    programs::{
+        BtfTracePointContext, FExitContext, SkBuffContext, SockContext, SockOpsContext, TcContext,
+    },
 };
 
 const TCP: u32 = 6;
@@ -61,12 +65,14 @@ static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNT, 0);
 /// ifindex -> counters, per CPU (plain adds, no atomics); entries are created by the
 /// daemon when it attaches tc.
 #[map]
-static IFACES: PerCpuHashMap<u32, SlotCounters> = PerCpuHashMap::with_max_entries(DEFAULT_MAX_IFACES, 0);
+static IFACES: PerCpuHashMap<u32, SlotCounters> =
+    PerCpuHashMap::with_max_entries(DEFAULT_MAX_IFACES, 0);
 
 /// Per-peer counters of unconnected UDP sockets (flow records). Not part of the exact
 /// per-interval ledger: the delta events never depend on it.
 #[map]
-static PEERS: HashMap<PeerKey, Counters> = HashMap::with_max_entries(DEFAULT_MAX_PEERS, BPF_F_NO_PREALLOC);
+static PEERS: HashMap<PeerKey, Counters> =
+    HashMap::with_max_entries(DEFAULT_MAX_PEERS, BPF_F_NO_PREALLOC);
 
 /// Written by the daemon before it attaches anything: SETTING_* bits at index 0.
 #[map]
@@ -117,7 +123,11 @@ fn note_active(cookie: u64, slot: usize) {
         ACTIVE0.output::<u64>(&cookie, BPF_RB_NO_WAKEUP as u64)
     };
     if r.is_err() {
-        drop_count(if slot == 1 { DROP_ACTIVE_LOST + 1 } else { DROP_ACTIVE_LOST });
+        drop_count(if slot == 1 {
+            DROP_ACTIVE_LOST + 1
+        } else {
+            DROP_ACTIVE_LOST
+        });
     }
 }
 
@@ -257,7 +267,10 @@ fn count_peer(ctx: &SkBuffContext, cookie: u64, len: u64, egress: bool) {
     const IPV4_BE: u32 = 0x0008;
     const IPV6_BE: u32 = 0xdd86;
     let proto = unsafe { (*ctx.skb.skb).protocol };
-    let mut key = PeerKey { cookie, ..PeerKey::default() };
+    let mut key = PeerKey {
+        cookie,
+        ..PeerKey::default()
+    };
     if proto == IPV4_BE {
         let Ok(vihl) = ctx.load::<u8>(0) else { return };
         let Ok(l4) = ctx.load::<u8>(9) else { return };
@@ -265,8 +278,12 @@ fn count_peer(ctx: &SkBuffContext, cookie: u64, len: u64, egress: bool) {
             return;
         }
         let ihl = ((vihl & 0x0f) as usize) * 4;
-        let Ok(addr) = ctx.load::<u32>(if egress { 16 } else { 12 }) else { return };
-        let Ok(port) = ctx.load::<u16>(ihl + if egress { 2 } else { 0 }) else { return };
+        let Ok(addr) = ctx.load::<u32>(if egress { 16 } else { 12 }) else {
+            return;
+        };
+        let Ok(port) = ctx.load::<u16>(ihl + if egress { 2 } else { 0 }) else {
+            return;
+        };
         key.addr = [addr, 0, 0, 0];
         key.port = u16::from_be(port) as u32;
         key.family = 2;
@@ -276,8 +293,12 @@ fn count_peer(ctx: &SkBuffContext, cookie: u64, len: u64, egress: bool) {
         if next != UDP as u8 {
             return;
         }
-        let Ok(addr) = ctx.load::<[u32; 4]>(if egress { 24 } else { 8 }) else { return };
-        let Ok(port) = ctx.load::<u16>(40 + if egress { 2 } else { 0 }) else { return };
+        let Ok(addr) = ctx.load::<[u32; 4]>(if egress { 24 } else { 8 }) else {
+            return;
+        };
+        let Ok(port) = ctx.load::<u16>(40 + if egress { 2 } else { 0 }) else {
+            return;
+        };
         key.addr = addr;
         key.port = u16::from_be(port) as u32;
         key.family = 10;
@@ -318,7 +339,10 @@ fn record_addresses(ctx: &SkBuffContext, cookie: u64, sk: *mut aya_ebpf::binding
         None => {
             // No owner yet (accepted or pre-existing socket): keep the addresses; the
             // accept hook or the daemon fills in the rest.
-            if OWNERS.insert(cookie, Owner::default(), BPF_NOEXIST as u64).is_err() {
+            if OWNERS
+                .insert(cookie, Owner::default(), BPF_NOEXIST as u64)
+                .is_err()
+            {
                 drop_count(DROP_OWNER_INSERT);
             }
             match OWNERS.get_ptr_mut(cookie) {
@@ -515,8 +539,15 @@ pub fn sockacct_first_send_any(ctx: BtfTracePointContext) -> i32 {
 pub fn sockacct_passive(ctx: SockOpsContext) -> u32 {
     if ctx.op() == BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         let cookie = unsafe { bpf_get_socket_cookie(ctx.ops as *mut c_void) };
-        let owner = Owner { family: ctx.family(), sock_type: 1, protocol: TCP, ..Owner::default() };
-        if OWNERS.insert(cookie, owner, BPF_NOEXIST as u64).is_err() && OWNERS.get_ptr(cookie).is_none() {
+        let owner = Owner {
+            family: ctx.family(),
+            sock_type: 1,
+            protocol: TCP,
+            ..Owner::default()
+        };
+        if OWNERS.insert(cookie, owner, BPF_NOEXIST as u64).is_err()
+            && OWNERS.get_ptr(cookie).is_none()
+        {
             drop_count(DROP_OWNER_INSERT);
         }
     }
@@ -648,7 +679,10 @@ fn count_iface(ctx: &TcContext, egress: bool) {
             // This CPU's copy, with plain adds: unlike cgroup_skb egress, tc never nests on
             // a CPU (egress runs in __dev_queue_xmit with softirqs off, ingress in
             // softirq), and the two directions add to different words.
-            let c = slot_ptr(unsafe { &raw mut (*e).slot } as *mut Counters, current_slot());
+            let c = slot_ptr(
+                unsafe { &raw mut (*e).slot } as *mut Counters,
+                current_slot(),
+            );
             let len = ctx.len() as u64;
             unsafe {
                 if egress {

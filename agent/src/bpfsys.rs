@@ -57,7 +57,11 @@ pub fn lookup_batch<K: Plain, V: Plain>(
     let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first { 0 } else { token_in.as_mut_ptr() as u64 },
+            in_batch: if first {
+                0
+            } else {
+                token_in.as_mut_ptr() as u64
+            },
             out_batch: token_out.as_mut_ptr() as u64,
             keys: keys.as_mut_ptr() as u64,
             values: values.as_mut_ptr() as u64,
@@ -74,7 +78,11 @@ pub fn lookup_batch<K: Plain, V: Plain>(
                 size_of::<BatchAttr>() as u32,
             )
         };
-        let err = if r < 0 { Some(io::Error::last_os_error()) } else { None };
+        let err = if r < 0 {
+            Some(io::Error::last_os_error())
+        } else {
+            None
+        };
         let n = attr.count as usize;
         match err {
             Some(e) if e.raw_os_error() == Some(libc::ENOSPC) && n == 0 => {
@@ -121,7 +129,12 @@ pub fn lookup<K: Plain, V: Plain>(map: BorrowedFd<'_>, key: &K) -> io::Result<Op
         flags: 0,
     };
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_LOOKUP_ELEM, &mut attr as *mut ElemAttr, size_of::<ElemAttr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_LOOKUP_ELEM,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>() as u32,
+        )
     };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -143,7 +156,12 @@ pub fn delete<K: Plain>(map: BorrowedFd<'_>, key: &K) -> io::Result<()> {
         flags: 0,
     };
     let r = unsafe {
-        libc::syscall(libc::SYS_bpf, BPF_MAP_DELETE_ELEM, &mut attr as *mut ElemAttr, size_of::<ElemAttr>() as u32)
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_DELETE_ELEM,
+            &mut attr as *mut ElemAttr,
+            size_of::<ElemAttr>() as u32,
+        )
     };
     if r < 0 {
         let e = io::Error::last_os_error();
@@ -160,5 +178,9 @@ const MEMBARRIER_CMD_GLOBAL: libc::c_int = 1;
 /// (the kernel runs `synchronize_rcu()` for this command).
 pub fn wait_for_running_programs() -> io::Result<()> {
     let r = unsafe { libc::syscall(libc::SYS_membarrier, MEMBARRIER_CMD_GLOBAL, 0, 0) };
-    if r < 0 { Err(io::Error::last_os_error()) } else { Ok(()) }
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
 }

@@ -52,7 +52,12 @@ pub enum Command {
         #[command(subcommand)]
         cmd: SpoolCmd,
         /// Spool directory (as `run --spool-dir`).
-        #[arg(long, value_name = "DIR", default_value = "/var/lib/sockacct/spool", global = true)]
+        #[arg(
+            long,
+            value_name = "DIR",
+            default_value = "/var/lib/sockacct/spool",
+            global = true
+        )]
         spool_dir: PathBuf,
     },
 }
@@ -141,13 +146,35 @@ pub fn main() {
     let r = match cli.command {
         Command::Run(args) => crate::daemon::run(args),
         Command::Check { cgroup } => check(cgroup),
-        Command::Flush(c) => control(&c, serde_json::json!({"cmd": "flush"}), Duration::from_secs(3600)),
-        Command::Status(c) => control(&c, serde_json::json!({"cmd": "status"}), Duration::from_secs(10)),
-        Command::Pause(c) => control(&c, serde_json::json!({"cmd": "pause"}), Duration::from_secs(10)),
-        Command::Resume(c) => control(&c, serde_json::json!({"cmd": "resume"}), Duration::from_secs(10)),
-        Command::Label { cookie, label, control: c } => {
-            control(&c, serde_json::json!({"cmd": "label", "cookie": cookie, "label": label}), Duration::from_secs(10))
-        }
+        Command::Flush(c) => control(
+            &c,
+            serde_json::json!({"cmd": "flush"}),
+            Duration::from_secs(3600),
+        ),
+        Command::Status(c) => control(
+            &c,
+            serde_json::json!({"cmd": "status"}),
+            Duration::from_secs(10),
+        ),
+        Command::Pause(c) => control(
+            &c,
+            serde_json::json!({"cmd": "pause"}),
+            Duration::from_secs(10),
+        ),
+        Command::Resume(c) => control(
+            &c,
+            serde_json::json!({"cmd": "resume"}),
+            Duration::from_secs(10),
+        ),
+        Command::Label {
+            cookie,
+            label,
+            control: c,
+        } => control(
+            &c,
+            serde_json::json!({"cmd": "label", "cookie": cookie, "label": label}),
+            Duration::from_secs(10),
+        ),
         Command::Spool { cmd, spool_dir } => spool(cmd, &spool_dir),
     };
     if let Err(e) = r {
@@ -161,7 +188,10 @@ fn control(c: &ControlArgs, req: serde_json::Value, timeout: Duration) -> anyhow
     let reply = crate::control::request(&c.control_socket, &req, timeout)?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {
-        let why = reply.get("error").and_then(|v| v.as_str()).unwrap_or("the agent reported a failure");
+        let why = reply
+            .get("error")
+            .and_then(|v| v.as_str())
+            .unwrap_or("the agent reported a failure");
         anyhow::bail!("{why}");
     }
     Ok(())
@@ -169,7 +199,10 @@ fn control(c: &ControlArgs, req: serde_json::Value, timeout: Duration) -> anyhow
 
 fn check(cgroup: Option<PathBuf>) -> anyhow::Result<()> {
     let path = crate::loader::preflight(cgroup.as_deref())?;
-    println!("ok: privileges, BTF and cgroup v2 present; would attach to {}", path.display());
+    println!(
+        "ok: privileges, BTF and cgroup v2 present; would attach to {}",
+        path.display()
+    );
     Ok(())
 }
 

@@ -133,7 +133,14 @@ pub struct UploadSection {
 
 impl Default for UploadSection {
     fn default() -> Self {
-        UploadSection { url: None, token_file: None, max_body_bytes: 4 << 20, timeout_ms: 10_000, deadline_ms: 60_000, every_secs: 0 }
+        UploadSection {
+            url: None,
+            token_file: None,
+            max_body_bytes: 4 << 20,
+            timeout_ms: 10_000,
+            deadline_ms: 60_000,
+            every_secs: 0,
+        }
     }
 }
 
@@ -150,7 +157,11 @@ pub struct ControlSection {
 
 impl Default for ControlSection {
     fn default() -> Self {
-        ControlSection { socket: PathBuf::from("/run/sockacct/control.sock"), group: None, max_labels_per_uid: 1024 }
+        ControlSection {
+            socket: PathBuf::from("/run/sockacct/control.sock"),
+            group: None,
+            max_labels_per_uid: 1024,
+        }
     }
 }
 
@@ -674,20 +685,36 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if let Err(e) = crate::flows::FlowConfig::from_section(&self.flows) {
             // The message starts with the key already ("flows.udp_idle_ms: ...").
-            return Err(ConfigError::Invalid { origin: None, line: None, rule: None, field: None, message: e });
+            return Err(ConfigError::Invalid {
+                origin: None,
+                line: None,
+                rule: None,
+                field: None,
+                message: e,
+            });
         }
         if let Some(url) = &self.upload.url {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(ConfigError::field(
                     "upload.url",
-                    format!(r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#),
+                    format!(
+                        r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#
+                    ),
                 ));
             }
         }
         if self.upload.max_body_bytes < 4096 {
-            return Err(ConfigError::field("upload.max_body_bytes", format!("{} is too small (at least 4096)", self.upload.max_body_bytes)));
+            return Err(ConfigError::field(
+                "upload.max_body_bytes",
+                format!(
+                    "{} is too small (at least 4096)",
+                    self.upload.max_body_bytes
+                ),
+            ));
         }
-        if self.spool.segment_max_bytes < 4096 || self.spool.max_bytes < 2 * self.spool.segment_max_bytes {
+        if self.spool.segment_max_bytes < 4096
+            || self.spool.max_bytes < 2 * self.spool.segment_max_bytes
+        {
             return Err(ConfigError::field(
                 "spool",
                 format!(

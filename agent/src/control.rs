@@ -75,18 +75,25 @@ impl Request {
 
 /// Parses one request line; the error text is what the peer gets back.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    let v: Value = serde_json::from_slice(line).map_err(|e| format!("malformed request (expected one JSON object per line): {e}"))?;
+    let v: Value = serde_json::from_slice(line)
+        .map_err(|e| format!("malformed request (expected one JSON object per line): {e}"))?;
     let cmd = v
         .get("cmd")
         .and_then(Value::as_str)
-        .ok_or_else(|| "request has no \"cmd\" string; valid: status, flush, pause, resume, label".to_string())?
+        .ok_or_else(|| {
+            "request has no \"cmd\" string; valid: status, flush, pause, resume, label".to_string()
+        })?
         .to_string();
     if !["status", "flush", "pause", "resume", "label"].contains(&cmd.as_str()) {
-        return Err(format!("unknown command {cmd:?}; valid: status, flush, pause, resume, label"));
+        return Err(format!(
+            "unknown command {cmd:?}; valid: status, flush, pause, resume, label"
+        ));
     }
     if cmd != "label" {
         if let Some(extra) = v.as_object().and_then(|o| o.keys().find(|k| *k != "cmd")) {
-            return Err(format!("bad {cmd} request: unexpected field {extra:?} ({cmd} takes no arguments)"));
+            return Err(format!(
+                "bad {cmd} request: unexpected field {extra:?} ({cmd} takes no arguments)"
+            ));
         }
     }
     serde_json::from_value(v).map_err(|e| format!("bad {cmd} request: {e}"))
@@ -116,7 +123,11 @@ pub struct ControlConfig {
 fn group_id(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
     let g = unsafe { libc::getgrnam(c.as_ptr()) };
-    if g.is_null() { None } else { Some(unsafe { (*g).gr_gid }) }
+    if g.is_null() {
+        None
+    } else {
+        Some(unsafe { (*g).gr_gid })
+    }
 }
 
 /// Supplementary groups of a process, from /proc/<pid>/status.
@@ -124,16 +135,22 @@ fn groups_of(pid: i32) -> Vec<u32> {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Groups:"))
-                .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
+                g.split_whitespace()
+                    .filter_map(|x| x.parse().ok())
+                    .collect()
+            })
         })
         .unwrap_or_default()
 }
 
 fn peer_of(s: &UnixStream) -> io::Result<Peer> {
     let c = s.peer_cred()?;
-    Ok(Peer { pid: c.pid().unwrap_or(0), uid: c.uid(), gid: c.gid() })
+    Ok(Peer {
+        pid: c.pid().unwrap_or(0),
+        uid: c.uid(),
+        gid: c.gid(),
+    })
 }
 
 /// The listening control socket.
@@ -149,7 +166,10 @@ impl ControlServer {
     /// configured group.
     pub fn bind(cfg: &ControlConfig) -> Result<ControlServer, ControlError> {
         let path = cfg.path.clone();
-        let io = |source| ControlError::Io { path: path.clone(), source };
+        let io = |source| ControlError::Io {
+            path: path.clone(),
+            source,
+        };
         let group = match &cfg.group {
             Some(g) => Some(group_id(g).ok_or_else(|| ControlError::NoGroup(g.clone()))?),
             None => None,
@@ -175,7 +195,11 @@ impl ControlServer {
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
         }
-        Ok(ControlServer { listener, path, group })
+        Ok(ControlServer {
+            listener,
+            path,
+            group,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -186,9 +210,14 @@ impl ControlServer {
         if peer.is_root() {
             return Ok(());
         }
-        let in_group = self.group.is_some_and(|g| peer.gid == g || groups_of(peer.pid).contains(&g));
+        let in_group = self
+            .group
+            .is_some_and(|g| peer.gid == g || groups_of(peer.pid).contains(&g));
         if !in_group {
-            return Err(format!("permission denied: uid {} is not root and not in the control group", peer.uid));
+            return Err(format!(
+                "permission denied: uid {} is not root and not in the control group",
+                peer.uid
+            ));
         }
         if req.needs_root() {
             return Err("permission denied: flush, pause and resume need root".into());
@@ -225,7 +254,10 @@ impl ControlServer {
         loop {
             line.clear();
             // Read at most MAX_REQUEST + 1 bytes of this line.
-            let n = (&mut r).take(MAX_REQUEST as u64 + 1).read_until(b'\n', &mut line).await?;
+            let n = (&mut r)
+                .take(MAX_REQUEST as u64 + 1)
+                .read_until(b'\n', &mut line)
+                .await?;
             if n == 0 {
                 return Ok(());
             }
@@ -276,15 +308,21 @@ impl Drop for ControlServer {
 /// descriptors is duplicated with pidfd_getfd (needs ptrace rights over it, which the
 /// root daemon has) and asked for SO_COOKIE.
 pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { return false };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
     let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
     if pidfd < 0 {
         return false;
     }
     let mut found = false;
     for e in dir.flatten() {
-        let is_socket = std::fs::read_link(e.path()).map(|t| t.to_string_lossy().starts_with("socket:")).unwrap_or(false);
-        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let is_socket = std::fs::read_link(e.path())
+            .map(|t| t.to_string_lossy().starts_with("socket:"))
+            .unwrap_or(false);
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
         if !is_socket {
             continue;
         }
@@ -294,7 +332,15 @@ pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
         }
         let mut v: u64 = 0;
         let mut len = 8 as libc::socklen_t;
-        let r = unsafe { libc::getsockopt(dup, libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+        let r = unsafe {
+            libc::getsockopt(
+                dup,
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut v).cast(),
+                &mut len,
+            )
+        };
         unsafe { libc::close(dup) };
         if r == 0 && v == cookie {
             found = true;
@@ -307,14 +353,24 @@ pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
 
 /// Sends one request and returns the reply object (blocking; used by the CLI).
 pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, ControlError> {
-    let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect { path: path.to_owned(), source })?;
+    let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
     s.set_read_timeout(Some(timeout)).ok();
     let mut w = &s;
-    w.write_all(format!("{req}\n").as_bytes()).map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
+    w.write_all(format!("{req}\n").as_bytes())
+        .map_err(|source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     let mut line = String::new();
     BufReader::new(&s)
         .read_line(&mut line)
-        .map_err(|source| ControlError::Io { path: path.to_owned(), source })?;
+        .map_err(|source| ControlError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
     let _ = s.as_raw_fd();
     serde_json::from_str(&line).map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))
 }
@@ -337,9 +393,20 @@ mod tests {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let mut v: u64 = 0;
         let mut len = 8 as libc::socklen_t;
-        unsafe { libc::getsockopt(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+        unsafe {
+            libc::getsockopt(
+                l.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut v).cast(),
+                &mut len,
+            )
+        };
         assert!(process_holds_socket(std::process::id() as i32, v));
-        assert!(!process_holds_socket(std::process::id() as i32, v + 1_000_000));
+        assert!(!process_holds_socket(
+            std::process::id() as i32,
+            v + 1_000_000
+        ));
     }
 
     #[test]
@@ -347,7 +414,10 @@ mod tests {
         assert_eq!(parse_request(br#"{"cmd":"status"}"#), Ok(Request::Status));
         assert_eq!(
             parse_request(br#"{"cmd":"label","cookie":5,"label":"x"}"#),
-            Ok(Request::Label { cookie: 5, label: "x".into() })
+            Ok(Request::Label {
+                cookie: 5,
+                label: "x".into()
+            })
         );
         let e = parse_request(b"not json").unwrap_err();
         assert!(e.starts_with("malformed request"), "{e}");

@@ -56,7 +56,10 @@ pub fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         config.cgroup = Some(c.clone());
     }
     if let Some(i) = args.interval {
-        anyhow::ensure!((10..=60_000).contains(&i), "--interval {i}: must be between 10 and 60000 ms");
+        anyhow::ensure!(
+            (10..=60_000).contains(&i),
+            "--interval {i}: must be between 10 and 60000 ms"
+        );
         config.interval_ms = i;
     }
     if !args.ifaces.is_empty() {
@@ -143,11 +146,12 @@ impl Shared {
         // Seal first so everything written so far is uploadable. A failed seal does not
         // stop older sealed segments from going out.
         let me = self.clone();
-        let seal_error = tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).seal())
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
-            .err();
+        let seal_error =
+            tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).seal())
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .err();
         let deadline = up.flush_deadline();
         let (mut records, mut bytes, mut sent_bodies) = (0u64, 0u64, 0u64);
         let mut segments: Vec<String> = vec![];
@@ -158,7 +162,11 @@ impl Shared {
         // The spool hands out a bounded batch of bodies per call: loop until done.
         'batches: loop {
             let me = self.clone();
-            let bodies = match tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).bodies(max_body)).await {
+            let bodies = match tokio::task::spawn_blocking(move || {
+                lock(me.spool.as_ref().unwrap()).bodies(max_body)
+            })
+            .await
+            {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
                     error = Some(format!("reading the spool: {e}"));
@@ -185,11 +193,20 @@ impl Shared {
                     Ok(r) => {
                         let me = self.clone();
                         let pos = b.pos.clone();
-                        let acked = tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).acknowledge(pos)).await;
-                        if let Err(e) = acked.map_err(|e| e.to_string()).and_then(|r| r.map_err(|e| e.to_string())) {
+                        let acked = tokio::task::spawn_blocking(move || {
+                            lock(me.spool.as_ref().unwrap()).acknowledge(pos)
+                        })
+                        .await;
+                        if let Err(e) = acked
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string()))
+                        {
                             // The server has it; we could not record that. A retry sends it
                             // again with the same idempotency key.
-                            error = Some(format!("the server stored seq {}..={} but recording that failed: {e}", b.first_seq, b.last_seq));
+                            error = Some(format!(
+                                "the server stored seq {}..={} but recording that failed: {e}",
+                                b.first_seq, b.last_seq
+                            ));
                             unsent = (bodies.len() - i - 1) as u64;
                             break 'batches;
                         }
@@ -212,9 +229,15 @@ impl Shared {
             }
         }
         if error.is_none() {
-            error = seal_error.map(|e| format!("sealing the active segment failed ({e}); older segments were sent"));
+            error = seal_error.map(|e| {
+                format!("sealing the active segment failed ({e}); older segments were sent")
+            });
         }
-        let pending_after = self.spool.as_ref().map(|s| lock(s).pending().len()).unwrap_or(0);
+        let pending_after = self
+            .spool
+            .as_ref()
+            .map(|s| lock(s).pending().len())
+            .unwrap_or(0);
         let receipt = json!({
             "ok": error.is_none(),
             "error": error,
@@ -240,22 +263,34 @@ impl Handler for Arc<Shared> {
         if let Some(o) = v.as_object_mut() {
             o.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
             o.insert("paused".into(), json!(self.paused.load(Ordering::Relaxed)));
-            o.insert("paused_bytes".into(), json!(self.paused_bytes.load(Ordering::Relaxed)));
-            o.insert("spool".into(), match &self.spool {
-                Some(s) => serde_json::to_value(lock(s).stats()).unwrap_or(Value::Null),
-                None => Value::Null,
-            });
+            o.insert(
+                "paused_bytes".into(),
+                json!(self.paused_bytes.load(Ordering::Relaxed)),
+            );
+            o.insert(
+                "spool".into(),
+                match &self.spool {
+                    Some(s) => serde_json::to_value(lock(s).stats()).unwrap_or(Value::Null),
+                    None => Value::Null,
+                },
+            );
             let up = lock(&self.upload_state);
-            o.insert("upload".into(), json!({
-                "configured": self.uploader.is_some(),
-                "flushes": up.flushes,
-                "failures": up.failures,
-                "last": up.last,
-            }));
+            o.insert(
+                "upload".into(),
+                json!({
+                    "configured": self.uploader.is_some(),
+                    "flushes": up.flushes,
+                    "failures": up.failures,
+                    "last": up.last,
+                }),
+            );
             o.insert("labels_named".into(), json!(lock(&self.overrides).len()));
             let mut f = lock(&self.flow_stats).clone();
             if let Some(fo) = f.as_object_mut() {
-                fo.insert("dropped_while_paused".into(), json!(self.flows_dropped_paused.load(Ordering::Relaxed)));
+                fo.insert(
+                    "dropped_while_paused".into(),
+                    json!(self.flows_dropped_paused.load(Ordering::Relaxed)),
+                );
             }
             o.insert("flows".into(), f);
         }
@@ -278,14 +313,19 @@ impl Handler for Arc<Shared> {
     }
 
     fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Value, String> {
-        if label.is_empty() || label.len() > crate::config::MAX_LABEL_BYTES || label.chars().any(char::is_control) {
+        if label.is_empty()
+            || label.len() > crate::config::MAX_LABEL_BYTES
+            || label.chars().any(char::is_control)
+        {
             return Err(format!(
                 "bad label {label:?}: expected 1 to {} bytes without control characters",
                 crate::config::MAX_LABEL_BYTES
             ));
         }
         if !peer.is_root() {
-            let owner = bpfsys::lookup::<u64, agent_common::Owner>(self.owners.as_fd(), &cookie).ok().flatten();
+            let owner = bpfsys::lookup::<u64, agent_common::Owner>(self.owners.as_fd(), &cookie)
+                .ok()
+                .flatten();
             let owns = owner.is_some_and(|o| o.origin != 0 && o.tgid as i32 == peer.pid)
                 || control::process_holds_socket(peer.pid, cookie);
             if !owns {
@@ -305,12 +345,23 @@ impl Handler for Arc<Shared> {
                 ));
             }
         }
-        o.insert(cookie, NamedSocket { label: label.to_string(), uid: peer.uid });
+        o.insert(
+            cookie,
+            NamedSocket {
+                label: label.to_string(),
+                uid: peer.uid,
+            },
+        );
         Ok(json!({"cookie": cookie, "label": label}))
     }
 }
 
-fn status_snapshot(p: &Poller, loaded: &loader::Loaded, max_sockets: u32, interval: Duration) -> Value {
+fn status_snapshot(
+    p: &Poller,
+    loaded: &loader::Loaded,
+    max_sockets: u32,
+    interval: Duration,
+) -> Value {
     let st = &p.stats;
     json!({
         "agent": p.identity().agent,
@@ -374,7 +425,9 @@ impl Writer {
         }
         let mut out = std::io::stdout().lock();
         match out.write_all(bytes).and_then(|_| out.flush()) {
-            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => anyhow::bail!("standard output closed"),
+            Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+                anyhow::bail!("standard output closed")
+            }
             Err(e) => {
                 warn!("writing to standard output: {e}");
                 Ok(())
@@ -386,7 +439,9 @@ impl Writer {
     fn write(&mut self, ev: Option<DeltaEvent>) -> anyhow::Result<()> {
         if self.shared.paused.load(Ordering::SeqCst) {
             if let Some(ev) = ev {
-                self.shared.paused_bytes.fetch_add(ev.total.tx + ev.total.rx, Ordering::Relaxed);
+                self.shared
+                    .paused_bytes
+                    .fetch_add(ev.total.tx + ev.total.rx, Ordering::Relaxed);
                 match &mut self.held {
                     Some(h) => h.absorb(&ev),
                     None => self.held = Some(ev),
@@ -409,7 +464,9 @@ impl Writer {
                 if out.error.is_some() != self.spool_failing {
                     self.spool_failing = out.error.is_some();
                     match &out.error {
-                        Some(e) => warn!("spool: {e} (events are held in memory; see `sockacct status`)"),
+                        Some(e) => {
+                            warn!("spool: {e} (events are held in memory; see `sockacct status`)")
+                        }
                         None => info!("spool: writing again"),
                     }
                 }
@@ -418,7 +475,10 @@ impl Writer {
             }
             None => {
                 let mut lines = Vec::new();
-                let seq = self.seq.as_mut().expect("no spool means a sequence allocator");
+                let seq = self
+                    .seq
+                    .as_mut()
+                    .expect("no spool means a sequence allocator");
                 for ev in &mut batch {
                     ev.seq = seq.next().context("allocating a sequence number")?;
                     serde_json::to_writer(&mut lines, ev)?;
@@ -436,7 +496,9 @@ impl Writer {
         if self.shared.paused.load(Ordering::SeqCst) {
             let room = MAX_HELD_FLOWS.saturating_sub(self.held_flows.len());
             if recs.len() > room {
-                self.shared.flows_dropped_paused.fetch_add((recs.len() - room) as u64, Ordering::Relaxed);
+                self.shared
+                    .flows_dropped_paused
+                    .fetch_add((recs.len() - room) as u64, Ordering::Relaxed);
                 recs.truncate(room);
             }
             self.held_flows.append(&mut recs);
@@ -453,7 +515,10 @@ impl Writer {
                 }
                 None => {
                     let mut lines = Vec::new();
-                    let seq = self.seq.as_mut().expect("no spool means a sequence allocator");
+                    let seq = self
+                        .seq
+                        .as_mut()
+                        .expect("no spool means a sequence allocator");
                     for r in chunk.iter_mut() {
                         r.set_seq(seq.next().context("allocating a sequence number")?);
                         lines.extend_from_slice(&r.to_json_line());
@@ -490,10 +555,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         per_peer: s.config.flows.enabled,
     };
     let labeler = Arc::new(Labeler::new(&s.config, procfs::netns_cookie_of_self())?);
-    std::fs::create_dir_all(&s.state_dir)
-        .with_context(|| format!("creating state directory {} (set --state-dir)", s.state_dir.display()))?;
+    std::fs::create_dir_all(&s.state_dir).with_context(|| {
+        format!(
+            "creating state directory {} (set --state-dir)",
+            s.state_dir.display()
+        )
+    })?;
     let seq_path = s.state_dir.join("seq");
-    let seq = SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
+    let seq =
+        SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
     let uploader = match &s.config.upload.url {
         Some(u) => {
             let url = u.parse().with_context(|| format!("upload url {u:?}"))?;
@@ -515,7 +585,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let identity = Identity::detect(s.config.agent_id.as_deref());
     let (spool, poller_seq, writer_seq) = if s.spool {
         let (sp, report) = Spool::open_dir(spool_config(&s.config), identity.clone(), seq)
-            .with_context(|| format!("opening the spool in {} (set --spool-dir, or --no-spool)", s.config.spool.dir.display()))?;
+            .with_context(|| {
+                format!(
+                    "opening the spool in {} (set --spool-dir, or --no-spool)",
+                    s.config.spool.dir.display()
+                )
+            })?;
         info!("spool {}: {report:?}", s.config.spool.dir.display());
         (Some(Mutex::new(sp)), SeqAllocator::ephemeral(), None)
     } else {
@@ -534,7 +609,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     info!("{} existing sockets discovered", discovered.len());
-    let mut poller = Poller::new(&mut loaded, identity.clone(), poller_seq, labeler, discovered)?;
+    let mut poller = Poller::new(
+        &mut loaded,
+        identity.clone(),
+        poller_seq,
+        labeler,
+        discovered,
+    )?;
 
     let first_status = status_snapshot(&poller, &loaded, s.config.max_sockets, s.interval);
     let shared = Arc::new(Shared {
@@ -555,35 +636,54 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         upload_state: Mutex::new(UploadState::default()),
     });
 
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     let server = {
         let _g = rt.enter();
-        ControlServer::bind(&ControlConfig { path: s.config.control.socket.clone(), group: s.config.control.group.clone() })?
+        ControlServer::bind(&ControlConfig {
+            path: s.config.control.socket.clone(),
+            group: s.config.control.group.clone(),
+        })?
     };
     info!("control socket {}", server.path().display());
     rt.spawn(server.serve(Arc::new(shared.clone())));
     if s.config.upload.every_secs > 0 && shared.uploader.is_some() {
-        let (sh, every) = (shared.clone(), Duration::from_secs(s.config.upload.every_secs));
+        let (sh, every) = (
+            shared.clone(),
+            Duration::from_secs(s.config.upload.every_secs),
+        );
         rt.spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
                 let r = sh.flush_now().await;
                 if r.get("ok") != Some(&Value::Bool(true)) {
-                    warn!("periodic upload: {}", r.get("error").cloned().unwrap_or(Value::Null));
+                    warn!(
+                        "periodic upload: {}",
+                        r.get("error").cloned().unwrap_or(Value::Null)
+                    );
                 }
             }
         });
     }
 
     let mut flow_table = if s.config.flows.enabled {
-        let cfg = FlowConfig::from_section(&s.config.flows).map_err(|e| anyhow::anyhow!("config: {e}"))?;
+        let cfg = FlowConfig::from_section(&s.config.flows)
+            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
         poller.enable_flow_views(true);
         Some(FlowTable::new(cfg, &shared.identity))
     } else {
         None
     };
-    let mut writer =
-        Writer { shared: shared.clone(), stdout: s.stdout, seq: writer_seq, held: None, held_flows: vec![], spool_failing: false };
+    let mut writer = Writer {
+        shared: shared.clone(),
+        stdout: s.stdout,
+        seq: writer_seq,
+        held: None,
+        held_flows: vec![],
+        spool_failing: false,
+    };
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     let mut result = Ok(());
@@ -606,7 +706,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         }
         if let Some(ft) = &mut flow_table {
             let (socks, peers) = poller.take_flow_views();
-            log::debug!("flow views: {} sockets {:?}, {} peers", socks.len(), socks.iter().map(|s| (s.cookie, &s.label, s.remote, s.finished)).collect::<Vec<_>>(), peers.len());
+            log::debug!(
+                "flow views: {} sockets {:?}, {} peers",
+                socks.len(),
+                socks
+                    .iter()
+                    .map(|s| (s.cookie, &s.label, s.remote, s.finished))
+                    .collect::<Vec<_>>(),
+                peers.len()
+            );
             let recs = ft.observe(crate::poller::unix_ms(), &socks, &peers);
             *lock(&shared.flow_stats) = serde_json::to_value(ft.stats()).unwrap_or(Value::Null);
             if let Err(e) = writer.write_flows(recs) {
@@ -637,7 +745,12 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     info!(
         "totals: {} events, kernel counted {} B out / {} B in; {} finished sockets folded in; \
          {} B without an owner; kernel counters {:?}",
-        st.events, st.kernel_total.tx, st.kernel_total.rx, st.finals_received, st.no_owner_bytes, st.kernel_drops
+        st.events,
+        st.kernel_total.tx,
+        st.kernel_total.rx,
+        st.finals_received,
+        st.no_owner_bytes,
+        st.kernel_drops
     );
     rt.shutdown_timeout(Duration::from_secs(2));
     drop(poller);
@@ -661,7 +774,10 @@ fn install_flag(sig: libc::c_int, flag: &Arc<AtomicBool>) -> anyhow::Result<()> 
     sa.sa_sigaction = on_signal as *const () as usize;
     unsafe { libc::sigemptyset(&mut sa.sa_mask) };
     if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
-        anyhow::bail!("installing handler for signal {sig}: {}", std::io::Error::last_os_error());
+        anyhow::bail!(
+            "installing handler for signal {sig}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }

@@ -35,7 +35,12 @@ impl Traffic {
 
 impl From<Counters> for Traffic {
     fn from(c: Counters) -> Self {
-        Traffic { tx: c.tx_bytes, rx: c.rx_bytes, tx_packets: c.tx_packets, rx_packets: c.rx_packets }
+        Traffic {
+            tx: c.tx_bytes,
+            rx: c.rx_bytes,
+            tx_packets: c.tx_packets,
+            rx_packets: c.rx_packets,
+        }
     }
 }
 
@@ -107,7 +112,10 @@ impl Identity {
 }
 
 fn read_trim(p: &str) -> Option<String> {
-    fs::read_to_string(p).ok().map(|s| s.trim().to_owned()).filter(|s| !s.is_empty())
+    fs::read_to_string(p)
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty())
 }
 
 /// Hands out sequence numbers that are never reused, across restarts too: numbers are
@@ -134,12 +142,20 @@ impl SeqAllocator {
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
-        Ok(SeqAllocator { path: Some(path.to_owned()), next, reserved_until: next })
+        Ok(SeqAllocator {
+            path: Some(path.to_owned()),
+            next,
+            reserved_until: next,
+        })
     }
 
     /// In-memory allocator starting at 0 (tests).
     pub fn ephemeral() -> SeqAllocator {
-        SeqAllocator { path: None, next: 0, reserved_until: u64::MAX }
+        SeqAllocator {
+            path: None,
+            next: 0,
+            reserved_until: u64::MAX,
+        }
     }
 
     pub fn next(&mut self) -> io::Result<u64> {
@@ -187,7 +203,12 @@ mod tests {
 
     #[test]
     fn absorb_covers_both_intervals_and_conserves() {
-        let t = |tx| Traffic { tx, rx: 1, tx_packets: 1, rx_packets: 1 };
+        let t = |tx| Traffic {
+            tx,
+            rx: 1,
+            tx_packets: 1,
+            rx_packets: 1,
+        };
         let ev = |t0, label: &str, tr: Traffic| DeltaEvent {
             v: 1,
             kind: "delta".into(),
@@ -213,7 +234,15 @@ mod tests {
     #[test]
     fn event_json_shape_and_conservation() {
         let mut labels = BTreeMap::new();
-        labels.insert("curl".to_string(), Traffic { tx: 100, rx: 50, tx_packets: 2, rx_packets: 1 });
+        labels.insert(
+            "curl".to_string(),
+            Traffic {
+                tx: 100,
+                rx: 50,
+                tx_packets: 2,
+                rx_packets: 1,
+            },
+        );
         let e = DeltaEvent {
             v: FORMAT_VERSION,
             kind: "delta".into(),
@@ -223,8 +252,18 @@ mod tests {
             t: 1000,
             d: 100,
             labels,
-            unattributed: Traffic { tx: 0, rx: 60, tx_packets: 0, rx_packets: 1 },
-            total: Traffic { tx: 100, rx: 110, tx_packets: 2, rx_packets: 2 },
+            unattributed: Traffic {
+                tx: 0,
+                rx: 60,
+                tx_packets: 0,
+                rx_packets: 1,
+            },
+            total: Traffic {
+                tx: 100,
+                rx: 110,
+                tx_packets: 2,
+                rx_packets: 2,
+            },
             ifaces: BTreeMap::new(),
         };
         assert!(e.conserves());

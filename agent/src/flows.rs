@@ -195,7 +195,12 @@ pub struct FlowRecord {
 
 impl FlowRecord {
     pub fn traffic(&self) -> Traffic {
-        Traffic { tx: self.tx, rx: self.rx, tx_packets: self.tx_packets, rx_packets: self.rx_packets }
+        Traffic {
+            tx: self.tx,
+            rx: self.rx,
+            tx_packets: self.tx_packets,
+            rx_packets: self.rx_packets,
+        }
     }
 }
 
@@ -253,7 +258,11 @@ pub struct EventSet {
 }
 
 impl EventSet {
-    pub const ALL: EventSet = EventSet { open: true, update: true, close: true };
+    pub const ALL: EventSet = EventSet {
+        open: true,
+        update: true,
+        close: true,
+    };
 
     pub fn contains(&self, e: FlowEvent) -> bool {
         match e {
@@ -363,7 +372,13 @@ impl FlowConfig {
     pub fn from_section(s: &FlowsSection) -> Result<FlowConfig, String> {
         let field = |name: &str, msg: String| Err(format!("flows.{name}: {msg}"));
         if s.open_after_ms > MAX_OPEN_AFTER_MS {
-            return field("open_after_ms", format!("{} is too large (at most {MAX_OPEN_AFTER_MS} ms)", s.open_after_ms));
+            return field(
+                "open_after_ms",
+                format!(
+                    "{} is too large (at most {MAX_OPEN_AFTER_MS} ms)",
+                    s.open_after_ms
+                ),
+            );
         }
         if s.update_every_ms != 0 && !(MIN_UPDATE_EVERY_MS..=DAY_MS).contains(&s.update_every_ms) {
             return field(
@@ -375,12 +390,21 @@ impl FlowConfig {
             );
         }
         if !(MIN_UDP_IDLE_MS..=DAY_MS).contains(&s.udp_idle_ms) {
-            return field("udp_idle_ms", format!("{} is out of range ({MIN_UDP_IDLE_MS}..={DAY_MS} ms)", s.udp_idle_ms));
+            return field(
+                "udp_idle_ms",
+                format!(
+                    "{} is out of range ({MIN_UDP_IDLE_MS}..={DAY_MS} ms)",
+                    s.udp_idle_ms
+                ),
+            );
         }
         if s.consolidate_gap_ms > MAX_CONSOLIDATE_GAP_MS {
             return field(
                 "consolidate_gap_ms",
-                format!("{} is too large (at most {MAX_CONSOLIDATE_GAP_MS} ms; 0 turns consolidation off)", s.consolidate_gap_ms),
+                format!(
+                    "{} is too large (at most {MAX_CONSOLIDATE_GAP_MS} ms; 0 turns consolidation off)",
+                    s.consolidate_gap_ms
+                ),
             );
         }
         if s.events.is_empty() {
@@ -389,7 +413,11 @@ impl FlowConfig {
                 r#"is empty, so no flow record would be written (use any of "open", "update", "close", or enabled = false)"#.into(),
             );
         }
-        let mut events = EventSet { open: false, update: false, close: false };
+        let mut events = EventSet {
+            open: false,
+            update: false,
+            close: false,
+        };
         for e in &s.events {
             match e {
                 FlowEvent::Open => events.open = true,
@@ -401,7 +429,10 @@ impl FlowConfig {
             let mut out = BTreeSet::new();
             for (i, l) in list.iter().enumerate() {
                 if l.is_empty() {
-                    return Err(format!("flows.{name}: entry {} is an empty label (labels are never empty)", i + 1));
+                    return Err(format!(
+                        "flows.{name}: entry {} is an empty label (labels are never empty)",
+                        i + 1
+                    ));
                 }
                 out.insert(l.clone());
             }
@@ -414,12 +445,18 @@ impl FlowConfig {
             cidrs.push(parse_cidr(c).map_err(|e| format!("flows.cidrs: {e}"))?);
         }
         if !(1..=MAX_MAX_FLOWS).contains(&s.max_flows) {
-            return field("max_flows", format!("{} is out of range (1..={MAX_MAX_FLOWS})", s.max_flows));
+            return field(
+                "max_flows",
+                format!("{} is out of range (1..={MAX_MAX_FLOWS})", s.max_flows),
+            );
         }
         if !(1..=MAX_RECORDS_PER_TICK).contains(&s.max_records_per_tick) {
             return field(
                 "max_records_per_tick",
-                format!("{} is out of range (1..={MAX_RECORDS_PER_TICK})", s.max_records_per_tick),
+                format!(
+                    "{} is out of range (1..={MAX_RECORDS_PER_TICK})",
+                    s.max_records_per_tick
+                ),
             );
         }
         Ok(FlowConfig {
@@ -446,7 +483,11 @@ impl FlowConfig {
 
     /// How long after its start a flow with this label gets its `open`.
     pub fn open_delay_ms(&self, label: &str) -> u64 {
-        if self.consolidates(label) { self.open_after_ms } else { 0 }
+        if self.consolidates(label) {
+            self.open_after_ms
+        } else {
+            0
+        }
     }
 
     fn updates(&self) -> bool {
@@ -459,7 +500,10 @@ impl FlowConfig {
         (self.protocols.is_empty() || self.protocols.iter().any(|p| p.matches(proto)))
             && (self.labels.is_empty() || self.labels.contains(label))
             && (self.ports.is_empty()
-                || self.ports.iter().any(|r| r.contains(local.port()) || r.contains(remote.port())))
+                || self
+                    .ports
+                    .iter()
+                    .any(|r| r.contains(local.port()) || r.contains(remote.port())))
             && (self.cidrs.is_empty() || self.cidrs.iter().any(|n| n.contains(&remote.ip())))
     }
 }
@@ -595,7 +639,14 @@ struct Track {
 }
 
 impl Track {
-    fn new(serial: u64, remote: SocketAddr, start_ms: u64, base: Traffic, cum: Traffic, now: u64) -> Track {
+    fn new(
+        serial: u64,
+        remote: SocketAddr,
+        start_ms: u64,
+        base: Traffic,
+        cum: Traffic,
+        now: u64,
+    ) -> Track {
         Track {
             serial,
             remote,
@@ -642,7 +693,10 @@ struct Conn {
 enum PeerState {
     Live(Track),
     /// Idle-closed: the cumulative counters at the close, the baseline of the next flow.
-    Dormant { last: Traffic, serial: u64 },
+    Dormant {
+        last: Traffic,
+        serial: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -689,9 +743,18 @@ impl SessionKey {
     fn new(meta: &Meta, remote: SocketAddr) -> SessionKey {
         let (src, dst, dst_port) = match meta.direction {
             Direction::Inbound => (remote.ip(), meta.local.ip(), meta.local.port()),
-            Direction::Outbound | Direction::Unknown => (meta.local.ip(), remote.ip(), remote.port()),
+            Direction::Outbound | Direction::Unknown => {
+                (meta.local.ip(), remote.ip(), remote.port())
+            }
         };
-        SessionKey { proto: meta.proto, label: meta.label.clone(), direction: meta.direction, src, dst, dst_port }
+        SessionKey {
+            proto: meta.proto,
+            label: meta.label.clone(),
+            direction: meta.direction,
+            src,
+            dst,
+            dst_port,
+        }
     }
 }
 
@@ -720,7 +783,9 @@ impl Session {
         s.rx_packets = s.rx_packets.saturating_add(r.rx_packets);
         match s.direction {
             Direction::Inbound => keep_if_equal(&mut s.remote_port, r.remote_port),
-            Direction::Outbound | Direction::Unknown => keep_if_equal(&mut s.local_port, r.local_port),
+            Direction::Outbound | Direction::Unknown => {
+                keep_if_equal(&mut s.local_port, r.local_port)
+            }
         }
         keep_if_equal(&mut s.pid, r.pid);
         keep_if_equal(&mut s.process, r.process);
@@ -745,7 +810,11 @@ fn build(meta: &Meta, t: &Track, event: FlowEvent, end: u64) -> FlowRecord {
         seq: 0,
         event,
         proto: proto_name(meta.proto),
-        family: if remote.is_ipv4() { Family::Ipv4 } else { Family::Ipv6 },
+        family: if remote.is_ipv4() {
+            Family::Ipv4
+        } else {
+            Family::Ipv6
+        },
         local: meta.local.ip(),
         local_port: Some(meta.local.port()),
         remote: remote.ip(),
@@ -794,8 +863,19 @@ impl Out {
 
     /// A new flow: filtered out, closed at once (a socket new and finished in the same
     /// interval), refused (table full), or returned to be tracked with its wake time set.
-    fn begin(&mut self, meta: &Meta, mut t: Track, finishing: bool, live: usize, now: u64, peer: bool) -> Option<Track> {
-        if !self.cfg.passes(meta.proto, &meta.label, meta.local, t.remote) {
+    fn begin(
+        &mut self,
+        meta: &Meta,
+        mut t: Track,
+        finishing: bool,
+        live: usize,
+        now: u64,
+        peer: bool,
+    ) -> Option<Track> {
+        if !self
+            .cfg
+            .passes(meta.proto, &meta.label, meta.local, t.remote)
+        {
             self.c.filtered += 1;
             return None;
         }
@@ -815,7 +895,8 @@ impl Out {
         let mut w: Option<u64> = None;
         let mut at = |x: u64| w = Some(w.map_or(x, |y| y.min(x)));
         if !t.opened {
-            at(t.start_ms.saturating_add(self.cfg.open_delay_ms(&meta.label)));
+            at(t.start_ms
+                .saturating_add(self.cfg.open_delay_ms(&meta.label)));
         } else if self.cfg.updates() {
             at(t.next_update_ms);
         }
@@ -833,7 +914,10 @@ impl Out {
         let backlog = self.outbox.len() >= self.cfg.max_records_per_tick;
         let mut deferred = false;
         if !t.opened {
-            if now >= t.start_ms.saturating_add(self.cfg.open_delay_ms(&meta.label)) {
+            if now
+                >= t.start_ms
+                    .saturating_add(self.cfg.open_delay_ms(&meta.label))
+            {
                 if self.cfg.events.open {
                     if backlog {
                         deferred = true;
@@ -852,7 +936,8 @@ impl Out {
                 if backlog {
                     deferred = true;
                 } else {
-                    self.outbox.push_back(build(meta, t, FlowEvent::Update, now));
+                    self.outbox
+                        .push_back(build(meta, t, FlowEvent::Update, now));
                     t.reported = t.counts();
                 }
             }
@@ -860,12 +945,24 @@ impl Out {
                 t.next_update_ms = now.saturating_add(self.cfg.update_every_ms);
             }
         }
-        let next = if deferred { Some(now.saturating_add(1)) } else { self.next_wake(meta, t, peer) };
+        let next = if deferred {
+            Some(now.saturating_add(1))
+        } else {
+            self.next_wake(meta, t, peer)
+        };
         Wake::At(next.map(|w| w.max(now.saturating_add(1))))
     }
 
     /// A flow ended: its `close` goes out now, or into a pending session.
-    fn close(&mut self, meta: &Meta, t: &Track, reason: EndReason, end: u64, now: u64, live: usize) {
+    fn close(
+        &mut self,
+        meta: &Meta,
+        t: &Track,
+        reason: EndReason,
+        end: u64,
+        now: u64,
+        live: usize,
+    ) {
         if !self.cfg.events.close {
             return;
         }
@@ -895,7 +992,11 @@ impl Out {
         let key = SessionKey::new(meta, t.remote);
         let gap = self.cfg.consolidate_gap_ms;
         if let Some(&id) = self.session_index.get(&key) {
-            if let Some(s) = self.sessions.get_mut(&id).filter(|s| rec.start <= s.rec.end.saturating_add(gap)) {
+            if let Some(s) = self
+                .sessions
+                .get_mut(&id)
+                .filter(|s| rec.start <= s.rec.end.saturating_add(gap))
+            {
                 s.merge(rec, now);
                 return;
             }
@@ -913,8 +1014,17 @@ impl Out {
         let id = self.next_session;
         self.next_session += 1;
         self.session_index.insert(key.clone(), id);
-        self.sessions.insert(id, Session { key, rec, connections: 1, last_join_ms: now });
-        self.session_timers.push(Reverse((now.saturating_add(gap), id)));
+        self.sessions.insert(
+            id,
+            Session {
+                key,
+                rec,
+                connections: 1,
+                last_join_ms: now,
+            },
+        );
+        self.session_timers
+            .push(Reverse((now.saturating_add(gap), id)));
     }
 
     fn emit_session(&mut self, mut s: Session) {
@@ -934,7 +1044,9 @@ impl Out {
                 break;
             }
             self.session_timers.pop();
-            let Some(s) = self.sessions.get(&id) else { continue };
+            let Some(s) = self.sessions.get(&id) else {
+                continue;
+            };
             let due = s.last_join_ms.saturating_add(gap);
             if due > now {
                 self.session_timers.push(Reverse((due, id)));
@@ -999,7 +1111,12 @@ impl FlowTable {
 
     /// One poll interval ending at `now_ms` (Unix ms). Returns at most
     /// `max_records_per_tick` records, oldest first; the rest come with the next calls.
-    pub fn observe(&mut self, now_ms: u64, sockets: &[SocketView], peers: &[PeerView]) -> Vec<FlowRecord> {
+    pub fn observe(
+        &mut self,
+        now_ms: u64,
+        sockets: &[SocketView],
+        peers: &[PeerView],
+    ) -> Vec<FlowRecord> {
         let now = now_ms;
         let mut unconnected: HashMap<u64, &SocketView> = HashMap::new();
         for s in sockets {
@@ -1060,7 +1177,8 @@ impl FlowTable {
         }
         live.sort_by_key(|(_, t)| t.serial);
         for (meta, t) in live {
-            self.out.close(meta, t, EndReason::AgentStopped, now_ms, now_ms, 0);
+            self.out
+                .close(meta, t, EndReason::AgentStopped, now_ms, now_ms, 0);
         }
         self.drain(usize::MAX)
     }
@@ -1090,7 +1208,11 @@ impl FlowTable {
     }
 
     fn start_of(&self, first_seen_ms: u64, now: u64) -> u64 {
-        if first_seen_ms == 0 { now } else { first_seen_ms.min(now) }
+        if first_seen_ms == 0 {
+            now
+        } else {
+            first_seen_ms.min(now)
+        }
     }
 
     fn observe_connected(&mut self, now: u64, s: &SocketView, remote: SocketAddr) {
@@ -1113,7 +1235,8 @@ impl FlowTable {
                 }
                 if let Some(c) = self.flows.conns.remove(&s.cookie) {
                     let live = self.flows.live();
-                    self.out.close(&c.meta, &c.t, EndReason::Closed, now, now, live);
+                    self.out
+                        .close(&c.meta, &c.t, EndReason::Closed, now, now, live);
                 }
                 return;
             }
@@ -1122,17 +1245,24 @@ impl FlowTable {
                 base = old.t.cum;
                 reconnected = true;
                 let live = self.flows.live();
-                self.out.close(&old.meta, &old.t, EndReason::Reconnected, now, now, live);
+                self.out
+                    .close(&old.meta, &old.t, EndReason::Reconnected, now, now, live);
             }
         }
         let meta = Meta::from_view(s);
-        let start = if reconnected { now } else { self.start_of(s.first_seen_ms, now) };
+        let start = if reconnected {
+            now
+        } else {
+            self.start_of(s.first_seen_ms, now)
+        };
         let mut t = Track::new(self.serial(), remote, start, base, s.counters, now);
         t.tcp_state = s.tcp_state;
         let live = self.flows.live();
         if let Some(t) = self.out.begin(&meta, t, s.finished, live, now, false) {
             if let Some(w) = t.wake_ms {
-                self.flows.timers.push(Reverse((w, t.serial, s.cookie, None)));
+                self.flows
+                    .timers
+                    .push(Reverse((w, t.serial, s.cookie, None)));
             }
             self.flows.conns.insert(s.cookie, Conn { meta, t });
         }
@@ -1183,17 +1313,26 @@ impl FlowTable {
                 }
                 let t = self.out.begin(&meta, t, finishing, live, now, true);
                 if t.is_some() {
-                    self.flows
-                        .unconns
-                        .insert(p.cookie, Unconn { meta, sock_cum: v.counters, peers: HashMap::new() });
+                    self.flows.unconns.insert(
+                        p.cookie,
+                        Unconn {
+                            meta,
+                            sock_cum: v.counters,
+                            peers: HashMap::new(),
+                        },
+                    );
                 }
                 t
             }
         };
         let Some(t) = track else { return };
-        let Some(u) = self.flows.unconns.get_mut(&p.cookie) else { return };
+        let Some(u) = self.flows.unconns.get_mut(&p.cookie) else {
+            return;
+        };
         if let Some(w) = t.wake_ms {
-            self.flows.timers.push(Reverse((w, t.serial, p.cookie, Some(remote))));
+            self.flows
+                .timers
+                .push(Reverse((w, t.serial, p.cookie, Some(remote))));
         }
         if let Some(PeerState::Dormant { .. }) = u.peers.insert(remote, PeerState::Live(t)) {
             self.flows.dormant = self.flows.dormant.saturating_sub(1);
@@ -1207,7 +1346,9 @@ impl FlowTable {
         for (_, p) in u.peers {
             match p {
                 PeerState::Live(t) => live.push(t),
-                PeerState::Dormant { .. } => self.flows.dormant = self.flows.dormant.saturating_sub(1),
+                PeerState::Dormant { .. } => {
+                    self.flows.dormant = self.flows.dormant.saturating_sub(1)
+                }
             }
         }
         self.flows.live_peers = self.flows.live_peers.saturating_sub(live.len());
@@ -1227,7 +1368,9 @@ impl FlowTable {
             self.flows.timers.pop();
             match peer {
                 None => {
-                    let Some(c) = self.flows.conns.get_mut(&cookie) else { continue };
+                    let Some(c) = self.flows.conns.get_mut(&cookie) else {
+                        continue;
+                    };
                     if c.t.serial != serial || c.t.wake_ms != Some(wake) {
                         continue;
                     }
@@ -1239,8 +1382,12 @@ impl FlowTable {
                     }
                 }
                 Some(addr) => {
-                    let Some(u) = self.flows.unconns.get_mut(&cookie) else { continue };
-                    let Some(PeerState::Live(t)) = u.peers.get_mut(&addr) else { continue };
+                    let Some(u) = self.flows.unconns.get_mut(&cookie) else {
+                        continue;
+                    };
+                    let Some(PeerState::Live(t)) = u.peers.get_mut(&addr) else {
+                        continue;
+                    };
                     if t.serial != serial || t.wake_ms != Some(wake) {
                         continue;
                     }
@@ -1248,17 +1395,25 @@ impl FlowTable {
                         Wake::At(w) => {
                             t.wake_ms = w;
                             if let Some(w) = w {
-                                self.flows.timers.push(Reverse((w, serial, cookie, Some(addr))));
+                                self.flows
+                                    .timers
+                                    .push(Reverse((w, serial, cookie, Some(addr))));
                             }
                         }
                         Wake::Idle => {
-                            let dormant = PeerState::Dormant { last: t.cum, serial };
-                            let Some(PeerState::Live(t)) = u.peers.insert(addr, dormant) else { continue };
+                            let dormant = PeerState::Dormant {
+                                last: t.cum,
+                                serial,
+                            };
+                            let Some(PeerState::Live(t)) = u.peers.insert(addr, dormant) else {
+                                continue;
+                            };
                             self.flows.live_peers = self.flows.live_peers.saturating_sub(1);
                             self.flows.dormant += 1;
                             self.flows.dormant_queue.push_back((cookie, addr, serial));
                             let live = self.flows.conns.len() + self.flows.live_peers;
-                            self.out.close(&u.meta, &t, EndReason::Idle, t.last_move_ms, now, live);
+                            self.out
+                                .close(&u.meta, &t, EndReason::Idle, t.last_move_ms, now, live);
                         }
                     }
                 }
@@ -1275,7 +1430,12 @@ impl FlowTable {
             }
             for (&cookie, u) in &self.flows.unconns {
                 for (&addr, p) in &u.peers {
-                    if let PeerState::Live(Track { wake_ms: Some(w), serial, .. }) = p {
+                    if let PeerState::Live(Track {
+                        wake_ms: Some(w),
+                        serial,
+                        ..
+                    }) = p
+                    {
                         v.push(Reverse((*w, *serial, cookie, Some(addr))));
                     }
                 }
@@ -1288,9 +1448,14 @@ impl FlowTable {
     fn evict_dormant(&mut self) {
         let max = self.out.cfg.max_flows;
         while self.flows.dormant > max {
-            let Some((cookie, addr, serial)) = self.flows.dormant_queue.pop_front() else { break };
-            let Some(u) = self.flows.unconns.get_mut(&cookie) else { continue };
-            if matches!(u.peers.get(&addr), Some(PeerState::Dormant { serial: s, .. }) if *s == serial) {
+            let Some((cookie, addr, serial)) = self.flows.dormant_queue.pop_front() else {
+                break;
+            };
+            let Some(u) = self.flows.unconns.get_mut(&cookie) else {
+                continue;
+            };
+            if matches!(u.peers.get(&addr), Some(PeerState::Dormant { serial: s, .. }) if *s == serial)
+            {
                 u.peers.remove(&addr);
                 self.flows.dormant -= 1;
                 self.out.c.evicted_peer_bases += 1;
@@ -1334,13 +1499,21 @@ mod tests {
     const T0: u64 = 1_795_443_814_000;
 
     fn ident() -> Identity {
-        Identity { agent: "a".into(), boot: "b".into() }
+        Identity {
+            agent: "a".into(),
+            boot: "b".into(),
+        }
     }
     fn addr(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
     fn tr(tx: u64, rx: u64, tx_packets: u64, rx_packets: u64) -> Traffic {
-        Traffic { tx, rx, tx_packets, rx_packets }
+        Traffic {
+            tx,
+            rx,
+            tx_packets,
+            rx_packets,
+        }
     }
     fn owner(pid: u32) -> OwnerView {
         OwnerView {
@@ -1351,7 +1524,13 @@ mod tests {
             netns: 4026531840,
         }
     }
-    fn tcp(cookie: u64, local: &str, remote: &str, counters: Traffic, first_seen_ms: u64) -> SocketView {
+    fn tcp(
+        cookie: u64,
+        local: &str,
+        remote: &str,
+        counters: Traffic,
+        first_seen_ms: u64,
+    ) -> SocketView {
         SocketView {
             cookie,
             proto: 6,
@@ -1379,7 +1558,13 @@ mod tests {
             local: addr("10.0.0.2:5300"),
             remote: None,
             direction: Direction::Outbound,
-            owner: OwnerView { pid: 77, process: "resolver".into(), uid: 0, cgroup: None, netns: 1 },
+            owner: OwnerView {
+                pid: 77,
+                process: "resolver".into(),
+                uid: 0,
+                cgroup: None,
+                netns: 1,
+            },
             label: "resolver".into(),
             counters,
             first_seen_ms,
@@ -1388,13 +1573,20 @@ mod tests {
         }
     }
     fn peer(cookie: u64, remote: &str, counters: Traffic) -> PeerView {
-        PeerView { cookie, remote: addr(remote), counters }
+        PeerView {
+            cookie,
+            remote: addr(remote),
+            counters,
+        }
     }
     fn table(cfg: FlowConfig) -> FlowTable {
         FlowTable::new(cfg, &ident())
     }
     fn no_gap() -> FlowConfig {
-        FlowConfig { consolidate_gap_ms: 0, ..FlowConfig::default() }
+        FlowConfig {
+            consolidate_gap_ms: 0,
+            ..FlowConfig::default()
+        }
     }
     fn kinds(r: &[FlowRecord]) -> Vec<FlowEvent> {
         r.iter().map(|r| r.event).collect()
@@ -1406,11 +1598,20 @@ mod tests {
     #[test]
     fn flows_lifecycle_open_update_close_exact_counts() {
         let mut ft = table(FlowConfig::default());
-        let s = tcp(1, "10.0.0.2:40000", "93.184.216.34:443", tr(100, 50, 2, 1), T0);
+        let s = tcp(
+            1,
+            "10.0.0.2:40000",
+            "93.184.216.34:443",
+            tr(100, 50, 2, 1),
+            T0,
+        );
         assert!(ft.observe(T0, std::slice::from_ref(&s), &[]).is_empty());
         let mut s2 = s.clone();
         s2.counters = tr(200, 100, 3, 2);
-        assert!(ft.observe(T0 + 500, &[s2], &[]).is_empty(), "no open before open_after");
+        assert!(
+            ft.observe(T0 + 500, &[s2], &[]).is_empty(),
+            "no open before open_after"
+        );
 
         // The open comes from the timer, although the socket did not move this interval.
         let r = ft.observe(T0 + 1000, &[], &[]);
@@ -1418,7 +1619,10 @@ mod tests {
         assert_eq!((r[0].start, r[0].end), (T0, T0 + 1000));
         assert_eq!(r[0].traffic(), tr(200, 100, 3, 2));
         assert_eq!((r[0].tcp_state.as_deref(), r[0].end_reason), (None, None));
-        assert_eq!((r[0].agent.as_str(), r[0].boot.as_str(), r[0].kind.as_str()), ("a", "b", "flow"));
+        assert_eq!(
+            (r[0].agent.as_str(), r[0].boot.as_str(), r[0].kind.as_str()),
+            ("a", "b", "flow")
+        );
 
         let mut s3 = s.clone();
         s3.counters = tr(1000, 5000, 10, 12);
@@ -1431,15 +1635,31 @@ mod tests {
         assert!(ft.observe(T0 + 21_000, &[], &[]).is_empty());
 
         let r = ft.observe(T0 + 25_000, &[fin(s, tr(1200, 6000, 14, 15), Some(7))], &[]);
-        assert_eq!(kinds(&r), [FlowEvent::Close], "an opened flow closes at once, unmerged");
+        assert_eq!(
+            kinds(&r),
+            [FlowEvent::Close],
+            "an opened flow closes at once, unmerged"
+        );
         let c = &r[0];
         assert_eq!(c.traffic(), tr(1200, 6000, 14, 15));
         assert_eq!((c.start, c.end), (T0, T0 + 25_000));
         assert_eq!(c.tcp_state.as_deref(), Some("CLOSE"));
         assert_eq!(c.end_reason, Some(EndReason::Closed));
-        assert_eq!((c.connections, c.local_port, c.remote_port), (None, Some(40000), Some(443)));
+        assert_eq!(
+            (c.connections, c.local_port, c.remote_port),
+            (None, Some(40000), Some(443))
+        );
         let st = ft.stats();
-        assert_eq!((st.opens, st.updates, st.closes, st.tracked, st.pending_sessions), (1, 1, 1, 0, 0));
+        assert_eq!(
+            (
+                st.opens,
+                st.updates,
+                st.closes,
+                st.tracked,
+                st.pending_sessions
+            ),
+            (1, 1, 1, 0, 0)
+        );
     }
 
     #[test]
@@ -1447,25 +1667,46 @@ mod tests {
         let mut ft = table(FlowConfig::default());
         let s = tcp(1, "10.0.0.2:40000", "10.0.0.9:443", tr(60, 0, 1, 0), T0);
         assert!(ft.observe(T0, std::slice::from_ref(&s), &[]).is_empty());
-        assert!(ft.observe(T0 + 300, &[fin(s, tr(500, 900, 5, 4), Some(6))], &[]).is_empty());
+        assert!(
+            ft.observe(T0 + 300, &[fin(s, tr(500, 900, 5, 4), Some(6))], &[])
+                .is_empty()
+        );
         assert_eq!(ft.stats().pending_sessions, 1);
-        assert!(ft.observe(T0 + 5200, &[], &[]).is_empty(), "waits consolidate_gap for company");
+        assert!(
+            ft.observe(T0 + 5200, &[], &[]).is_empty(),
+            "waits consolidate_gap for company"
+        );
         let r = ft.observe(T0 + 5300, &[], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Close]);
         assert_eq!(r[0].traffic(), tr(500, 900, 5, 4));
-        assert_eq!((r[0].start, r[0].end, r[0].connections), (T0, T0 + 300, None));
-        assert_eq!((r[0].local_port, r[0].tcp_state.as_deref()), (Some(40000), Some("TIME_WAIT")));
+        assert_eq!(
+            (r[0].start, r[0].end, r[0].connections),
+            (T0, T0 + 300, None)
+        );
+        assert_eq!(
+            (r[0].local_port, r[0].tcp_state.as_deref()),
+            (Some(40000), Some("TIME_WAIT"))
+        );
         assert_eq!(ft.stats().opens, 0);
 
         // Without consolidation: open at once, close at once.
         let mut ft = table(no_gap());
         let s = tcp(2, "10.0.0.2:40001", "10.0.0.9:443", tr(60, 0, 1, 0), T0);
-        assert_eq!(kinds(&ft.observe(T0, std::slice::from_ref(&s), &[])), [FlowEvent::Open]);
+        assert_eq!(
+            kinds(&ft.observe(T0, std::slice::from_ref(&s), &[])),
+            [FlowEvent::Open]
+        );
         let r = ft.observe(T0 + 100, &[fin(s, tr(70, 80, 2, 1), None)], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Close]);
         assert_eq!(r[0].traffic(), tr(70, 80, 2, 1));
         // First seen already finished, opens wanted at once: the open as it began, the close.
-        let s = tcp(3, "10.0.0.2:40002", "10.0.0.9:443", tr(0, 0, 0, 0), T0 + 150);
+        let s = tcp(
+            3,
+            "10.0.0.2:40002",
+            "10.0.0.9:443",
+            tr(0, 0, 0, 0),
+            T0 + 150,
+        );
         let r = ft.observe(T0 + 200, &[fin(s, tr(1, 2, 1, 1), None)], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
         assert_eq!((r[0].start, r[0].end, r[0].tx), (T0 + 150, T0 + 150, 0));
@@ -1481,18 +1722,36 @@ mod tests {
             peer(7, "1.1.1.1:53", tr(70, 140, 1, 1)),
             peer(7, "9.9.9.9:53", tr(80, 160, 1, 1)),
         ];
-        assert!(ft.observe(T0, std::slice::from_ref(&sock), &peers).is_empty());
+        assert!(
+            ft.observe(T0, std::slice::from_ref(&sock), &peers)
+                .is_empty()
+        );
         assert_eq!(ft.stats().tracked, 3);
         let r = ft.observe(T0 + 1000, &[], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Open; 3]);
-        let by = |r: &[FlowRecord], ip: &str| r.iter().find(|x| x.remote.to_string() == ip).cloned().unwrap();
+        let by = |r: &[FlowRecord], ip: &str| {
+            r.iter()
+                .find(|x| x.remote.to_string() == ip)
+                .cloned()
+                .unwrap()
+        };
         assert_eq!(by(&r, "8.8.8.8").traffic(), tr(60, 120, 1, 1));
         assert_eq!(by(&r, "9.9.9.9").traffic(), tr(80, 160, 1, 1));
-        assert_eq!((r[0].proto.as_str(), r[0].remote_port, r[0].local_port), ("udp", Some(53), Some(5300)));
+        assert_eq!(
+            (r[0].proto.as_str(), r[0].remote_port, r[0].local_port),
+            ("udp", Some(53), Some(5300))
+        );
         assert_eq!(r[0].label, "resolver");
 
         // Only 8.8.8.8 moves again.
-        assert!(ft.observe(T0 + 10_000, std::slice::from_ref(&sock), &[peer(7, "8.8.8.8:53", tr(120, 240, 2, 2))]).is_empty());
+        assert!(
+            ft.observe(
+                T0 + 10_000,
+                std::slice::from_ref(&sock),
+                &[peer(7, "8.8.8.8:53", tr(120, 240, 2, 2))]
+            )
+            .is_empty()
+        );
         let r = ft.observe(T0 + 30_000, &[], &[]);
         let closes: Vec<_> = r.iter().filter(|x| x.event == FlowEvent::Close).collect();
         assert_eq!(closes.len(), 2);
@@ -1502,28 +1761,54 @@ mod tests {
         }
         assert_eq!(by(&r, "1.1.1.1").traffic(), tr(70, 140, 1, 1));
         let u = by(&r, "8.8.8.8");
-        assert_eq!((u.event, u.traffic()), (FlowEvent::Update, tr(120, 240, 2, 2)));
+        assert_eq!(
+            (u.event, u.traffic()),
+            (FlowEvent::Update, tr(120, 240, 2, 2))
+        );
         let r = ft.observe(T0 + 40_000, &[], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Close]);
-        assert_eq!((r[0].traffic(), r[0].end), (tr(120, 240, 2, 2), T0 + 10_000));
+        assert_eq!(
+            (r[0].traffic(), r[0].end),
+            (tr(120, 240, 2, 2), T0 + 10_000)
+        );
         let st = ft.stats();
         assert_eq!((st.tracked, st.dormant_peers), (0, 3));
 
         // 1.1.1.1 talks again: the new flow counts from where the old one closed.
-        assert!(ft.observe(T0 + 50_000, std::slice::from_ref(&sock), &[peer(7, "1.1.1.1:53", tr(100, 200, 2, 2))]).is_empty());
+        assert!(
+            ft.observe(
+                T0 + 50_000,
+                std::slice::from_ref(&sock),
+                &[peer(7, "1.1.1.1:53", tr(100, 200, 2, 2))]
+            )
+            .is_empty()
+        );
         let r = ft.observe(T0 + 51_000, &[], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Open]);
         assert_eq!(r[0].traffic(), tr(30, 60, 1, 1));
-        let done = SocketView { finished: true, ..sock };
+        let done = SocketView {
+            finished: true,
+            ..sock
+        };
         let r = ft.observe(T0 + 52_000, &[done], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Close]);
-        assert_eq!((r[0].traffic(), r[0].end_reason), (tr(30, 60, 1, 1), Some(EndReason::Closed)));
+        assert_eq!(
+            (r[0].traffic(), r[0].end_reason),
+            (tr(30, 60, 1, 1), Some(EndReason::Closed))
+        );
         let st = ft.stats();
-        assert_eq!((st.tracked, st.dormant_peers, st.pending_sessions), (0, 0, 0));
+        assert_eq!(
+            (st.tracked, st.dormant_peers, st.pending_sessions),
+            (0, 0, 0)
+        );
     }
 
     /// Drives ticks of 100 ms; `conns[i]` = (first_seen offset, end offset, socket).
-    fn run_short(ft: &mut FlowTable, conns: &[(u64, u64, SocketView)], until: u64) -> Vec<FlowRecord> {
+    fn run_short(
+        ft: &mut FlowTable,
+        conns: &[(u64, u64, SocketView)],
+        until: u64,
+    ) -> Vec<FlowRecord> {
         let mut out = Vec::new();
         let mut now = 0;
         while now <= until {
@@ -1543,8 +1828,18 @@ mod tests {
         let mut ft = table(FlowConfig::default());
         let conns: Vec<_> = (0..100u64)
             .map(|i| {
-                let s = tcp(1000 + i, &format!("10.0.0.2:{}", 40000 + i), "10.0.0.9:443", tr(0, 0, 0, 0), T0 + i * 40);
-                (i * 40, i * 40 + 30, fin(s, tr(100 + i, 1000, 2, 3), Some(7)))
+                let s = tcp(
+                    1000 + i,
+                    &format!("10.0.0.2:{}", 40000 + i),
+                    "10.0.0.9:443",
+                    tr(0, 0, 0, 0),
+                    T0 + i * 40,
+                );
+                (
+                    i * 40,
+                    i * 40 + 30,
+                    fin(s, tr(100 + i, 1000, 2, 3), Some(7)),
+                )
             })
             .collect();
         let r = run_short(&mut ft, &conns, 8900);
@@ -1555,62 +1850,134 @@ mod tests {
         assert_eq!(s.connections, Some(100));
         assert_eq!(s.traffic(), tr(14_950, 100_000, 200, 300));
         assert_eq!((s.start, s.end), (T0, T0 + 4000));
-        assert_eq!((s.local_port, s.remote_port), (None, Some(443)), "source ports differ");
-        assert_eq!((s.pid, s.tcp_state.as_deref(), s.end_reason), (Some(4242), Some("CLOSE"), Some(EndReason::Closed)));
+        assert_eq!(
+            (s.local_port, s.remote_port),
+            (None, Some(443)),
+            "source ports differ"
+        );
+        assert_eq!(
+            (s.pid, s.tcp_state.as_deref(), s.end_reason),
+            (Some(4242), Some("CLOSE"), Some(EndReason::Closed))
+        );
         let j = json(s);
-        assert!(!j.contains("local_port") && j.contains(r#""remote_port":443"#) && j.ends_with(r#""connections":100}"#), "{j}");
+        assert!(
+            !j.contains("local_port")
+                && j.contains(r#""remote_port":443"#)
+                && j.ends_with(r#""connections":100}"#),
+            "{j}"
+        );
         let st = ft.stats();
-        assert_eq!((st.sessions, st.merged_connections, st.closes, st.opens), (1, 100, 1, 0));
+        assert_eq!(
+            (st.sessions, st.merged_connections, st.closes, st.opens),
+            (1, 100, 1, 0)
+        );
     }
 
     #[test]
     fn flows_gap_exceeded_gives_two_sessions() {
         let mut ft = table(FlowConfig::default());
         let c = |cookie, port, first: u64, end: u64| {
-            let s = tcp(cookie, &format!("10.0.0.2:{port}"), "10.0.0.9:443", tr(0, 0, 0, 0), T0 + first);
+            let s = tcp(
+                cookie,
+                &format!("10.0.0.2:{port}"),
+                "10.0.0.9:443",
+                tr(0, 0, 0, 0),
+                T0 + first,
+            );
             (first, end, fin(s, tr(10, 20, 1, 1), None))
         };
         // A ends at 100; B starts 5100 ms later (> gap); C follows B closely.
-        let conns = [c(1, 40001, 0, 100), c(2, 40002, 5200, 5300), c(3, 40003, 5400, 5500)];
+        let conns = [
+            c(1, 40001, 0, 100),
+            c(2, 40002, 5200, 5300),
+            c(3, 40003, 5400, 5500),
+        ];
         let r = run_short(&mut ft, &conns, 10_500);
         assert_eq!(r.len(), 2, "{r:?}");
-        assert_eq!((r[0].connections, r[0].local_port, r[0].end), (None, Some(40001), T0 + 100));
+        assert_eq!(
+            (r[0].connections, r[0].local_port, r[0].end),
+            (None, Some(40001), T0 + 100)
+        );
         assert_eq!((r[1].connections, r[1].local_port), (Some(2), None));
         assert_eq!((r[1].start, r[1].end, r[1].tx), (T0 + 5200, T0 + 5500, 20));
 
         // Inbound: the source is the remote end; a shared source port is kept.
         let mut ft = table(FlowConfig::default());
         let inb = |cookie, first: u64, end: u64| {
-            let mut s = tcp(cookie, "10.0.0.2:8080", "192.0.2.7:5555", tr(0, 0, 0, 0), T0 + first);
+            let mut s = tcp(
+                cookie,
+                "10.0.0.2:8080",
+                "192.0.2.7:5555",
+                tr(0, 0, 0, 0),
+                T0 + first,
+            );
             s.direction = Direction::Inbound;
             (first, end, fin(s, tr(1, 1, 1, 1), None))
         };
         let r = run_short(&mut ft, &[inb(1, 0, 100), inb(2, 200, 300)], 5300);
         assert_eq!(r.len(), 1);
-        assert_eq!((r[0].connections, r[0].remote_port, r[0].local_port), (Some(2), Some(5555), Some(8080)));
+        assert_eq!(
+            (r[0].connections, r[0].remote_port, r[0].local_port),
+            (Some(2), Some(5555), Some(8080))
+        );
     }
 
     #[test]
     fn flows_raw_labels_are_never_merged() {
-        let cfg = FlowConfig { raw_labels: ["curl".to_string()].into(), ..FlowConfig::default() };
+        let cfg = FlowConfig {
+            raw_labels: ["curl".to_string()].into(),
+            ..FlowConfig::default()
+        };
         let mut ft = table(cfg);
         let views: Vec<_> = (0..3u64)
-            .map(|i| fin(tcp(i + 1, &format!("10.0.0.2:{}", 40000 + i), "10.0.0.9:443", tr(0, 0, 0, 0), T0), tr(5, 5, 1, 1), None))
+            .map(|i| {
+                fin(
+                    tcp(
+                        i + 1,
+                        &format!("10.0.0.2:{}", 40000 + i),
+                        "10.0.0.9:443",
+                        tr(0, 0, 0, 0),
+                        T0,
+                    ),
+                    tr(5, 5, 1, 1),
+                    None,
+                )
+            })
             .collect();
         let r = ft.observe(T0 + 100, &views, &[]);
         // Raw labels get their opens at once: an open (as it started) and a close each.
         use FlowEvent::{Close, Open};
-        assert_eq!(kinds(&r), [Open, Close, Open, Close, Open, Close], "written at once, one per connection");
-        assert!(r.iter().all(|r| r.connections.is_none() && r.local_port.is_some()));
+        assert_eq!(
+            kinds(&r),
+            [Open, Close, Open, Close, Open, Close],
+            "written at once, one per connection"
+        );
+        assert!(
+            r.iter()
+                .all(|r| r.connections.is_none() && r.local_port.is_some())
+        );
         assert_eq!(ft.stats().pending_sessions, 0);
         // ... and a live one opens at once.
-        let r = ft.observe(T0 + 200, &[tcp(9, "10.0.0.2:41000", "10.0.0.9:443", tr(1, 0, 1, 0), T0 + 150)], &[]);
+        let r = ft.observe(
+            T0 + 200,
+            &[tcp(
+                9,
+                "10.0.0.2:41000",
+                "10.0.0.9:443",
+                tr(1, 0, 1, 0),
+                T0 + 150,
+            )],
+            &[],
+        );
         assert_eq!(kinds(&r), [FlowEvent::Open]);
     }
 
     #[test]
     fn flows_filters_exclude_udp_and_are_counted() {
-        let cfg = FlowConfig { protocols: vec![Protocol::Tcp], ..no_gap() };
+        let cfg = FlowConfig {
+            protocols: vec![Protocol::Tcp],
+            ..no_gap()
+        };
         let mut ft = table(cfg);
         let mut udp_conn = tcp(1, "10.0.0.2:40000", "10.0.0.9:53", tr(60, 0, 1, 0), T0);
         udp_conn.proto = 17;
@@ -1622,25 +1989,39 @@ mod tests {
         assert_eq!(r[0].proto, "tcp");
         let done = [
             fin(udp_conn, tr(70, 10, 2, 1), None),
-            SocketView { finished: true, ..unconn },
+            SocketView {
+                finished: true,
+                ..unconn
+            },
             fin(tcp_conn, tr(70, 10, 2, 1), None),
         ];
         let r = ft.observe(T0 + 100, &done, &[peer(2, "8.8.8.8:53", tr(70, 10, 2, 1))]);
-        r.iter().chain(ft.finish_all(T0 + 200).iter()).for_each(|r| assert_eq!(r.proto, "tcp", "{r:?}"));
+        r.iter()
+            .chain(ft.finish_all(T0 + 200).iter())
+            .for_each(|r| assert_eq!(r.proto, "tcp", "{r:?}"));
         let st = ft.stats();
         assert_eq!(st.tracked, 0);
         assert_eq!(st.filtered, 4, "udp socket and udp peer, each in two calls");
 
         let cfg = FlowConfig {
             labels: ["web".to_string()].into(),
-            ports: vec![PortRange { start: 443, end: 443 }],
+            ports: vec![PortRange {
+                start: 443,
+                end: 443,
+            }],
             cidrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
             ..FlowConfig::default()
         };
         let (l, r) = (addr("10.0.0.2:40000"), addr("10.1.2.3:443"));
         assert!(cfg.passes(6, "web", l, r));
-        assert!(cfg.passes(6, "web", addr("10.0.0.2:443"), addr("10.1.2.3:999")), "local port matches too");
-        assert!(cfg.passes(6, "web", l, addr("[::ffff:10.1.2.3]:443")), "v4-mapped remote matches a v4 network");
+        assert!(
+            cfg.passes(6, "web", addr("10.0.0.2:443"), addr("10.1.2.3:999")),
+            "local port matches too"
+        );
+        assert!(
+            cfg.passes(6, "web", l, addr("[::ffff:10.1.2.3]:443")),
+            "v4-mapped remote matches a v4 network"
+        );
         assert!(!cfg.passes(6, "curl", l, r));
         assert!(!cfg.passes(6, "web", l, addr("10.1.2.3:80")));
         assert!(!cfg.passes(6, "web", l, addr("192.0.2.1:443")));
@@ -1648,10 +2029,21 @@ mod tests {
 
     #[test]
     fn flows_overflow_is_counted_and_closes_still_written() {
-        let cfg = FlowConfig { max_flows: 2, ..no_gap() };
+        let cfg = FlowConfig {
+            max_flows: 2,
+            ..no_gap()
+        };
         let mut ft = table(cfg);
         let s: Vec<_> = (0..3u64)
-            .map(|i| tcp(i + 1, &format!("10.0.0.2:{}", 40000 + i), "10.0.0.9:443", tr(10 * (i + 1), 0, 1, 0), T0))
+            .map(|i| {
+                tcp(
+                    i + 1,
+                    &format!("10.0.0.2:{}", 40000 + i),
+                    "10.0.0.9:443",
+                    tr(10 * (i + 1), 0, 1, 0),
+                    T0,
+                )
+            })
             .collect();
         let r = ft.observe(T0, &s, &[]);
         assert_eq!(kinds(&r), [FlowEvent::Open; 2]);
@@ -1663,22 +2055,53 @@ mod tests {
         assert_eq!(ft.stats().overflow, 2, "every refused observation counts");
 
         // New and finished while full: no room needed, the close is written.
-        let late = fin(tcp(9, "10.0.0.2:41000", "10.0.0.9:443", tr(0, 0, 0, 0), T0 + 150), tr(1, 1, 1, 1), None);
+        let late = fin(
+            tcp(
+                9,
+                "10.0.0.2:41000",
+                "10.0.0.9:443",
+                tr(0, 0, 0, 0),
+                T0 + 150,
+            ),
+            tr(1, 1, 1, 1),
+            None,
+        );
         let r = ft.observe(T0 + 200, &[late], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
 
         // Room again: the refused flow is picked up with exact cumulative counts.
         third.counters = tr(40, 6, 3, 2);
-        let r = ft.observe(T0 + 300, &[fin(s[0].clone(), tr(10, 1, 1, 1), None), third.clone()], &[]);
+        let r = ft.observe(
+            T0 + 300,
+            &[fin(s[0].clone(), tr(10, 1, 1, 1), None), third.clone()],
+            &[],
+        );
         assert_eq!(kinds(&r), [FlowEvent::Close, FlowEvent::Open]);
         assert_eq!((r[1].start, r[1].traffic()), (T0, tr(40, 6, 3, 2)));
         let r = ft.observe(T0 + 400, &[fin(third, tr(50, 6, 4, 2), None)], &[]);
         assert_eq!(r[0].traffic(), tr(50, 6, 4, 2));
 
         // Pending sessions take room too; beyond it a short flow is written unmerged.
-        let mut ft = table(FlowConfig { max_flows: 2, ..FlowConfig::default() });
-        let short = |c: u64, dst: &str| fin(tcp(c, "10.0.0.2:40000", dst, tr(0, 0, 0, 0), T0), tr(1, 1, 1, 1), None);
-        let r = ft.observe(T0 + 100, &[short(1, "10.0.0.7:443"), short(2, "10.0.0.8:443"), short(3, "10.0.0.9:443")], &[]);
+        let mut ft = table(FlowConfig {
+            max_flows: 2,
+            ..FlowConfig::default()
+        });
+        let short = |c: u64, dst: &str| {
+            fin(
+                tcp(c, "10.0.0.2:40000", dst, tr(0, 0, 0, 0), T0),
+                tr(1, 1, 1, 1),
+                None,
+            )
+        };
+        let r = ft.observe(
+            T0 + 100,
+            &[
+                short(1, "10.0.0.7:443"),
+                short(2, "10.0.0.8:443"),
+                short(3, "10.0.0.9:443"),
+            ],
+            &[],
+        );
         assert_eq!(kinds(&r), [FlowEvent::Close]);
         assert_eq!(r[0].remote.to_string(), "10.0.0.9");
         let st = ft.stats();
@@ -1688,8 +2111,20 @@ mod tests {
     #[test]
     fn flows_ipv6_and_v4_mapped_formatting() {
         let mut ft = table(no_gap());
-        let mapped = tcp(1, "[::ffff:10.0.0.2]:40000", "[::ffff:93.184.216.34]:443", tr(1, 0, 1, 0), T0);
-        let v6 = tcp(2, "[2001:db8::2]:40001", "[2001:db8::1]:443", tr(1, 0, 1, 0), T0);
+        let mapped = tcp(
+            1,
+            "[::ffff:10.0.0.2]:40000",
+            "[::ffff:93.184.216.34]:443",
+            tr(1, 0, 1, 0),
+            T0,
+        );
+        let v6 = tcp(
+            2,
+            "[2001:db8::2]:40001",
+            "[2001:db8::1]:443",
+            tr(1, 0, 1, 0),
+            T0,
+        );
         let r = ft.observe(T0, &[mapped, v6], &[]);
         let j0 = json(&r[0]);
         assert!(j0.contains(r#""family":"ipv4","local":"10.0.0.2","local_port":40000,"remote":"93.184.216.34","remote_port":443"#), "{j0}");
@@ -1697,8 +2132,22 @@ mod tests {
         assert!(j1.contains(r#""family":"ipv6","local":"2001:db8::2","local_port":40001,"remote":"2001:db8::1","remote_port":443"#), "{j1}");
         // A v4-mapped and a plain v4 connection to the same place are one session.
         let mut ft = table(FlowConfig::default());
-        let a = fin(tcp(1, "[::ffff:10.0.0.2]:40000", "[::ffff:10.0.0.9]:443", tr(0, 0, 0, 0), T0), tr(1, 1, 1, 1), None);
-        let b = fin(tcp(2, "10.0.0.2:40001", "10.0.0.9:443", tr(0, 0, 0, 0), T0), tr(1, 1, 1, 1), None);
+        let a = fin(
+            tcp(
+                1,
+                "[::ffff:10.0.0.2]:40000",
+                "[::ffff:10.0.0.9]:443",
+                tr(0, 0, 0, 0),
+                T0,
+            ),
+            tr(1, 1, 1, 1),
+            None,
+        );
+        let b = fin(
+            tcp(2, "10.0.0.2:40001", "10.0.0.9:443", tr(0, 0, 0, 0), T0),
+            tr(1, 1, 1, 1),
+            None,
+        );
         ft.observe(T0 + 100, &[a, b], &[]);
         let r = ft.observe(T0 + 5100, &[], &[]);
         assert_eq!(r.len(), 1);
@@ -1728,7 +2177,11 @@ mod tests {
         let mut sock = udp_unconnected(5, tr(0, 0, 0, 0), T0);
         sock.proto = 132;
         sock.direction = Direction::Unknown;
-        let mut r = ft.observe(T0, &[sock], &[peer(5, "[2001:db8::53]:53", tr(80, 0, 1, 0))]);
+        let mut r = ft.observe(
+            T0,
+            &[sock],
+            &[peer(5, "[2001:db8::53]:53", tr(80, 0, 1, 0))],
+        );
         r[0].set_seq(43);
         assert_eq!(
             json(&r[0]),
@@ -1744,38 +2197,99 @@ mod tests {
         ft.observe(T0, std::slice::from_ref(&long), &[]);
         let r = ft.observe(T0 + 1000, &[fin(short, tr(3, 3, 1, 1), None)], &[]);
         assert_eq!(kinds(&r), [FlowEvent::Open]);
-        let young = tcp(3, "10.0.0.2:40002", "10.0.0.9:22", tr(5, 5, 1, 1), T0 + 1000);
-        ft.observe(T0 + 1100, &[young], &[peer(4, "8.8.8.8:53", tr(1, 1, 1, 1))]);
-        ft.observe(T0 + 1200, &[udp_unconnected(4, tr(9, 9, 1, 1), T0)], &[peer(4, "8.8.8.8:53", tr(9, 9, 1, 1))]);
+        let young = tcp(
+            3,
+            "10.0.0.2:40002",
+            "10.0.0.9:22",
+            tr(5, 5, 1, 1),
+            T0 + 1000,
+        );
+        ft.observe(
+            T0 + 1100,
+            &[young],
+            &[peer(4, "8.8.8.8:53", tr(1, 1, 1, 1))],
+        );
+        ft.observe(
+            T0 + 1200,
+            &[udp_unconnected(4, tr(9, 9, 1, 1), T0)],
+            &[peer(4, "8.8.8.8:53", tr(9, 9, 1, 1))],
+        );
         let st = ft.stats();
-        assert_eq!((st.tracked, st.pending_sessions, st.orphan_peers), (3, 1, 1));
+        assert_eq!(
+            (st.tracked, st.pending_sessions, st.orphan_peers),
+            (3, 1, 1)
+        );
 
         let r = ft.finish_all(T0 + 1500);
         assert_eq!(kinds(&r), [FlowEvent::Close; 4]);
-        assert_eq!((r[0].remote_port, r[0].end_reason, r[0].end), (Some(443), Some(EndReason::Closed), T0 + 1000));
-        let stopped: Vec<_> = r[1..].iter().map(|r| (r.remote_port, r.end_reason, r.end)).collect();
+        assert_eq!(
+            (r[0].remote_port, r[0].end_reason, r[0].end),
+            (Some(443), Some(EndReason::Closed), T0 + 1000)
+        );
+        let stopped: Vec<_> = r[1..]
+            .iter()
+            .map(|r| (r.remote_port, r.end_reason, r.end))
+            .collect();
         let stop = Some(EndReason::AgentStopped);
-        assert_eq!(stopped, [(Some(8443), stop, T0 + 1500), (Some(22), stop, T0 + 1500), (Some(53), stop, T0 + 1500)]);
+        assert_eq!(
+            stopped,
+            [
+                (Some(8443), stop, T0 + 1500),
+                (Some(22), stop, T0 + 1500),
+                (Some(53), stop, T0 + 1500)
+            ]
+        );
         assert_eq!(r[3].traffic(), tr(9, 9, 1, 1));
         let st = ft.stats();
-        assert_eq!((st.tracked, st.pending_sessions, st.queued, st.closes), (0, 0, 0, 4));
+        assert_eq!(
+            (st.tracked, st.pending_sessions, st.queued, st.closes),
+            (0, 0, 0, 4)
+        );
         assert!(ft.observe(T0 + 20_000, &[], &[]).is_empty());
     }
 
     #[test]
     fn flows_records_per_tick_capped_none_lost() {
-        let cfg = FlowConfig { max_records_per_tick: 10, ..no_gap() };
+        let cfg = FlowConfig {
+            max_records_per_tick: 10,
+            ..no_gap()
+        };
         let mut ft = table(cfg);
         let views: Vec<_> = (0..25u64)
-            .map(|i| fin(tcp(i + 1, &format!("10.0.0.2:{}", 40000 + i), "10.0.0.9:443", tr(0, 0, 0, 0), T0), tr(1, 1, 1, 1), None))
+            .map(|i| {
+                fin(
+                    tcp(
+                        i + 1,
+                        &format!("10.0.0.2:{}", 40000 + i),
+                        "10.0.0.9:443",
+                        tr(0, 0, 0, 0),
+                        T0,
+                    ),
+                    tr(1, 1, 1, 1),
+                    None,
+                )
+            })
             .collect();
         // 25 connections begun and ended between polls: an open and a close each.
-        let sizes: Vec<usize> = (0..7).map(|k| ft.observe(T0 + k * 100, if k == 0 { &views } else { &[] }, &[]).len()).collect();
+        let sizes: Vec<usize> = (0..7)
+            .map(|k| {
+                ft.observe(T0 + k * 100, if k == 0 { &views } else { &[] }, &[])
+                    .len()
+            })
+            .collect();
         assert_eq!(sizes, [10, 10, 10, 10, 10, 0, 0]);
 
         // Opens are held back while records wait, so the backlog stays within a tick's worth.
         let live: Vec<_> = (0..25u64)
-            .map(|i| tcp(100 + i, &format!("10.0.0.2:{}", 41000 + i), "10.0.0.9:443", tr(1, 1, 1, 1), T0))
+            .map(|i| {
+                tcp(
+                    100 + i,
+                    &format!("10.0.0.2:{}", 41000 + i),
+                    "10.0.0.9:443",
+                    tr(1, 1, 1, 1),
+                    T0,
+                )
+            })
             .collect();
         let mut opens = 0;
         for k in 0..4 {
@@ -1785,7 +2299,11 @@ mod tests {
             opens += r.len();
         }
         assert_eq!(opens, 25);
-        assert_eq!(ft.stats().opens, 50, "25 opens written with the closes above, 25 here");
+        assert_eq!(
+            ft.stats().opens,
+            50,
+            "25 opens written with the closes above, 25 here"
+        );
     }
 
     #[test]
@@ -1793,21 +2311,41 @@ mod tests {
         let mut ft = table(no_gap());
         let mut s = tcp(9, "10.0.0.2:40000", "10.0.0.53:53", tr(60, 120, 1, 1), T0);
         s.proto = 17;
-        assert_eq!(kinds(&ft.observe(T0, std::slice::from_ref(&s), &[])), [FlowEvent::Open]);
+        assert_eq!(
+            kinds(&ft.observe(T0, std::slice::from_ref(&s), &[])),
+            [FlowEvent::Open]
+        );
         s.remote = Some(addr("10.0.0.54:53"));
         s.counters = tr(100, 200, 2, 2);
-        let r = ft.observe(T0 + 100, std::slice::from_ref(&s), &[peer(9, "10.0.0.54:53", tr(40, 80, 1, 1))]);
+        let r = ft.observe(
+            T0 + 100,
+            std::slice::from_ref(&s),
+            &[peer(9, "10.0.0.54:53", tr(40, 80, 1, 1))],
+        );
         assert_eq!(kinds(&r), [FlowEvent::Close, FlowEvent::Open]);
-        assert_eq!((r[0].traffic(), r[0].end_reason), (tr(60, 120, 1, 1), Some(EndReason::Reconnected)));
-        assert_eq!((r[1].traffic(), r[1].remote.to_string().as_str()), (tr(40, 80, 1, 1), "10.0.0.54"));
-        assert_eq!(ft.stats().orphan_peers, 0, "peers of a connected socket are ignored");
+        assert_eq!(
+            (r[0].traffic(), r[0].end_reason),
+            (tr(60, 120, 1, 1), Some(EndReason::Reconnected))
+        );
+        assert_eq!(
+            (r[1].traffic(), r[1].remote.to_string().as_str()),
+            (tr(40, 80, 1, 1), "10.0.0.54")
+        );
+        assert_eq!(
+            ft.stats().orphan_peers,
+            0,
+            "peers of a connected socket are ignored"
+        );
         ft.observe(T0 + 200, &[], &[peer(77, "10.0.0.1:1", tr(1, 1, 1, 1))]);
         assert_eq!(ft.stats().orphan_peers, 1);
     }
 
     #[test]
     fn flows_config_section() {
-        assert_eq!(FlowConfig::from_section(&FlowsSection::default()).unwrap(), FlowConfig::default());
+        assert_eq!(
+            FlowConfig::from_section(&FlowsSection::default()).unwrap(),
+            FlowConfig::default()
+        );
         let s: FlowsSection = toml::from_str(
             r#"
             enabled = true
@@ -1827,11 +2365,33 @@ mod tests {
         )
         .unwrap();
         let c = FlowConfig::from_section(&s).unwrap();
-        assert_eq!(c.events, EventSet { open: false, update: false, close: true });
+        assert_eq!(
+            c.events,
+            EventSet {
+                open: false,
+                update: false,
+                close: true
+            }
+        );
         assert_eq!(c.protocols, [Protocol::Tcp, Protocol::Number(132)]);
-        assert_eq!(c.ports, [PortRange { start: 443, end: 443 }, PortRange { start: 8000, end: 8100 }]);
+        assert_eq!(
+            c.ports,
+            [
+                PortRange {
+                    start: 443,
+                    end: 443
+                },
+                PortRange {
+                    start: 8000,
+                    end: 8100
+                }
+            ]
+        );
         assert_eq!(c.cidrs.len(), 3);
-        assert_eq!((c.max_flows, c.max_records_per_tick, c.update_every_ms), (1000, 500, 0));
+        assert_eq!(
+            (c.max_flows, c.max_records_per_tick, c.update_every_ms),
+            (1000, 500, 0)
+        );
 
         let de = |t: &str| toml::from_str::<FlowsSection>(t).unwrap_err().to_string();
         assert!(de("colour = 1").contains("unknown field"));
@@ -1842,11 +2402,20 @@ mod tests {
             f(&mut s);
             FlowConfig::from_section(&s).unwrap_err()
         };
-        assert_eq!(bad(|s| s.udp_idle_ms = 0), "flows.udp_idle_ms: 0 is out of range (1000..=86400000 ms)");
+        assert_eq!(
+            bad(|s| s.udp_idle_ms = 0),
+            "flows.udp_idle_ms: 0 is out of range (1000..=86400000 ms)"
+        );
         assert!(bad(|s| s.events.clear()).starts_with("flows.events: is empty"));
-        assert!(bad(|s| s.cidrs = vec!["10.0.0.0/33".into()]).starts_with(r#"flows.cidrs: "10.0.0.0/33" is not a valid CIDR"#));
+        assert!(
+            bad(|s| s.cidrs = vec!["10.0.0.0/33".into()])
+                .starts_with(r#"flows.cidrs: "10.0.0.0/33" is not a valid CIDR"#)
+        );
         assert!(bad(|s| s.max_flows = 0).starts_with("flows.max_flows: 0 is out of range"));
-        assert!(bad(|s| s.update_every_ms = 10).starts_with("flows.update_every_ms: 10 is out of range"));
+        assert!(
+            bad(|s| s.update_every_ms = 10)
+                .starts_with("flows.update_every_ms: 10 is out of range")
+        );
         assert!(bad(|s| s.labels = vec![String::new()]).starts_with("flows.labels: entry 1"));
         assert!(bad(|s| s.consolidate_gap_ms = 3_600_000).starts_with("flows.consolidate_gap_ms"));
     }

@@ -466,9 +466,17 @@ mod tests {
         )
         .unwrap();
         let l = Labeler::new(&cfg, 42).unwrap();
-        let f = SocketFacts { process: "p", netns_cookie: 0, ..Default::default() };
+        let f = SocketFacts {
+            process: "p",
+            netns_cookie: 0,
+            ..Default::default()
+        };
         assert_eq!(l.label(&f), "p");
-        let f = SocketFacts { process: "p", netns_cookie: 7, ..Default::default() };
+        let f = SocketFacts {
+            process: "p",
+            netns_cookie: 7,
+            ..Default::default()
+        };
         assert_eq!(l.label(&f), "other");
     }
 

@@ -11,9 +11,9 @@
 //! - [`spool`]: crash-safe zstd segments on disk; [`upload`]: acknowledged HTTP upload.
 pub mod bpfsys;
 pub mod cli;
-pub mod daemon;
 pub mod config;
 pub mod control;
+pub mod daemon;
 pub mod discover;
 pub mod event;
 pub mod flows;

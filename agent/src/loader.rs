@@ -47,22 +47,38 @@ pub enum LoadError {
          `mount -t cgroup2 none /sys/fs/cgroup/unified`, or boot with systemd.unified_cgroup_hierarchy=1"
     )]
     NoCgroup2,
-    #[error("cgroup path {path} does not exist or cannot be opened: {source}. Pass an existing cgroup v2 directory with --cgroup")]
-    CgroupMissing { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a cgroup v2 directory (it is on another file system). Use a directory under the cgroup2 mount {mount}")]
+    #[error(
+        "cgroup path {path} does not exist or cannot be opened: {source}. Pass an existing cgroup v2 directory with --cgroup"
+    )]
+    CgroupMissing {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} is not a cgroup v2 directory (it is on another file system). Use a directory under the cgroup2 mount {mount}"
+    )]
     NotCgroup2 { path: PathBuf, mount: String },
-    #[error("interface {0:?} does not exist (see `ip link`); fix --iface or `interfaces` in the config")]
+    #[error(
+        "interface {0:?} does not exist (see `ip link`); fix --iface or `interfaces` in the config"
+    )]
     NoInterface(String),
     #[error("loading the kernel object failed: {0}")]
     Object(#[from] aya::EbpfError),
     #[error("the kernel refused program {name}: {detail}")]
     Program { name: &'static str, detail: String },
     #[error("attaching {name} to {target} failed: {detail}")]
-    Attach { name: &'static str, target: String, detail: String },
+    Attach {
+        name: &'static str,
+        target: String,
+        detail: String,
+    },
     #[error("map {0} is missing from the kernel object")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
-    Map { name: &'static str, source: aya::maps::MapError },
+    Map {
+        name: &'static str,
+        source: aya::maps::MapError,
+    },
 }
 
 /// What to load and where.
@@ -80,7 +96,12 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { cgroup: None, interfaces: vec![], max_sockets: DEFAULT_MAX_SOCKETS, per_peer: false }
+        Self {
+            cgroup: None,
+            interfaces: vec![],
+            max_sockets: DEFAULT_MAX_SOCKETS,
+            per_peer: false,
+        }
     }
 }
 
@@ -88,18 +109,25 @@ impl Default for LoadOptions {
 pub fn preflight(cgroup: Option<&Path>) -> Result<PathBuf, LoadError> {
     let missing = missing_capabilities();
     if !missing.is_empty() {
-        return Err(LoadError::NotPrivileged { missing: missing.join(", ") });
+        return Err(LoadError::NotPrivileged {
+            missing: missing.join(", "),
+        });
     }
     if !Path::new("/sys/kernel/btf/vmlinux").exists() {
         return Err(LoadError::NoBtf);
     }
     let mount = crate::procfs::cgroup2_mount().ok_or(LoadError::NoCgroup2)?;
-    let path = cgroup.map(Path::to_path_buf).unwrap_or_else(|| mount.clone());
+    let path = cgroup
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| mount.clone());
     if let Err(source) = std::fs::metadata(&path) {
         return Err(LoadError::CgroupMissing { path, source });
     }
     if statfs_type(&path) != Some(CGROUP2_SUPER_MAGIC) {
-        return Err(LoadError::NotCgroup2 { path, mount: mount.display().to_string() });
+        return Err(LoadError::NotCgroup2 {
+            path,
+            mount: mount.display().to_string(),
+        });
     }
     Ok(path)
 }
@@ -163,11 +191,18 @@ pub struct Loaded {
 
 fn program_error(name: &'static str, e: ProgramError) -> LoadError {
     let detail = match &e {
-        ProgramError::LoadError { io_error, verifier_log } => {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => {
             let log = verifier_log.to_string();
             let lines: Vec<&str> = log.lines().collect();
             let tail = &lines[lines.len().saturating_sub(40)..];
-            format!("{io_error}\nverifier log (last {} lines):\n{}", tail.len(), tail.join("\n"))
+            format!(
+                "{io_error}\nverifier log (last {} lines):\n{}",
+                tail.len(),
+                tail.join("\n")
+            )
         }
         other => chain(other),
     };
@@ -186,13 +221,27 @@ fn chain(e: &dyn std::error::Error) -> String {
 }
 
 fn attach_error(name: &'static str, target: impl Into<String>, e: ProgramError) -> LoadError {
-    LoadError::Attach { name, target: target.into(), detail: chain(&e) }
+    LoadError::Attach {
+        name,
+        target: target.into(),
+        detail: chain(&e),
+    }
 }
 
-fn attach_tp(ebpf: &mut Ebpf, btf: &Btf, name: &'static str, tp: &str) -> Result<BtfTracePointLinkId, LoadError> {
-    let p: &mut BtfTracePoint = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+fn attach_tp(
+    ebpf: &mut Ebpf,
+    btf: &Btf,
+    name: &'static str,
+    tp: &str,
+) -> Result<BtfTracePointLinkId, LoadError> {
+    let p: &mut BtfTracePoint = ebpf
+        .program_mut(name)
+        .unwrap()
+        .try_into()
+        .map_err(|e| program_error(name, e))?;
     p.load(tp, btf).map_err(|e| program_error(name, e))?;
-    p.attach().map_err(|e| attach_error(name, format!("tp_btf/{tp}"), e))
+    p.attach()
+        .map_err(|e| attach_error(name, format!("tp_btf/{tp}"), e))
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -204,11 +253,16 @@ pub fn ifindex(name: &str) -> Option<u32> {
 /// Loads and attaches everything. The caller should have run [`preflight`].
 pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let cgroup = preflight(opts.cgroup.as_deref())?;
-    let cg = File::open(&cgroup)
-        .map_err(|source| LoadError::CgroupMissing { path: cgroup.clone(), source })?;
+    let cg = File::open(&cgroup).map_err(|source| LoadError::CgroupMissing {
+        path: cgroup.clone(),
+        source,
+    })?;
     let mut ifaces = vec![];
     for name in &opts.interfaces {
-        ifaces.push((ifindex(name).ok_or_else(|| LoadError::NoInterface(name.clone()))?, name.clone()));
+        ifaces.push((
+            ifindex(name).ok_or_else(|| LoadError::NoInterface(name.clone()))?,
+            name.clone(),
+        ));
     }
 
     let mut ebpf = EbpfLoader::new()
@@ -218,11 +272,18 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     // Settings before any program is attached, so the first packet already sees them.
     {
         let mut a: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
-            ebpf.map_mut(MAP_SETTINGS).ok_or(LoadError::MissingMap(MAP_SETTINGS))?,
+            ebpf.map_mut(MAP_SETTINGS)
+                .ok_or(LoadError::MissingMap(MAP_SETTINGS))?,
         )
-        .map_err(|source| LoadError::Map { name: MAP_SETTINGS, source })?;
+        .map_err(|source| LoadError::Map {
+            name: MAP_SETTINGS,
+            source,
+        })?;
         let bits = if opts.per_peer { SETTING_PER_PEER } else { 0 };
-        a.set(0, bits, 0).map_err(|source| LoadError::Map { name: MAP_SETTINGS, source })?;
+        a.set(0, bits, 0).map_err(|source| LoadError::Map {
+            name: MAP_SETTINGS,
+            source,
+        })?;
     }
     let mut links = vec![];
 
@@ -230,7 +291,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         ("sockacct_ingress", CgroupSkbAttachType::Ingress),
         ("sockacct_egress", CgroupSkbAttachType::Egress),
     ] {
-        let p: &mut CgroupSkb = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+        let p: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .unwrap()
+            .try_into()
+            .map_err(|e| program_error(name, e))?;
         p.load().map_err(|e| program_error(name, e))?;
         // Single: links already let several programs share a cgroup; AllowMultiple is EINVAL.
         let id = p
@@ -239,7 +304,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         links.push(Link::Skb(name, id));
     }
     for name in ["sockacct_sock_create", "sockacct_sock_release"] {
-        let p: &mut CgroupSock = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+        let p: &mut CgroupSock = ebpf
+            .program_mut(name)
+            .unwrap()
+            .try_into()
+            .map_err(|e| program_error(name, e))?;
         p.load().map_err(|e| program_error(name, e))?;
         let id = p
             .attach(cg.as_fd(), CgroupAttachMode::Single)
@@ -249,17 +318,30 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let btf = Btf::from_sys_fs().map_err(|_| LoadError::NoBtf)?;
     {
         let name = "sockacct_tcp_state";
-        let p: &mut BtfTracePoint = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
-        p.load("inet_sock_set_state", &btf).map_err(|e| program_error(name, e))?;
-        let id = p.attach().map_err(|e| attach_error(name, "tp_btf/inet_sock_set_state", e))?;
+        let p: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .unwrap()
+            .try_into()
+            .map_err(|e| program_error(name, e))?;
+        p.load("inet_sock_set_state", &btf)
+            .map_err(|e| program_error(name, e))?;
+        let id = p
+            .attach()
+            .map_err(|e| attach_error(name, "tp_btf/inet_sock_set_state", e))?;
         links.push(Link::Tp(name, id));
     }
     let accept_hook = {
         let name = "sockacct_accept";
         let r = (|| -> Result<FExitLinkId, LoadError> {
-            let p: &mut FExit = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
-            p.load("inet_csk_accept", &btf).map_err(|e| program_error(name, e))?;
-            p.attach().map_err(|e| attach_error(name, "fexit/inet_csk_accept", e))
+            let p: &mut FExit = ebpf
+                .program_mut(name)
+                .unwrap()
+                .try_into()
+                .map_err(|e| program_error(name, e))?;
+            p.load("inet_csk_accept", &btf)
+                .map_err(|e| program_error(name, e))?;
+            p.attach()
+                .map_err(|e| attach_error(name, "fexit/inet_csk_accept", e))
         })();
         match r {
             Ok(id) => {
@@ -280,8 +362,14 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         // run for every send and receive of every socket on the machine (small UDP paid
         // for them), while only accepted TCP sockets need an owner this way. Kernels
         // without these tracepoints get the generic ones.
-        let tcp = [("sockacct_first_recv", "tcp_rcv_space_adjust"), ("sockacct_first_send", "tcp_sendmsg_locked")];
-        let any = [("sockacct_first_recv_any", "sock_recv_length"), ("sockacct_first_send_any", "sock_send_length")];
+        let tcp = [
+            ("sockacct_first_recv", "tcp_rcv_space_adjust"),
+            ("sockacct_first_send", "tcp_sendmsg_locked"),
+        ];
+        let any = [
+            ("sockacct_first_recv_any", "sock_recv_length"),
+            ("sockacct_first_send_any", "sock_send_length"),
+        ];
         let mut attached = vec![];
         let mut failed = None;
         for (name, tp) in tcp {
@@ -294,7 +382,9 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             }
         }
         if let Some(e) = failed {
-            warn!("TCP send/receive tracepoints unavailable ({e}); watching every socket's send and receive instead");
+            warn!(
+                "TCP send/receive tracepoints unavailable ({e}); watching every socket's send and receive instead"
+            );
             for link in attached.drain(..) {
                 if let Link::Tp(n, id) = link {
                     let _ = prog::<BtfTracePoint>(&mut ebpf, n).and_then(|p| p.detach(id));
@@ -308,7 +398,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         // Accepted sockets get their owner entry at the end of the handshake, so the
         // hooks above find it even before the socket's first packet.
         let name = "sockacct_passive";
-        let p: &mut SockOps = ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+        let p: &mut SockOps = ebpf
+            .program_mut(name)
+            .unwrap()
+            .try_into()
+            .map_err(|e| program_error(name, e))?;
         p.load().map_err(|e| program_error(name, e))?;
         let id = p
             .attach(cg.as_fd(), CgroupAttachMode::Single)
@@ -318,22 +412,45 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
 
     if !ifaces.is_empty() {
         let mut m: PerCpuHashMap<&mut MapData, u32, SlotCounters> = PerCpuHashMap::try_from(
-            ebpf.map_mut(MAP_IFACES).ok_or(LoadError::MissingMap(MAP_IFACES))?,
+            ebpf.map_mut(MAP_IFACES)
+                .ok_or(LoadError::MissingMap(MAP_IFACES))?,
         )
-        .map_err(|source| LoadError::Map { name: MAP_IFACES, source })?;
-        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Map { name: MAP_IFACES, source: e.into() })?;
+        .map_err(|source| LoadError::Map {
+            name: MAP_IFACES,
+            source,
+        })?;
+        let ncpus = aya::util::nr_cpus().map_err(|(_, e)| LoadError::Map {
+            name: MAP_IFACES,
+            source: e.into(),
+        })?;
         for (idx, _) in &ifaces {
-            let zero = PerCpuValues::try_from(vec![SlotCounters::default(); ncpus])
-                .map_err(|e| LoadError::Map { name: MAP_IFACES, source: e.into() })?;
-            m.insert(idx, zero, 0).map_err(|source| LoadError::Map { name: MAP_IFACES, source })?;
+            let zero =
+                PerCpuValues::try_from(vec![SlotCounters::default(); ncpus]).map_err(|e| {
+                    LoadError::Map {
+                        name: MAP_IFACES,
+                        source: e.into(),
+                    }
+                })?;
+            m.insert(idx, zero, 0).map_err(|source| LoadError::Map {
+                name: MAP_IFACES,
+                source,
+            })?;
         }
-        for (name, ty) in [("sockacct_tc_ingress", TcAttachType::Ingress), ("sockacct_tc_egress", TcAttachType::Egress)] {
-            let p: &mut SchedClassifier =
-                ebpf.program_mut(name).unwrap().try_into().map_err(|e| program_error(name, e))?;
+        for (name, ty) in [
+            ("sockacct_tc_ingress", TcAttachType::Ingress),
+            ("sockacct_tc_egress", TcAttachType::Egress),
+        ] {
+            let p: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .unwrap()
+                .try_into()
+                .map_err(|e| program_error(name, e))?;
             p.load().map_err(|e| program_error(name, e))?;
             for (_, iface) in &ifaces {
                 // tcx links on kernels >= 6.6: no clsact qdisc is created, nothing to clean up.
-                let id = p.attach(iface, ty).map_err(|e| attach_error(name, iface.clone(), e))?;
+                let id = p
+                    .attach(iface, ty)
+                    .map_err(|e| attach_error(name, iface.clone(), e))?;
                 links.push(Link::Tc(name, id));
             }
         }
@@ -342,10 +459,28 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         "attached to cgroup {} (max {} sockets){}{}",
         cgroup.display(),
         opts.max_sockets,
-        if ifaces.is_empty() { String::new() } else { format!(", tc on {:?}", ifaces.iter().map(|i| &i.1).collect::<Vec<_>>()) },
-        if accept_hook { "" } else { ", without accept hook" }
+        if ifaces.is_empty() {
+            String::new()
+        } else {
+            format!(
+                ", tc on {:?}",
+                ifaces.iter().map(|i| &i.1).collect::<Vec<_>>()
+            )
+        },
+        if accept_hook {
+            ""
+        } else {
+            ", without accept hook"
+        }
     );
-    Ok(Loaded { ebpf, cgroup, interfaces: ifaces, accept_hook, links, _cgroup_fd: cg })
+    Ok(Loaded {
+        ebpf,
+        cgroup,
+        interfaces: ifaces,
+        accept_hook,
+        links,
+        _cgroup_fd: cg,
+    })
 }
 
 impl Loaded {
@@ -354,11 +489,19 @@ impl Loaded {
         for link in self.links.drain(..) {
             let r = match link {
                 Link::Skb(n, id) => prog::<CgroupSkb>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
-                Link::Sock(n, id) => prog::<CgroupSock>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
-                Link::Tp(n, id) => prog::<BtfTracePoint>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
+                Link::Sock(n, id) => {
+                    prog::<CgroupSock>(&mut self.ebpf, n).and_then(|p| p.detach(id))
+                }
+                Link::Tp(n, id) => {
+                    prog::<BtfTracePoint>(&mut self.ebpf, n).and_then(|p| p.detach(id))
+                }
                 Link::FExit(n, id) => prog::<FExit>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
-                Link::Tc(n, id) => prog::<SchedClassifier>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
-                Link::SockOps(n, id) => prog::<SockOps>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
+                Link::Tc(n, id) => {
+                    prog::<SchedClassifier>(&mut self.ebpf, n).and_then(|p| p.detach(id))
+                }
+                Link::SockOps(n, id) => {
+                    prog::<SockOps>(&mut self.ebpf, n).and_then(|p| p.detach(id))
+                }
             };
             if let Err(e) = r {
                 warn!("detach: {}", chain(&e));
@@ -376,7 +519,9 @@ fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProgramError
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
-    ebpf.program_mut(name).ok_or(ProgramError::UnexpectedProgramType)?.try_into()
+    ebpf.program_mut(name)
+        .ok_or(ProgramError::UnexpectedProgramType)?
+        .try_into()
 }
 
 impl Drop for Loaded {

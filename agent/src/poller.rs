@@ -84,9 +84,15 @@ pub type IntMap<K, V> = HashMap<K, V, BuildHasherDefault<IntHasher>>;
 #[derive(Debug, Error)]
 pub enum PollError {
     #[error("reading map {map}: {source}")]
-    Map { map: &'static str, source: std::io::Error },
+    Map {
+        map: &'static str,
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
-    Aya { map: &'static str, source: aya::maps::MapError },
+    Aya {
+        map: &'static str,
+        source: aya::maps::MapError,
+    },
     #[error("waiting for running programs (membarrier): {0}")]
     Barrier(std::io::Error),
     #[error("allocating a sequence number: {0}")]
@@ -197,7 +203,11 @@ pub struct Maps {
 
 fn data(m: Map) -> MapData {
     match m {
-        Map::HashMap(d) | Map::Array(d) | Map::PerCpuArray(d) | Map::RingBuf(d) | Map::LruHashMap(d) => d,
+        Map::HashMap(d)
+        | Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::RingBuf(d)
+        | Map::LruHashMap(d) => d,
         other => panic!("unexpected map type {other:?}"),
     }
 }
@@ -224,7 +234,10 @@ impl Maps {
 }
 
 pub fn unix_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn sub(a: &Counters, b: &Counters) -> Counters {
@@ -253,8 +266,14 @@ fn add(t: &mut Counters, d: &Counters) {
     t.rx_packets += d.rx_packets;
 }
 
-fn percpu_sum(m: &PerCpuArray<MapData, Counters>, idx: u32, map: &'static str) -> Result<Counters, PollError> {
-    let vals = m.get(&idx, 0).map_err(|source| PollError::Aya { map, source })?;
+fn percpu_sum(
+    m: &PerCpuArray<MapData, Counters>,
+    idx: u32,
+    map: &'static str,
+) -> Result<Counters, PollError> {
+    let vals = m
+        .get(&idx, 0)
+        .map_err(|source| PollError::Aya { map, source })?;
     let mut s = Counters::ZERO;
     for v in vals.iter() {
         add(&mut s, v);
@@ -409,7 +428,10 @@ impl SockTable {
     ) -> Harvested {
         let mut out = Harvested::default();
         for (cookie, sc) in entries {
-            let st = self.socks.entry(*cookie).or_insert_with(|| SockState::new(tick));
+            let st = self
+                .socks
+                .entry(*cookie)
+                .or_insert_with(|| SockState::new(tick));
             st.last_seen_tick = tick;
             let mut cur = sc.slot(slot);
             if let Some(f) = &st.finished {
@@ -427,7 +449,10 @@ impl SockTable {
             }
         }
         for r in records {
-            let st = self.socks.entry(r.cookie).or_insert_with(|| SockState::new(tick));
+            let st = self
+                .socks
+                .entry(r.cookie)
+                .or_insert_with(|| SockState::new(tick));
             st.last_seen_tick = tick;
             let rc = r.counters.slots();
             let fin = match st.finished {
@@ -442,7 +467,9 @@ impl SockTable {
         // Every finished socket contributes what its final counters hold beyond what
         // was already taken from this slot; after both slots, it is forgotten.
         for cookie in std::mem::take(&mut self.finishing) {
-            let Some(st) = self.socks.get_mut(&cookie) else { continue };
+            let Some(st) = self.socks.get_mut(&cookie) else {
+                continue;
+            };
             let Some(fin) = st.finished else { continue };
             let d = sub(&fin[slot], &st.last[slot]);
             st.last[slot] = max(&fin[slot], &st.last[slot]);
@@ -460,10 +487,16 @@ impl SockTable {
         // Sockets whose entry left the map without a final record (not something the
         // kernel programs do; e.g. an entry deleted by hand): forget them.
         match scope {
-            Scope::All => self.socks.retain(|_, st| st.finished.is_some() || st.last_seen_tick == tick),
+            Scope::All => self
+                .socks
+                .retain(|_, st| st.finished.is_some() || st.last_seen_tick == tick),
             Scope::Moved { missing } => {
                 for cookie in missing {
-                    if self.socks.get(cookie).is_some_and(|st| st.finished.is_none() && st.last_seen_tick != tick) {
+                    if self
+                        .socks
+                        .get(cookie)
+                        .is_some_and(|st| st.finished.is_none() && st.last_seen_tick != tick)
+                    {
                         self.socks.remove(cookie);
                     }
                 }
@@ -643,7 +676,9 @@ impl Poller {
     /// Whether the kernel still tracks `cookie` (as a socket that carried bytes, or as
     /// an owner record).
     pub fn owner_of(&self, cookie: u64) -> Option<Owner> {
-        bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie).ok().flatten()
+        bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie)
+            .ok()
+            .flatten()
     }
 
     fn label_id(&mut self, label: String) -> u32 {
@@ -658,12 +693,16 @@ impl Poller {
 
     fn facts_from_owner(&mut self, o: &Owner) -> OwnerFacts {
         let exe = if self.labeler.needs_exe() && o.tgid != 0 {
-            std::fs::read_link(format!("/proc/{}/exe", o.tgid)).ok().map(|p| p.display().to_string())
+            std::fs::read_link(format!("/proc/{}/exe", o.tgid))
+                .ok()
+                .map(|p| p.display().to_string())
         } else {
             None
         };
         let cgroup = if self.labeler.needs_cgroup() {
-            self.cgroups.as_mut().and_then(|c| c.get(o.cgroup_id).map(str::to_owned))
+            self.cgroups
+                .as_mut()
+                .and_then(|c| c.get(o.cgroup_id).map(str::to_owned))
         } else {
             None
         };
@@ -681,7 +720,11 @@ impl Poller {
     }
 
     fn label_facts(&mut self, f: &OwnerFacts) -> u32 {
-        let user = if self.labeler.needs_user() { self.users.get(f.uid).map(str::to_owned) } else { None };
+        let user = if self.labeler.needs_user() {
+            self.users.get(f.uid).map(str::to_owned)
+        } else {
+            None
+        };
         let label = self.labeler.label(&SocketFacts {
             process: &f.process,
             exe: f.exe.as_deref(),
@@ -712,11 +755,21 @@ impl Poller {
 
     /// The sockets that moved or finished in the last tick, and the per-peer counters of
     /// unconnected UDP sockets that moved, for the flow table.
-    pub fn take_flow_views(&mut self) -> (Vec<crate::flows::SocketView>, Vec<crate::flows::PeerView>) {
-        (std::mem::take(&mut self.flow_socks), std::mem::take(&mut self.flow_peers))
+    pub fn take_flow_views(
+        &mut self,
+    ) -> (Vec<crate::flows::SocketView>, Vec<crate::flows::PeerView>) {
+        (
+            std::mem::take(&mut self.flow_socks),
+            std::mem::take(&mut self.flow_peers),
+        )
     }
 
-    fn owner_flow_facts(&self, o: &Owner, source: OwnerSource, process: String) -> Option<Box<FlowFacts>> {
+    fn owner_flow_facts(
+        &self,
+        o: &Owner,
+        source: OwnerSource,
+        process: String,
+    ) -> Option<Box<FlowFacts>> {
         use crate::flows::{Direction, OwnerView};
         use std::net::{IpAddr, SocketAddr};
         if !self.flow_views_on || o.addr_family == 0 {
@@ -732,11 +785,20 @@ impl Poller {
                 IpAddr::V6(Ipv6Addr::from(b))
             }
         };
-        let remote = owner_remote(o).filter(|_| o.remote_port != 0).map(|ip| SocketAddr::new(ip, o.remote_port as u16));
+        let remote = owner_remote(o)
+            .filter(|_| o.remote_port != 0)
+            .map(|ip| SocketAddr::new(ip, o.remote_port as u16));
         let direction = match (source, o.origin) {
-            (OwnerSource::Listener, _) | (_, ORIGIN_ACCEPT) | (_, ORIGIN_FIRST_IO) => Direction::Inbound,
+            (OwnerSource::Listener, _) | (_, ORIGIN_ACCEPT) | (_, ORIGIN_FIRST_IO) => {
+                Direction::Inbound
+            }
             (_, ORIGIN_SOCK_CREATE) if remote.is_some() => Direction::Outbound,
-            _ if self.listeners.contains_key(&(o.local_port as u16)) && o.protocol == 6 && remote.is_some() => Direction::Inbound,
+            _ if self.listeners.contains_key(&(o.local_port as u16))
+                && o.protocol == 6
+                && remote.is_some() =>
+            {
+                Direction::Inbound
+            }
             _ if remote.is_some() => Direction::Outbound,
             _ => Direction::Unknown,
         };
@@ -745,7 +807,13 @@ impl Poller {
             local: SocketAddr::new(local_ip, o.local_port as u16),
             remote,
             direction,
-            owner: OwnerView { pid: o.tgid, process, uid: o.uid, cgroup: None, netns: o.netns_cookie },
+            owner: OwnerView {
+                pid: o.tgid,
+                process,
+                uid: o.uid,
+                cgroup: None,
+                netns: o.netns_cookie,
+            },
             first_seen_ms: unix_ms(),
         }))
     }
@@ -763,7 +831,9 @@ impl Poller {
             Some(o) => Some(*o),
             None => match self.owner_prefetch.as_ref().and_then(|m| m.get(&cookie)) {
                 Some(o) => Some(*o),
-                None => bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie).ok().flatten(),
+                None => bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie)
+                    .ok()
+                    .flatten(),
             },
         };
         if let Some(o) = kernel.filter(|o| o.origin != 0) {
@@ -791,8 +861,18 @@ impl Poller {
                         proto: d.protocol,
                         local: d.local,
                         remote: Some(d.remote).filter(|r| r.port() != 0),
-                        direction: if inbound { crate::flows::Direction::Inbound } else { crate::flows::Direction::Outbound },
-                        owner: crate::flows::OwnerView { pid: p.tgid, process: p.comm.clone(), uid: p.uid, cgroup: p.cgroup.clone(), netns: f.netns },
+                        direction: if inbound {
+                            crate::flows::Direction::Inbound
+                        } else {
+                            crate::flows::Direction::Outbound
+                        },
+                        owner: crate::flows::OwnerView {
+                            pid: p.tgid,
+                            process: p.comm.clone(),
+                            uid: p.uid,
+                            cgroup: p.cgroup.clone(),
+                            netns: f.netns,
+                        },
                         first_seen_ms: unix_ms(),
                     }))
                 } else {
@@ -812,7 +892,8 @@ impl Poller {
                 merged.local_ip = o.local_ip;
                 merged.addr_family = o.addr_family;
                 let f = self.facts_from_owner(&merged);
-                self.resolved_flow = self.owner_flow_facts(&merged, OwnerSource::Listener, f.process.clone());
+                self.resolved_flow =
+                    self.owner_flow_facts(&merged, OwnerSource::Listener, f.process.clone());
                 return Some((self.label_facts(&f), OwnerSource::Listener));
             }
         }
@@ -822,7 +903,11 @@ impl Poller {
     /// Current label of a socket, resolving (or improving) its owner when needed.
     fn label_of(&mut self, cookie: u64, rec: Option<&Owner>) -> Option<u32> {
         // A label the owning application asked for (control socket) wins.
-        let named = self.overrides.lock().ok().and_then(|o| o.get(&cookie).map(|n| n.label.clone()));
+        let named = self
+            .overrides
+            .lock()
+            .ok()
+            .and_then(|o| o.get(&cookie).map(|n| n.label.clone()));
         if let Some(label) = named {
             let id = self.label_id(label);
             let st = self.table.socks.get_mut(&cookie)?;
@@ -855,7 +940,13 @@ impl Poller {
     }
 
     /// Collects the flow table's view of the sockets that moved or finished this tick.
-    fn collect_flow_views(&mut self, moved: &[(u64, Counters)], finished: &[u64], end_states: &HashMap<u64, u64>, done: &[(u64, bool)]) {
+    fn collect_flow_views(
+        &mut self,
+        moved: &[(u64, Counters)],
+        finished: &[u64],
+        end_states: &HashMap<u64, u64>,
+        done: &[(u64, bool)],
+    ) {
         // Per-peer counters of unconnected sockets: those that moved, and their sockets.
         let mut peers: Vec<(PeerKey, Counters)> = vec![];
         let _ = bpfsys::lookup_batch(self.maps.peers.fd().as_fd(), 4096, &mut peers);
@@ -892,7 +983,13 @@ impl Poller {
         self.collect_socket_views(moved, finished, end_states, &peer_socks);
     }
 
-    fn collect_socket_views(&mut self, moved: &[(u64, Counters)], finished: &[u64], end_states: &HashMap<u64, u64>, extra: &[u64]) {
+    fn collect_socket_views(
+        &mut self,
+        moved: &[(u64, Counters)],
+        finished: &[u64],
+        end_states: &HashMap<u64, u64>,
+        extra: &[u64],
+    ) {
         use crate::flows::SocketView;
         let cum = |c: &[Counters; SLOTS]| {
             let mut t = Counters::ZERO;
@@ -901,21 +998,34 @@ impl Poller {
             }
             Traffic::from(t)
         };
-        let mut cookies: Vec<u64> = moved.iter().map(|(c, _)| *c).chain(finished.iter().copied()).chain(extra.iter().copied()).collect();
+        let mut cookies: Vec<u64> = moved
+            .iter()
+            .map(|(c, _)| *c)
+            .chain(finished.iter().copied())
+            .chain(extra.iter().copied())
+            .collect();
         cookies.sort_unstable();
         cookies.dedup();
         for cookie in cookies {
-            let Some(st) = self.table.socks.get_mut(&cookie) else { continue };
+            let Some(st) = self.table.socks.get_mut(&cookie) else {
+                continue;
+            };
             if st.flow_closed {
                 continue;
             }
-            let Some(f) = st.flow.as_deref() else { continue };
+            let Some(f) = st.flow.as_deref() else {
+                continue;
+            };
             let (counters, done) = match &st.finished {
                 Some(fin) => (cum(fin), true),
                 None => (cum(&st.last), false),
             };
             st.flow_closed = done;
-            let label = st.label.and_then(|l| self.label_names.get(l as usize)).cloned().unwrap_or_default();
+            let label = st
+                .label
+                .and_then(|l| self.label_names.get(l as usize))
+                .cloned()
+                .unwrap_or_default();
             self.flow_socks.push(SocketView {
                 cookie,
                 proto: f.proto,
@@ -927,7 +1037,10 @@ impl Poller {
                 counters,
                 first_seen_ms: f.first_seen_ms,
                 finished: done,
-                tcp_state: end_states.get(&cookie).filter(|&&s| s > 0).map(|&s| (s - 1) as u8),
+                tcp_state: end_states
+                    .get(&cookie)
+                    .filter(|&&s| s > 0)
+                    .map(|&s| (s - 1) as u8),
             });
         }
     }
@@ -940,7 +1053,10 @@ impl Poller {
         self.maps
             .epoch
             .set(0, self.epoch, 0)
-            .map_err(|source| PollError::Aya { map: MAP_EPOCH, source })?;
+            .map_err(|source| PollError::Aya {
+                map: MAP_EPOCH,
+                source,
+            })?;
         let end_ms = unix_ms();
         let waited = Instant::now();
         bpfsys::wait_for_running_programs().map_err(PollError::Barrier)?;
@@ -970,20 +1086,29 @@ impl Poller {
         let socks = self.maps.socks.fd().as_fd();
         let full = match read {
             Read::All(why) => {
-                bpfsys::lookup_batch(socks, 8192, &mut self.batch)
-                    .map_err(|source| PollError::Map { map: MAP_SOCKS, source })?;
+                bpfsys::lookup_batch(socks, 8192, &mut self.batch).map_err(|source| {
+                    PollError::Map {
+                        map: MAP_SOCKS,
+                        source,
+                    }
+                })?;
                 self.stats.full_reads += 1;
                 if why == WhyAll::NotesLost {
                     self.stats.full_reads_lost += 1;
-                    debug!("tick {tick}: active ring of slot {slot} overflowed, reading the whole socket map");
+                    debug!(
+                        "tick {tick}: active ring of slot {slot} overflowed, reading the whole socket map"
+                    );
                 }
                 true
             }
             Read::Keys(keys) => {
                 for cookie in keys {
-                    match bpfsys::lookup::<u64, SockCounters>(socks, &cookie)
-                        .map_err(|source| PollError::Map { map: MAP_SOCKS, source })?
-                    {
+                    match bpfsys::lookup::<u64, SockCounters>(socks, &cookie).map_err(|source| {
+                        PollError::Map {
+                            map: MAP_SOCKS,
+                            source,
+                        }
+                    })? {
                         Some(v) => self.batch.push((cookie, v)),
                         None => self.missing.push(cookie),
                     }
@@ -995,13 +1120,18 @@ impl Poller {
         let mut records: Vec<FinalRecord> = vec![];
         while let Some(item) = self.maps.finals.next() {
             if item.len() >= size_of::<FinalRecord>() {
-                records.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FinalRecord) });
+                records
+                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FinalRecord) });
             }
         }
         self.stats.finals_received += records.len() as u64;
         let batch = std::mem::take(&mut self.batch);
         let missing = std::mem::take(&mut self.missing);
-        let scope = if full { Scope::All } else { Scope::Moved { missing: &missing } };
+        let scope = if full {
+            Scope::All
+        } else {
+            Scope::Moved { missing: &missing }
+        };
         let Harvested { deltas, done } = self.table.harvest(slot, tick, &batch, &records, scope);
         self.stats.map_entries = if full { batch.len() } else { self.table.live() };
         self.batch = batch;
@@ -1029,7 +1159,10 @@ impl Poller {
         let unresolved = deltas
             .iter()
             .filter(|(c, _)| {
-                self.table.socks.get(c).is_some_and(|st| matches!(st.owner_source, None | Some(OwnerSource::Listener)))
+                self.table
+                    .socks
+                    .get(c)
+                    .is_some_and(|st| matches!(st.owner_source, None | Some(OwnerSource::Listener)))
             })
             .count();
         if unresolved >= OWNER_PREFETCH_MIN {
@@ -1057,7 +1190,11 @@ impl Poller {
             match self.label_of(cookie, record_owner.get(&cookie)) {
                 Some(l) => by_label.entry(l).or_default().add(&d),
                 None => {
-                    debug!("no owner for socket {cookie:#x} (record: {:?}, state: {:?})", record_owner.get(&cookie), self.table.socks.get(&cookie));
+                    debug!(
+                        "no owner for socket {cookie:#x} (record: {:?}, state: {:?})",
+                        record_owner.get(&cookie),
+                        self.table.socks.get(&cookie)
+                    );
                     self.stats.no_owner_bytes += d.tx + d.rx;
                     unattributed.add(&d);
                 }
@@ -1072,7 +1209,10 @@ impl Poller {
         }
         self.owner_prefetch = None;
         for (l, t) in by_label {
-            labels.entry(self.label_names[l as usize].clone()).or_default().add(&t);
+            labels
+                .entry(self.label_names[l as usize].clone())
+                .or_default()
+                .add(&t);
         }
 
         // 5. Interfaces.
@@ -1091,11 +1231,18 @@ impl Poller {
             })
             .collect();
         for (idx, now) in iface_entries {
-            let last = self.last_ifaces.entry(idx).or_insert([Counters::ZERO; SLOTS]);
+            let last = self
+                .last_ifaces
+                .entry(idx)
+                .or_insert([Counters::ZERO; SLOTS]);
             let d = sub(&now, &last[slot]);
             last[slot] = now;
             if !d.is_zero() {
-                let name = self.iface_names.get(&idx).cloned().unwrap_or_else(|| format!("if{idx}"));
+                let name = self
+                    .iface_names
+                    .get(&idx)
+                    .cloned()
+                    .unwrap_or_else(|| format!("if{idx}"));
                 ifaces.insert(name, Traffic::from(d));
             }
         }
@@ -1103,8 +1250,15 @@ impl Poller {
         // 6. Housekeeping: forget finished sockets, delete entries the kernel left us,
         // forget sockets gone from the map without a record.
         if self.flow_views_on {
-            let finished: Vec<u64> = records.iter().map(|r| r.cookie).chain(done.iter().map(|(c, _)| *c)).collect();
-            let end_states: HashMap<u64, u64> = records.iter().map(|r| (r.cookie, r.counters.end_state)).collect();
+            let finished: Vec<u64> = records
+                .iter()
+                .map(|r| r.cookie)
+                .chain(done.iter().map(|(c, _)| *c))
+                .collect();
+            let end_states: HashMap<u64, u64> = records
+                .iter()
+                .map(|r| (r.cookie, r.counters.end_state))
+                .collect();
             self.collect_flow_views(&deltas, &finished, &end_states, &done);
         }
         self.table.forget(&done);
@@ -1150,10 +1304,20 @@ impl Poller {
         };
         if !ev.conserves() {
             // Would mean a bug in the harvest; say so loudly rather than hide it.
-            warn!("event seq {} does not conserve: attributed {:?} vs total {:?}", ev.seq, ev.attributed_sum(), ev.total);
+            warn!(
+                "event seq {} does not conserve: attributed {:?} vs total {:?}",
+                ev.seq,
+                ev.attributed_sum(),
+                ev.total
+            );
         }
         self.stats.events += 1;
-        debug!("tick {tick}: {} entries read{}, {} finals", self.batch.len(), if full { " (whole map)" } else { "" }, records.len());
+        debug!(
+            "tick {tick}: {} entries read{}, {} finals",
+            self.batch.len(),
+            if full { " (whole map)" } else { "" },
+            records.len()
+        );
         Ok(Some(ev))
     }
 
@@ -1169,7 +1333,9 @@ impl Poller {
             .sum();
         self.stats.kernel_drops.insert("active_ring_full", lost);
         if let Ok(v) = self.maps.drops.get(&DROP_PEER_INSERT, 0) {
-            self.stats.kernel_drops.insert("peer_map_full", v.iter().sum());
+            self.stats
+                .kernel_drops
+                .insert("peer_map_full", v.iter().sum());
         }
     }
 
@@ -1179,7 +1345,10 @@ impl Poller {
             .maps
             .drops
             .get(&(DROP_ACTIVE_LOST + slot as u32), 0)
-            .map_err(|source| PollError::Aya { map: MAP_DROPS, source })?;
+            .map_err(|source| PollError::Aya {
+                map: MAP_DROPS,
+                source,
+            })?;
         Ok(v.iter().sum())
     }
 }
@@ -1239,7 +1408,11 @@ mod model {
             let slot = (self.epoch & 1) as usize;
             let cur = self.epoch as u64 + 1;
             let e = self.map.entry(cookie).or_default();
-            let (d, seen) = if egress { (&mut e.tx[slot], &mut e.tx_seen) } else { (&mut e.rx[slot], &mut e.rx_seen) };
+            let (d, seen) = if egress {
+                (&mut e.tx[slot], &mut e.tx_seen)
+            } else {
+                (&mut e.rx[slot], &mut e.rx_seen)
+            };
             d.bytes += len;
             d.packets += 1;
             if *seen != cur {
@@ -1253,11 +1426,17 @@ mod model {
             if self.finished.contains(&cookie) {
                 return;
             }
-            let Some(e) = self.map.get_mut(&cookie) else { return };
+            let Some(e) = self.map.get_mut(&cookie) else {
+                return;
+            };
             self.finished.insert(cookie);
             if self.ring.len() < self.ring_cap {
                 // Submit, then delete: the order the kernel program uses.
-                self.ring.push(FinalRecord { cookie, counters: *e, ..Default::default() });
+                self.ring.push(FinalRecord {
+                    cookie,
+                    counters: *e,
+                    ..Default::default()
+                });
                 self.map.remove(&cookie);
             } else {
                 e.final_pending = 1;
@@ -1314,7 +1493,14 @@ mod model {
         /// Returns the harvest and the interval it covers.
         /// With `fail`, the tick stops after reading the map (as a failed lookup would):
         /// nothing is harvested, and the slot's next tick must cover both intervals.
-        fn tick(&mut self, table: &mut SockTable, reads: &mut ActiveReads, tick: u64, busy: bool, fail: bool) -> Option<(Harvested, u64, bool)> {
+        fn tick(
+            &mut self,
+            table: &mut SockTable,
+            reads: &mut ActiveReads,
+            tick: u64,
+            busy: bool,
+            fail: bool,
+        ) -> Option<(Harvested, u64, bool)> {
             // Flip; after the grace period nothing writes the old slot.
             let slot = (self.k.epoch & 1) as usize;
             self.k.epoch += 1;
@@ -1358,7 +1544,11 @@ mod model {
                 }
             }
             let records = std::mem::take(&mut self.k.ring);
-            let scope = if full { Scope::All } else { Scope::Moved { missing: &missing } };
+            let scope = if full {
+                Scope::All
+            } else {
+                Scope::Moved { missing: &missing }
+            };
             let h = table.harvest(slot, tick, &entries, &records, scope);
             reads.completed(slot);
             Some((h, harvested, full))
@@ -1368,7 +1558,11 @@ mod model {
     fn run(seed: u64, ring_cap: usize, active_cap: usize) -> (u64, u64) {
         let mut w = World {
             rng: Rng(seed | 1),
-            k: FakeKernel { ring_cap, active_cap, ..Default::default() },
+            k: FakeKernel {
+                ring_cap,
+                active_cap,
+                ..Default::default()
+            },
             live: vec![],
             next_cookie: 1,
             interval: 1,
@@ -1416,13 +1610,23 @@ mod model {
             };
             let mut seen = HashSet::new();
             for (cookie, d) in &h.deltas {
-                assert!(seen.insert(*cookie), "seed {seed}: tick {tick} socket {cookie} reported twice");
-                assert_eq!(*d, want_of(*cookie), "seed {seed}: tick {tick} socket {cookie} (intervals {intervals:?})");
+                assert!(
+                    seen.insert(*cookie),
+                    "seed {seed}: tick {tick} socket {cookie} reported twice"
+                );
+                assert_eq!(
+                    *d,
+                    want_of(*cookie),
+                    "seed {seed}: tick {tick} socket {cookie} (intervals {intervals:?})"
+                );
                 add(reported.entry(*cookie).or_default(), d);
             }
             for ((i, cookie), want) in &w.truth {
                 if intervals.contains(i) && !want.is_zero() {
-                    assert!(seen.contains(cookie), "seed {seed}: tick {tick} socket {cookie} missing {want:?}");
+                    assert!(
+                        seen.contains(cookie),
+                        "seed {seed}: tick {tick} socket {cookie} missing {want:?}"
+                    );
                 }
             }
             table.forget(&h.done);
@@ -1432,10 +1636,21 @@ mod model {
                 }
             }
         }
-        let counted: HashMap<u64, Counters> = w.counted.into_iter().filter(|(_, c)| !c.is_zero()).collect();
+        let counted: HashMap<u64, Counters> = w
+            .counted
+            .into_iter()
+            .filter(|(_, c)| !c.is_zero())
+            .collect();
         assert_eq!(reported, counted, "seed {seed}");
-        assert!(table.is_empty(), "seed {seed}: {} sockets still tracked", table.len());
-        assert!(w.k.map.is_empty(), "seed {seed}: kernel entries left behind");
+        assert!(
+            table.is_empty(),
+            "seed {seed}: {} sockets still tracked",
+            table.len()
+        );
+        assert!(
+            w.k.map.is_empty(),
+            "seed {seed}: kernel entries left behind"
+        );
         (walks, ticks)
     }
 
@@ -1464,11 +1679,18 @@ mod model {
         let (mut walks, mut ticks) = (0, 0);
         for seed in 1..200 {
             // Active rings of 1..4 notes: many ticks lose notes and must walk the map.
-            let (w, t) = run(seed * 15485863, 1 + (seed as usize % 3), 1 + (seed as usize % 4));
+            let (w, t) = run(
+                seed * 15485863,
+                1 + (seed as usize % 3),
+                1 + (seed as usize % 4),
+            );
             walks += w;
             ticks += t;
         }
-        assert!(walks * 4 > ticks, "lost notes should force walks: {walks} in {ticks} ticks");
+        assert!(
+            walks * 4 > ticks,
+            "lost notes should force walks: {walks} in {ticks} ticks"
+        );
     }
 
     #[test]

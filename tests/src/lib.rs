@@ -84,7 +84,10 @@ pub struct VethNs {
 }
 
 fn sh(args: &[&str]) {
-    let st = Command::new(args[0]).args(&args[1..]).status().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    let st = Command::new(args[0])
+        .args(&args[1..])
+        .status()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
     assert!(st.success(), "{args:?} failed: {st}");
 }
 
@@ -97,17 +100,61 @@ impl VethNs {
         assert!(host_if.len() <= 15, "interface name too long: {host_if}");
         let host_ip = format!("10.231.{subnet}.1");
         let peer_ip = format!("10.231.{subnet}.2");
-        let _ = Command::new("ip").args(["netns", "del", &ns]).stderr(Stdio::null()).status();
-        let v = VethNs { ns: ns.clone(), host_if: host_if.clone(), host_ip: host_ip.clone(), peer_ip: peer_ip.clone() };
+        let _ = Command::new("ip")
+            .args(["netns", "del", &ns])
+            .stderr(Stdio::null())
+            .status();
+        let v = VethNs {
+            ns: ns.clone(),
+            host_if: host_if.clone(),
+            host_ip: host_ip.clone(),
+            peer_ip: peer_ip.clone(),
+        };
         sh(&["ip", "netns", "add", &ns]);
-        sh(&["ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if]);
+        sh(&[
+            "ip", "link", "add", &host_if, "type", "veth", "peer", "name", &peer_if,
+        ]);
         sh(&["ip", "link", "set", &peer_if, "netns", &ns]);
-        sh(&["sysctl", "-q", "-w", &format!("net.ipv6.conf.{host_if}.disable_ipv6=1")]);
-        sh(&["ip", "netns", "exec", &ns, "sysctl", "-q", "-w", &format!("net.ipv6.conf.{peer_if}.disable_ipv6=1")]);
-        sh(&["ip", "addr", "add", &format!("{host_ip}/30"), "dev", &host_if]);
-        sh(&["ip", "netns", "exec", &ns, "ip", "addr", "add", &format!("{peer_ip}/30"), "dev", &peer_if]);
+        sh(&[
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv6.conf.{host_if}.disable_ipv6=1"),
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "sysctl",
+            "-q",
+            "-w",
+            &format!("net.ipv6.conf.{peer_if}.disable_ipv6=1"),
+        ]);
+        sh(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &host_if,
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "addr",
+            "add",
+            &format!("{peer_ip}/30"),
+            "dev",
+            &peer_if,
+        ]);
         sh(&["ip", "link", "set", &host_if, "up"]);
-        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", &peer_if, "up"]);
+        sh(&[
+            "ip", "netns", "exec", &ns, "ip", "link", "set", &peer_if, "up",
+        ]);
         sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
         let mac = |dev: &str, ns: Option<&str>| -> String {
             let mut c = Command::new("ip");
@@ -116,12 +163,44 @@ impl VethNs {
             }
             let o = c.args(["-o", "link", "show", dev]).output().unwrap();
             let s = String::from_utf8_lossy(&o.stdout).to_string();
-            s.split("link/ether ").nth(1).unwrap().split_whitespace().next().unwrap().to_string()
+            s.split("link/ether ")
+                .nth(1)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .to_string()
         };
         let hmac = mac(&host_if, None);
         let pmac = mac(&peer_if, Some(&ns));
-        sh(&["ip", "neigh", "replace", &peer_ip, "lladdr", &pmac, "dev", &host_if, "nud", "permanent"]);
-        sh(&["ip", "netns", "exec", &ns, "ip", "neigh", "replace", &host_ip, "lladdr", &hmac, "dev", &peer_if, "nud", "permanent"]);
+        sh(&[
+            "ip",
+            "neigh",
+            "replace",
+            &peer_ip,
+            "lladdr",
+            &pmac,
+            "dev",
+            &host_if,
+            "nud",
+            "permanent",
+        ]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &ns,
+            "ip",
+            "neigh",
+            "replace",
+            &host_ip,
+            "lladdr",
+            &hmac,
+            "dev",
+            &peer_if,
+            "nud",
+            "permanent",
+        ]);
         v
     }
 }
@@ -129,7 +208,10 @@ impl VethNs {
 impl Drop for VethNs {
     fn drop(&mut self) {
         // Deleting the namespace deletes the peer end, which deletes the host end.
-        let _ = Command::new("ip").args(["link", "del", &self.host_if]).stderr(Stdio::null()).status();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_if])
+            .stderr(Stdio::null())
+            .status();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
     }
 }
@@ -168,11 +250,23 @@ impl Peer {
     }
 
     /// Like [`Peer::spawn`], running as `(uid, gid)` when given (no supplementary groups).
-    pub fn spawn_as(cg: Option<&TestCgroup>, ns: Option<&str>, name: &str, args: &[&str], user: Option<(u32, u32)>) -> Peer {
+    pub fn spawn_as(
+        cg: Option<&TestCgroup>,
+        ns: Option<&str>,
+        name: &str,
+        args: &[&str],
+        user: Option<(u32, u32)>,
+    ) -> Peer {
         Peer::spawn_inner(cg, ns, name, args, user)
     }
 
-    fn spawn_inner(cg: Option<&TestCgroup>, ns: Option<&str>, name: &str, args: &[&str], user: Option<(u32, u32)>) -> Peer {
+    fn spawn_inner(
+        cg: Option<&TestCgroup>,
+        ns: Option<&str>,
+        name: &str,
+        args: &[&str],
+        user: Option<(u32, u32)>,
+    ) -> Peer {
         let exe = sibling_exe("sockacct-peer");
         let mut cmd = match ns {
             Some(ns) => {
@@ -183,12 +277,17 @@ impl Peer {
             None => Command::new(exe),
         };
         cmd.arg("--name").arg(name).args(args);
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
         let _guard = cg.map(|c| join_cgroup_before_exec(&mut cmd, &c.path));
         if let Some((uid, gid)) = user {
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::setgroups(0, std::ptr::null()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                    if libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(gid) != 0
+                        || libc::setuid(uid) != 0
+                    {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
@@ -206,7 +305,12 @@ impl Peer {
                 }
             }
         });
-        Peer { child, lines: rx, stdin, seen: vec![] }
+        Peer {
+            child,
+            lines: rx,
+            stdin,
+            seen: vec![],
+        }
     }
 
     /// Waits for a "KEY TEXT" line and returns TEXT.
@@ -232,7 +336,11 @@ impl Peer {
 
     /// Waits for a "KEY VALUE" line and returns VALUE.
     pub fn value(&mut self, key: &str) -> u64 {
-        if let Some(v) = self.seen.iter().find_map(|l| l.strip_prefix(&format!("{key} "))) {
+        if let Some(v) = self
+            .seen
+            .iter()
+            .find_map(|l| l.strip_prefix(&format!("{key} ")))
+        {
             return v.trim().parse().unwrap();
         }
         let end = Instant::now() + Duration::from_secs(60);
@@ -303,7 +411,11 @@ pub struct Daemon {
 pub struct TempDir(pub PathBuf);
 impl TempDir {
     pub fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("sockacct-{tag}-{}-{}", std::process::id(), rand_u32()));
+        let p = std::env::temp_dir().join(format!(
+            "sockacct-{tag}-{}-{}",
+            std::process::id(),
+            rand_u32()
+        ));
         fs::create_dir_all(&p).unwrap();
         TempDir(p)
     }
@@ -330,7 +442,10 @@ pub fn sibling_exe(name: &str) -> String {
             return p.display().to_string();
         }
     }
-    panic!("{name} not found near {} (build it with cargo build -p sockacct-tests)", me.display())
+    panic!(
+        "{name} not found near {} (build it with cargo build -p sockacct-tests)",
+        me.display()
+    )
 }
 
 pub fn agent_exe() -> String {
@@ -371,9 +486,11 @@ impl Daemon {
         let (ev, li) = (events.clone(), lines.clone());
         thread::spawn(move || {
             for l in BufReader::new(out).lines().map_while(Result::ok) {
-                let v: serde_json::Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
+                let v: serde_json::Value =
+                    serde_json::from_str(&l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}"));
                 if v["type"] == "delta" {
-                    let e: DeltaEvent = serde_json::from_value(v).unwrap_or_else(|e| panic!("bad event line {l:?}: {e}"));
+                    let e: DeltaEvent = serde_json::from_value(v)
+                        .unwrap_or_else(|e| panic!("bad event line {l:?}: {e}"));
                     ev.lock().unwrap().push(e);
                 }
                 li.lock().unwrap().push(l);
@@ -386,12 +503,24 @@ impl Daemon {
                 se.lock().unwrap().push(l);
             }
         });
-        let mut d = Daemon { child, events, lines, stderr, dir: dir.to_path_buf(), _state: None };
+        let mut d = Daemon {
+            child,
+            events,
+            lines,
+            stderr,
+            dir: dir.to_path_buf(),
+            _state: None,
+        };
         wait_for("the agent to run", Duration::from_secs(30), || {
             if let Ok(Some(st)) = d.child.try_wait() {
                 panic!("agent exited early ({st}): {:?}", d.stderr.lock().unwrap());
             }
-            d.stderr.lock().unwrap().iter().any(|l| l.contains("running: one event per")).then_some(())
+            d.stderr
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("running: one event per"))
+                .then_some(())
         });
         d
     }
@@ -419,7 +548,8 @@ impl Daemon {
 
     /// Sends one raw request line on the control socket and returns the reply line.
     pub fn control_raw(&self, line: &[u8]) -> String {
-        let mut s = std::os::unix::net::UnixStream::connect(self.control_socket()).expect("connect control socket");
+        let mut s = std::os::unix::net::UnixStream::connect(self.control_socket())
+            .expect("connect control socket");
         s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
         let _ = s.write_all(line);
         let _ = s.write_all(b"\n");
@@ -442,7 +572,11 @@ impl Daemon {
             .arg(self.control_socket())
             .output()
             .unwrap();
-        (o.status.code().unwrap_or(-1), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into(),
+            String::from_utf8_lossy(&o.stderr).into(),
+        )
     }
 
     /// SIGKILL: no chance to clean up. Returns the lines it wrote.
@@ -464,11 +598,16 @@ impl Daemon {
     /// SIGTERM, wait for a clean exit, return every event it wrote.
     pub fn stop(mut self) -> Vec<DeltaEvent> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let st = wait_for("the agent to exit", Duration::from_secs(30), || self.child.try_wait().unwrap());
+        let st = wait_for("the agent to exit", Duration::from_secs(30), || {
+            self.child.try_wait().unwrap()
+        });
         assert!(st.success(), "agent exited with {st}: {:?}", self.stderr());
         // Let the reader thread take the last lines.
         wait_for("the last events", Duration::from_secs(5), || {
-            self.stderr().iter().any(|l| l.contains("detached; bye")).then_some(())
+            self.stderr()
+                .iter()
+                .any(|l| l.contains("detached; bye"))
+                .then_some(())
         });
         thread::sleep(Duration::from_millis(100));
         self.events()
@@ -521,9 +660,19 @@ pub fn sum(events: &[DeltaEvent]) -> Sums {
 pub fn check_events(events: &[DeltaEvent]) {
     let mut prev: Option<u64> = None;
     for e in events {
-        assert!(e.conserves(), "event seq {} does not conserve: {e:?}", e.seq);
-        assert!(!(e.total.is_zero() && e.ifaces.is_empty()), "empty event written: {e:?}");
-        assert!(e.labels.values().all(|t| !t.is_zero()), "a label that did not move: {e:?}");
+        assert!(
+            e.conserves(),
+            "event seq {} does not conserve: {e:?}",
+            e.seq
+        );
+        assert!(
+            !(e.total.is_zero() && e.ifaces.is_empty()),
+            "empty event written: {e:?}"
+        );
+        assert!(
+            e.labels.values().all(|t| !t.is_zero()),
+            "a label that did not move: {e:?}"
+        );
         if let Some(p) = prev {
             assert!(e.seq > p, "seq not increasing: {p} then {}", e.seq);
         }
@@ -534,7 +683,12 @@ pub fn check_events(events: &[DeltaEvent]) {
 }
 
 pub fn label<'a>(s: &'a Sums, name: &str) -> &'a Traffic {
-    s.labels.get(name).unwrap_or_else(|| panic!("no label {name:?} in {:?}", s.labels.keys().collect::<Vec<_>>()))
+    s.labels.get(name).unwrap_or_else(|| {
+        panic!(
+            "no label {name:?} in {:?}",
+            s.labels.keys().collect::<Vec<_>>()
+        )
+    })
 }
 
 /// How the test collector answers one request.
@@ -560,7 +714,11 @@ impl Received {
     /// The zstd body decoded into its JSON lines.
     pub fn lines(&self) -> Vec<String> {
         let raw = zstd::stream::decode_all(&self.body[..]).expect("body is zstd");
-        String::from_utf8(raw).unwrap().lines().map(str::to_owned).collect()
+        String::from_utf8(raw)
+            .unwrap()
+            .lines()
+            .map(str::to_owned)
+            .collect()
     }
 }
 
@@ -585,7 +743,9 @@ impl Collector {
                 let (rec, script, n) = (rec.clone(), script.clone(), n.clone());
                 thread::spawn(move || {
                     loop {
-                        let Some((path, headers, body)) = read_request(&mut c) else { return };
+                        let Some((path, headers, body)) = read_request(&mut c) else {
+                            return;
+                        };
                         let i = {
                             let mut n = n.lock().unwrap();
                             *n += 1;
@@ -596,7 +756,12 @@ impl Collector {
                             Answer::Status(s, _) => *s,
                             _ => 0,
                         };
-                        rec.lock().unwrap().push(Received { path, headers, body, answered });
+                        rec.lock().unwrap().push(Received {
+                            path,
+                            headers,
+                            body,
+                            answered,
+                        });
                         match answer {
                             Answer::Status(code, extra) => {
                                 let mut h = format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\n");
@@ -630,7 +795,9 @@ impl Collector {
     }
 }
 
-fn read_request(c: &mut std::net::TcpStream) -> Option<(String, BTreeMap<String, String>, Vec<u8>)> {
+fn read_request(
+    c: &mut std::net::TcpStream,
+) -> Option<(String, BTreeMap<String, String>, Vec<u8>)> {
     use std::io::Read;
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
@@ -649,7 +816,10 @@ fn read_request(c: &mut std::net::TcpStream) -> Option<(String, BTreeMap<String,
             headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
         }
     }
-    let len: usize = headers.get("content-length").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let len: usize = headers
+        .get("content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
     let mut body = vec![0u8; len];
     c.read_exact(&mut body).ok()?;
     Some((path, headers, body))

@@ -13,12 +13,7 @@
 //! - Retransmitted segments really cross the socket again and are counted: a TCP sender's
 //!   payload is what TCP_INFO's bytes_sent says (retransmissions included), and its peer
 //!   receives between the payload and the payload plus the retransmitted bytes.
-use std::{
-    os::fd::AsRawFd,
-    process::Command,
-    thread,
-    time::Duration,
-};
+use std::{os::fd::AsRawFd, process::Command, thread, time::Duration};
 
 use sockacct_tests::*;
 
@@ -38,7 +33,11 @@ struct Wire {
 
 impl Wire {
     fn of(p: &mut Peer) -> Wire {
-        Wire { sent: p.value("wire_sent"), retrans: p.value("wire_retrans"), ooo: p.value("wire_ooo") }
+        Wire {
+            sent: p.value("wire_sent"),
+            retrans: p.value("wire_retrans"),
+            ooo: p.value("wire_ooo"),
+        }
     }
 
     /// Loss or reordering on either side: TCP options (SACK) vary, so only bounds hold.
@@ -52,20 +51,47 @@ impl Wire {
 /// packets may also carry SACK options (up to 40 B more per header) and the receiver may
 /// see retransmitted copies (`dup_slack` bytes): then only bounds can be checked, and the
 /// test says so.
-fn tcp_dir_ok(got: u64, payload: u64, hdr: u64, packets: u64, extra: u64, lossy: bool, dup_slack: u64) -> bool {
+fn tcp_dir_ok(
+    got: u64,
+    payload: u64,
+    hdr: u64,
+    packets: u64,
+    extra: u64,
+    lossy: bool,
+    dup_slack: u64,
+) -> bool {
     let base = payload + hdr * packets + extra;
-    if lossy { got >= base && got <= base + dup_slack + 40 * packets } else { got == base }
+    if lossy {
+        got >= base && got <= base + dup_slack + 40 * packets
+    } else {
+        got == base
+    }
 }
 
-fn check_tcp(what: &str, got: u64, payload: u64, hdr: u64, packets: u64, extra: u64, lossy: bool, dup_slack: u64) {
+fn check_tcp(
+    what: &str,
+    got: u64,
+    payload: u64,
+    hdr: u64,
+    packets: u64,
+    extra: u64,
+    lossy: bool,
+    dup_slack: u64,
+) {
     if lossy {
-        eprintln!("{what}: the connection saw loss or reordering; checking bounds, not exact bytes");
+        eprintln!(
+            "{what}: the connection saw loss or reordering; checking bounds, not exact bytes"
+        );
     }
     assert!(
         tcp_dir_ok(got, payload, hdr, packets, extra, lossy, dup_slack),
         "{what}: counted {got} B in {packets} packets, expected {payload} + {hdr} × {packets} + {extra} = {}{}",
         payload + hdr * packets + extra,
-        if lossy { " (or a little more: retransmissions)" } else { "" }
+        if lossy {
+            " (or a little more: retransmissions)"
+        } else {
+            ""
+        }
     );
 }
 
@@ -73,9 +99,19 @@ fn tcp_exact(tag: &str, addr: &str, hdr: u64) {
     let cg = TestCgroup::new(tag);
     let d = Daemon::start(&cg, &["--interval", "100"]);
     let (up, down) = (1_000_000u64, 300_000u64);
-    let mut srv = Peer::spawn(Some(&cg), None, "acct-server", &["tcp-serve", addr, "1", &down.to_string()]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "acct-server",
+        &["tcp-serve", addr, "1", &down.to_string()],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "acct-client", &["tcp-connect", addr, &port, "1", &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "acct-client",
+        &["tcp-connect", addr, &port, "1", &up.to_string()],
+    );
     assert_eq!(cli.value("sent"), up);
     assert_eq!(cli.value("received"), down);
     assert_eq!(srv.value("received"), up);
@@ -90,14 +126,59 @@ fn tcp_exact(tag: &str, addr: &str, hdr: u64) {
     let sv = label(&s, "acct-server");
     let lossy = Wire::lossy(&cw, &sw);
     // Client: sends the SYN, receives the SYN-ACK.
-    check_tcp("client tx", c.tx, cw.sent, hdr, c.tx_packets, SYN_EXTRA, lossy, 0);
-    check_tcp("client rx", c.rx, down, hdr, c.rx_packets, SYN_EXTRA, lossy, sw.retrans);
+    check_tcp(
+        "client tx",
+        c.tx,
+        cw.sent,
+        hdr,
+        c.tx_packets,
+        SYN_EXTRA,
+        lossy,
+        0,
+    );
+    check_tcp(
+        "client rx",
+        c.rx,
+        down,
+        hdr,
+        c.rx_packets,
+        SYN_EXTRA,
+        lossy,
+        sw.retrans,
+    );
     // Server side (listener + accepted socket, both owned by acct-server): receives the
     // SYN, sends the SYN-ACK.
-    check_tcp("server rx", sv.rx, up, hdr, sv.rx_packets, SYN_EXTRA, lossy, cw.retrans);
-    check_tcp("server tx", sv.tx, sw.sent, hdr, sv.tx_packets, SYN_EXTRA, lossy, 0);
-    assert_eq!(s.labels.len(), 2, "only the two peers moved bytes: {:?}", s.labels);
-    assert!(s.unattributed.is_zero(), "unattributed: {:?}", s.unattributed);
+    check_tcp(
+        "server rx",
+        sv.rx,
+        up,
+        hdr,
+        sv.rx_packets,
+        SYN_EXTRA,
+        lossy,
+        cw.retrans,
+    );
+    check_tcp(
+        "server tx",
+        sv.tx,
+        sw.sent,
+        hdr,
+        sv.tx_packets,
+        SYN_EXTRA,
+        lossy,
+        0,
+    );
+    assert_eq!(
+        s.labels.len(),
+        2,
+        "only the two peers moved bytes: {:?}",
+        s.labels
+    );
+    assert!(
+        s.unattributed.is_zero(),
+        "unattributed: {:?}",
+        s.unattributed
+    );
 }
 
 #[test]
@@ -122,7 +203,18 @@ fn udp_exact(tag: &str, addr: &str, ip_hdr: u64) {
     let (count, size) = (1000u64, 100u64);
     let mut rcv = Peer::spawn(Some(&cg), None, "udp-recv", &["udp-recv", addr]);
     let port = rcv.value("port").to_string();
-    let mut snd = Peer::spawn(Some(&cg), None, "udp-send", &["udp-send", addr, &port, &count.to_string(), &size.to_string()]);
+    let mut snd = Peer::spawn(
+        Some(&cg),
+        None,
+        "udp-send",
+        &[
+            "udp-send",
+            addr,
+            &port,
+            &count.to_string(),
+            &size.to_string(),
+        ],
+    );
     assert_eq!(snd.value("sent"), count);
     snd.finish();
     // A 1-byte datagram from a differently named process tells the receiver to stop.
@@ -137,7 +229,11 @@ fn udp_exact(tag: &str, addr: &str, ip_hdr: u64) {
     eprintln!("{tag}: {:?}", s);
     let per = size + 8 + ip_hdr;
     let tx = label(&s, "udp-send");
-    assert_eq!(tx.tx, count * per, "sender bytes = datagrams × (payload + UDP 8 + IP {ip_hdr})");
+    assert_eq!(
+        tx.tx,
+        count * per,
+        "sender bytes = datagrams × (payload + UDP 8 + IP {ip_hdr})"
+    );
     assert_eq!(tx.tx_packets, count);
     assert_eq!((tx.rx, tx.rx_packets), (0, 0));
     let rx = label(&s, "udp-recv");
@@ -145,7 +241,11 @@ fn udp_exact(tag: &str, addr: &str, ip_hdr: u64) {
     // dropped for a full buffer, and the stop datagram (1 B payload).
     assert_eq!(rx.rx, (got + drops) * per + (1 + 8 + ip_hdr));
     assert_eq!(rx.rx_packets, got + drops + 1);
-    assert_eq!(got + drops, count, "loopback loses nothing before the socket");
+    assert_eq!(
+        got + drops,
+        count,
+        "loopback loses nothing before the socket"
+    );
     let stop = label(&s, "udp-stop");
     assert_eq!((stop.tx, stop.tx_packets), (1 + 8 + ip_hdr, 1));
     assert!(s.unattributed.is_zero());
@@ -177,26 +277,40 @@ fn short_lived_socket_is_counted_in_full() {
     let cg = TestCgroup::new("short");
     let d = Daemon::start(&cg, &["--interval", "1000"]);
     let (up, down) = (50_000u64, 7_000u64);
-    let mut srv = Peer::spawn(Some(&cg), None, "short-srv", &["tcp-serve", "127.0.0.1", "1", &down.to_string()]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "short-srv",
+        &["tcp-serve", "127.0.0.1", "1", &down.to_string()],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "short-cli", &["short-tcp", "127.0.0.1", &port, &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "short-cli",
+        &["short-tcp", "127.0.0.1", &port, &up.to_string()],
+    );
     assert_eq!(cli.value("received"), down);
     let (cw, sw) = (Wire::of(&mut cli), Wire::of(&mut srv));
     cli.finish();
     srv.finish();
     // Wait (while the agent runs) until the regular events hold the whole connection.
-    let full = wait_for("the short connection in the regular events", Duration::from_secs(10), || {
-        let s = sum(&d.events());
-        let c = s.labels.get("short-cli").copied()?;
-        let sv = s.labels.get("short-srv").copied()?;
-        let lossy = Wire::lossy(&cw, &sw);
-        let h = V4_TCP_HDR;
-        let complete = tcp_dir_ok(c.tx, cw.sent, h, c.tx_packets, SYN_EXTRA, lossy, 0)
-            && tcp_dir_ok(c.rx, down, h, c.rx_packets, SYN_EXTRA, lossy, sw.retrans)
-            && tcp_dir_ok(sv.rx, up, h, sv.rx_packets, SYN_EXTRA, lossy, cw.retrans)
-            && tcp_dir_ok(sv.tx, sw.sent, h, sv.tx_packets, SYN_EXTRA, lossy, 0);
-        complete.then_some(s)
-    });
+    let full = wait_for(
+        "the short connection in the regular events",
+        Duration::from_secs(10),
+        || {
+            let s = sum(&d.events());
+            let c = s.labels.get("short-cli").copied()?;
+            let sv = s.labels.get("short-srv").copied()?;
+            let lossy = Wire::lossy(&cw, &sw);
+            let h = V4_TCP_HDR;
+            let complete = tcp_dir_ok(c.tx, cw.sent, h, c.tx_packets, SYN_EXTRA, lossy, 0)
+                && tcp_dir_ok(c.rx, down, h, c.rx_packets, SYN_EXTRA, lossy, sw.retrans)
+                && tcp_dir_ok(sv.rx, up, h, sv.rx_packets, SYN_EXTRA, lossy, cw.retrans)
+                && tcp_dir_ok(sv.tx, sw.sent, h, sv.tx_packets, SYN_EXTRA, lossy, 0);
+            complete.then_some(s)
+        },
+    );
     let events = d.stop();
     check_events(&events);
     // Nothing more arrived for it at shutdown.
@@ -220,10 +334,27 @@ fn server_side_socket_is_labelled_with_the_accepting_process() {
         Some(&cg),
         None,
         "acct-parent",
-        &["tcp-serve-fork", "127.0.0.1", "acct-worker", &greeting.to_string(), &down.to_string()],
+        &[
+            "tcp-serve-fork",
+            "127.0.0.1",
+            "acct-worker",
+            &greeting.to_string(),
+            &down.to_string(),
+        ],
     );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "acct-client", &["tcp-greeted", "127.0.0.1", &port, &greeting.to_string(), &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "acct-client",
+        &[
+            "tcp-greeted",
+            "127.0.0.1",
+            &port,
+            &greeting.to_string(),
+            &up.to_string(),
+        ],
+    );
     assert_eq!(cli.value("received"), greeting + down);
     assert_eq!(srv.value("received"), up);
     let (cw, sw) = (Wire::of(&mut cli), Wire::of(&mut srv));
@@ -246,7 +377,16 @@ fn server_side_socket_is_labelled_with_the_accepting_process() {
         assert_eq!((p.tx, p.tx_packets), (60, 1), "listener tx");
     }
     let c = label(&s, "acct-client");
-    check_tcp("client tx", c.tx, cw.sent, h, c.tx_packets, SYN_EXTRA, lossy, 0);
+    check_tcp(
+        "client tx",
+        c.tx,
+        cw.sent,
+        h,
+        c.tx_packets,
+        SYN_EXTRA,
+        lossy,
+        0,
+    );
     assert!(s.unattributed.is_zero());
 }
 
@@ -259,9 +399,19 @@ fn sockets_opened_before_the_agent_are_attributed() {
     }
     let cg = TestCgroup::new("pre");
     let (up, down) = (200_000u64, 30_000u64);
-    let mut srv = Peer::spawn(Some(&cg), None, "pre-server", &["tcp-serve", "127.0.0.1", "1", &down.to_string()]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "pre-server",
+        &["tcp-serve", "127.0.0.1", "1", &down.to_string()],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "pre-client", &["hold-tcp", "127.0.0.1", &port, &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "pre-client",
+        &["hold-tcp", "127.0.0.1", &port, &up.to_string()],
+    );
     cli.expect_line("connected");
     let d = Daemon::start(&cg, &["--interval", "100"]);
     cli.send_line("go");
@@ -276,12 +426,52 @@ fn sockets_opened_before_the_agent_are_attributed() {
     // The handshake happened before the agent: no SYN in these counts.
     let lossy = Wire::lossy(&cw, &sw);
     let c = label(&s, "pre-client");
-    check_tcp("client tx", c.tx, cw.sent, V4_TCP_HDR, c.tx_packets, 0, lossy, 0);
-    check_tcp("client rx", c.rx, down, V4_TCP_HDR, c.rx_packets, 0, lossy, sw.retrans);
+    check_tcp(
+        "client tx",
+        c.tx,
+        cw.sent,
+        V4_TCP_HDR,
+        c.tx_packets,
+        0,
+        lossy,
+        0,
+    );
+    check_tcp(
+        "client rx",
+        c.rx,
+        down,
+        V4_TCP_HDR,
+        c.rx_packets,
+        0,
+        lossy,
+        sw.retrans,
+    );
     let sv = label(&s, "pre-server");
-    check_tcp("server rx", sv.rx, up, V4_TCP_HDR, sv.rx_packets, 0, lossy, cw.retrans);
-    check_tcp("server tx", sv.tx, sw.sent, V4_TCP_HDR, sv.tx_packets, 0, lossy, 0);
-    assert!(s.unattributed.is_zero(), "unattributed: {:?}", s.unattributed);
+    check_tcp(
+        "server rx",
+        sv.rx,
+        up,
+        V4_TCP_HDR,
+        sv.rx_packets,
+        0,
+        lossy,
+        cw.retrans,
+    );
+    check_tcp(
+        "server tx",
+        sv.tx,
+        sw.sent,
+        V4_TCP_HDR,
+        sv.tx_packets,
+        0,
+        lossy,
+        0,
+    );
+    assert!(
+        s.unattributed.is_zero(),
+        "unattributed: {:?}",
+        s.unattributed
+    );
 }
 
 const BPF_PROG_QUERY: libc::c_long = 16;
@@ -312,8 +502,19 @@ fn attached_programs(cgroup: &std::path::Path, attach_type: u32) -> u32 {
         prog_cnt: ids.len() as u32,
         ..Default::default()
     };
-    let r = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_QUERY, &mut a as *mut QueryAttr, std::mem::size_of::<QueryAttr>() as u32) };
-    assert!(r == 0, "BPF_PROG_QUERY: {}", std::io::Error::last_os_error());
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_QUERY,
+            &mut a as *mut QueryAttr,
+            std::mem::size_of::<QueryAttr>() as u32,
+        )
+    };
+    assert!(
+        r == 0,
+        "BPF_PROG_QUERY: {}",
+        std::io::Error::last_os_error()
+    );
     a.prog_cnt
 }
 
@@ -329,27 +530,58 @@ fn scoped_cgroup_counts_nothing_outside_and_detaches() {
     let d = Daemon::start(&inside, &["--interval", "100"]);
     // ingress, egress, sock_create, sock_release
     for t in [0, 1, 2, 34] {
-        assert_eq!(attached_programs(&inside.path, t), 1, "attach type {t} while running");
+        assert_eq!(
+            attached_programs(&inside.path, t),
+            1,
+            "attach type {t} while running"
+        );
     }
     let up = 123_456u64;
-    let mut srv = Peer::spawn(Some(&outside), None, "out-server", &["tcp-serve", "127.0.0.1", "1", "0"]);
+    let mut srv = Peer::spawn(
+        Some(&outside),
+        None,
+        "out-server",
+        &["tcp-serve", "127.0.0.1", "1", "0"],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&inside), None, "in-client", &["tcp-connect", "127.0.0.1", &port, "1", &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&inside),
+        None,
+        "in-client",
+        &["tcp-connect", "127.0.0.1", &port, "1", &up.to_string()],
+    );
     cli.value("sent");
     let cw = Wire::of(&mut cli);
     cli.finish();
     srv.finish();
     let events = d.stop();
     for t in [0, 1, 2, 34] {
-        assert_eq!(attached_programs(&inside.path, t), 0, "attach type {t} after stop");
+        assert_eq!(
+            attached_programs(&inside.path, t),
+            0,
+            "attach type {t} after stop"
+        );
     }
     check_events(&events);
     let s = sum(&events);
-    assert_eq!(s.labels.keys().collect::<Vec<_>>(), vec!["in-client"], "only the inside peer is counted");
+    assert_eq!(
+        s.labels.keys().collect::<Vec<_>>(),
+        vec!["in-client"],
+        "only the inside peer is counted"
+    );
     let c = label(&s, "in-client");
     assert!(up <= cw.sent);
     // The peer outside may have SACKed our data: bounds only then.
-    check_tcp("client tx", c.tx, cw.sent, V4_TCP_HDR, c.tx_packets, SYN_EXTRA, cw.retrans + cw.ooo > 0, 0);
+    check_tcp(
+        "client tx",
+        c.tx,
+        cw.sent,
+        V4_TCP_HDR,
+        c.tx_packets,
+        SYN_EXTRA,
+        cw.retrans + cw.ooo > 0,
+        0,
+    );
     assert_eq!(s.total, *c);
 }
 
@@ -366,9 +598,19 @@ fn veth_traffic_shows_up_per_interface() {
     let (up, down) = (400_000u64, 100_000u64);
     // The server runs inside the namespace (and outside the cgroup): only the client's
     // socket is counted by the cgroup programs; tc sees the link.
-    let mut srv = Peer::spawn(None, Some(&net.ns), "ns-server", &["tcp-serve", &net.peer_ip, "1", &down.to_string()]);
+    let mut srv = Peer::spawn(
+        None,
+        Some(&net.ns),
+        "ns-server",
+        &["tcp-serve", &net.peer_ip, "1", &down.to_string()],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "veth-client", &["tcp-connect", &net.peer_ip, &port, "1", &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "veth-client",
+        &["tcp-connect", &net.peer_ip, &port, "1", &up.to_string()],
+    );
     assert_eq!(cli.value("received"), down);
     let (cw, sw) = (Wire::of(&mut cli), Wire::of(&mut srv));
     cli.finish();
@@ -379,17 +621,50 @@ fn veth_traffic_shows_up_per_interface() {
     eprintln!("veth: {:?}", s);
     let c = label(&s, "veth-client");
     let lossy = Wire::lossy(&cw, &sw);
-    check_tcp("client tx", c.tx, cw.sent, V4_TCP_HDR, c.tx_packets, SYN_EXTRA, lossy, 0);
-    check_tcp("client rx", c.rx, down, V4_TCP_HDR, c.rx_packets, SYN_EXTRA, lossy, sw.retrans);
-    let i = s.ifaces.get(&net.host_if).unwrap_or_else(|| panic!("no iface {} in {:?}", net.host_if, s.ifaces));
+    check_tcp(
+        "client tx",
+        c.tx,
+        cw.sent,
+        V4_TCP_HDR,
+        c.tx_packets,
+        SYN_EXTRA,
+        lossy,
+        0,
+    );
+    check_tcp(
+        "client rx",
+        c.rx,
+        down,
+        V4_TCP_HDR,
+        c.rx_packets,
+        SYN_EXTRA,
+        lossy,
+        sw.retrans,
+    );
+    let i = s
+        .ifaces
+        .get(&net.host_if)
+        .unwrap_or_else(|| panic!("no iface {} in {:?}", net.host_if, s.ifaces));
     const ETH: u64 = 14;
     // The link carries the client's packets and nothing else (IPv6 off, static
     // neighbours), except the server's final ACK to our FIN, which the client socket no
     // longer sees (it is in TIME_WAIT or gone): allow for exactly that in rx.
     assert_eq!(i.tx_packets, c.tx_packets, "tc egress packets");
-    assert_eq!(i.tx, c.tx + ETH * c.tx_packets, "tc egress bytes = IP bytes + 14 B per packet");
-    assert!(i.rx_packets >= c.rx_packets && i.rx_packets <= c.rx_packets + 1, "tc ingress packets {} vs socket {}", i.rx_packets, c.rx_packets);
-    assert_eq!(i.rx, c.rx + ETH * c.rx_packets + (i.rx_packets - c.rx_packets) * (V4_TCP_HDR + ETH));
+    assert_eq!(
+        i.tx,
+        c.tx + ETH * c.tx_packets,
+        "tc egress bytes = IP bytes + 14 B per packet"
+    );
+    assert!(
+        i.rx_packets >= c.rx_packets && i.rx_packets <= c.rx_packets + 1,
+        "tc ingress packets {} vs socket {}",
+        i.rx_packets,
+        c.rx_packets
+    );
+    assert_eq!(
+        i.rx,
+        c.rx + ETH * c.rx_packets + (i.rx_packets - c.rx_packets) * (V4_TCP_HDR + ETH)
+    );
 }
 
 /// Thousands of short connections: every event conserves bytes, and the totals match
@@ -402,9 +677,25 @@ fn churn_conserves_every_byte() {
     let cg = TestCgroup::new("churn");
     let d = Daemon::start(&cg, &["--interval", "50"]);
     let (n, up, down) = (5000u64, 700u64, 300u64);
-    let mut srv = Peer::spawn(Some(&cg), None, "churn-srv", &["tcp-serve", "127.0.0.1", &n.to_string(), &down.to_string()]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "churn-srv",
+        &["tcp-serve", "127.0.0.1", &n.to_string(), &down.to_string()],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "churn-cli", &["tcp-connect", "127.0.0.1", &port, &n.to_string(), &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "churn-cli",
+        &[
+            "tcp-connect",
+            "127.0.0.1",
+            &port,
+            &n.to_string(),
+            &up.to_string(),
+        ],
+    );
     let (sent, received) = (cli.value("sent"), cli.value("received"));
     assert_eq!((sent, received), (n * up, n * down));
     assert_eq!(srv.value("received"), n * up);
@@ -413,18 +704,62 @@ fn churn_conserves_every_byte() {
     srv.finish();
     let events = d.stop();
     check_events(&events);
-    assert!(events.len() >= 2, "the churn should span several intervals, got {}", events.len());
+    assert!(
+        events.len() >= 2,
+        "the churn should span several intervals, got {}",
+        events.len()
+    );
     let s = sum(&events);
     eprintln!("churn over {} events: {:?}", events.len(), s);
     let c = label(&s, "churn-cli");
     let sv = label(&s, "churn-srv");
     let lossy = Wire::lossy(&cw, &sw);
     let h = V4_TCP_HDR;
-    check_tcp("client tx", c.tx, cw.sent, h, c.tx_packets, SYN_EXTRA * n, lossy, 0);
-    check_tcp("client rx", c.rx, received, h, c.rx_packets, SYN_EXTRA * n, lossy, sw.retrans);
-    check_tcp("server rx", sv.rx, sent, h, sv.rx_packets, SYN_EXTRA * n, lossy, cw.retrans);
-    check_tcp("server tx", sv.tx, sw.sent, h, sv.tx_packets, SYN_EXTRA * n, lossy, 0);
-    assert!(s.unattributed.is_zero(), "unattributed: {:?}", s.unattributed);
+    check_tcp(
+        "client tx",
+        c.tx,
+        cw.sent,
+        h,
+        c.tx_packets,
+        SYN_EXTRA * n,
+        lossy,
+        0,
+    );
+    check_tcp(
+        "client rx",
+        c.rx,
+        received,
+        h,
+        c.rx_packets,
+        SYN_EXTRA * n,
+        lossy,
+        sw.retrans,
+    );
+    check_tcp(
+        "server rx",
+        sv.rx,
+        sent,
+        h,
+        sv.rx_packets,
+        SYN_EXTRA * n,
+        lossy,
+        cw.retrans,
+    );
+    check_tcp(
+        "server tx",
+        sv.tx,
+        sw.sent,
+        h,
+        sv.tx_packets,
+        SYN_EXTRA * n,
+        lossy,
+        0,
+    );
+    assert!(
+        s.unattributed.is_zero(),
+        "unattributed: {:?}",
+        s.unattributed
+    );
 }
 
 /// Without privileges the agent fails fast, exit status 1, naming what is missing.
@@ -434,29 +769,56 @@ fn unprivileged_run_fails_fast_with_a_clear_message() {
         return;
     }
     let out = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "--inh-caps=-all", "--"])
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--",
+        ])
         .arg(agent_exe())
         .args(["run", "--stdout", "--state-dir", "/tmp"])
         .output()
         .expect("setpriv (util-linux)");
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(err.contains("needs root or the capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"), "stderr: {err}");
+    assert!(
+        err.contains("needs root or the capabilities CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN"),
+        "stderr: {err}"
+    );
     assert!(out.stdout.is_empty());
 
     // A cgroup path that does not exist.
     let out = Command::new(agent_exe())
-        .args(["run", "--stdout", "--state-dir", "/tmp", "--cgroup", "/sys/fs/cgroup/unified/no-such-cgroup-xyz"])
+        .args([
+            "run",
+            "--stdout",
+            "--state-dir",
+            "/tmp",
+            "--cgroup",
+            "/sys/fs/cgroup/unified/no-such-cgroup-xyz",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(err.contains("no-such-cgroup-xyz does not exist"), "stderr: {err}");
+    assert!(
+        err.contains("no-such-cgroup-xyz does not exist"),
+        "stderr: {err}"
+    );
 
     // A directory that is not on cgroup v2.
-    let out = Command::new(agent_exe()).args(["run", "--stdout", "--state-dir", "/tmp", "--cgroup", "/tmp"]).output().unwrap();
+    let out = Command::new(agent_exe())
+        .args(["run", "--stdout", "--state-dir", "/tmp", "--cgroup", "/tmp"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {err}");
-    assert!(err.contains("is not a cgroup v2 directory"), "stderr: {err}");
+    assert!(
+        err.contains("is not a cgroup v2 directory"),
+        "stderr: {err}"
+    );
     thread::sleep(Duration::from_millis(1));
 }

@@ -26,9 +26,19 @@ fn tcp_conversation(tag: &str, addr: &str) {
     let cfg = config(&dir, "consolidate_gap_ms = 0\nopen_after_ms = 0");
     let d = Daemon::start(&cg, &["--interval", "50", "--config", &cfg]);
     let (up, down) = (30_000u64, 7_000u64);
-    let mut srv = Peer::spawn(Some(&cg), None, "f-srv", &["tcp-serve", addr, "1", &down.to_string()]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "f-srv",
+        &["tcp-serve", addr, "1", &down.to_string()],
+    );
     let port = srv.value("port");
-    let mut cli = Peer::spawn(Some(&cg), None, "f-cli", &["tcp-connect", addr, &port.to_string(), "1", &up.to_string()]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "f-cli",
+        &["tcp-connect", addr, &port.to_string(), "1", &up.to_string()],
+    );
     cli.value("received");
     cli.finish();
     srv.finish();
@@ -40,9 +50,18 @@ fn tcp_conversation(tag: &str, addr: &str) {
     eprintln!("{tag} flows: {f:#?}");
     let family = if addr.contains(':') { "ipv6" } else { "ipv4" };
     // The client's connection: outbound, to the server's port.
-    let out: Vec<&Value> = f.iter().filter(|r| r["label"] == "f-cli" && r["direction"] == "outbound").collect();
-    assert!(out.iter().any(|r| r["event"] == "open"), "no open record for the client: {out:?}");
-    let close = out.iter().find(|r| r["event"] == "close").expect("close record for the client");
+    let out: Vec<&Value> = f
+        .iter()
+        .filter(|r| r["label"] == "f-cli" && r["direction"] == "outbound")
+        .collect();
+    assert!(
+        out.iter().any(|r| r["event"] == "open"),
+        "no open record for the client: {out:?}"
+    );
+    let close = out
+        .iter()
+        .find(|r| r["event"] == "close")
+        .expect("close record for the client");
     assert_eq!(close["proto"], "tcp");
     assert_eq!(close["family"], family);
     assert_eq!(close["remote"], addr);
@@ -59,7 +78,10 @@ fn tcp_conversation(tag: &str, addr: &str) {
     assert!(close["end"].as_u64() >= close["start"].as_u64());
     assert!(close["tcp_state"].is_string(), "{close}");
     // The server's accepted connection: inbound, from the client's port.
-    let inbound = f.iter().find(|r| r["label"] == "f-srv" && r["direction"] == "inbound" && r["event"] == "close").expect("inbound close");
+    let inbound = f
+        .iter()
+        .find(|r| r["label"] == "f-srv" && r["direction"] == "inbound" && r["event"] == "close")
+        .expect("inbound close");
     assert_eq!(inbound["local_port"], port);
     assert_eq!(inbound["remote_port"], close["local_port"]);
     assert!(inbound["rx"].as_u64().unwrap() >= up && inbound["tx"].as_u64().unwrap() >= down);
@@ -90,19 +112,40 @@ fn a_long_lived_connection_gets_update_records() {
     let dir = TempDir::new("fupd");
     let cfg = config(&dir, "update_every_ms = 1000\nopen_after_ms = 200");
     let d = Daemon::start(&cg, &["--interval", "50", "--config", &cfg]);
-    let mut srv = Peer::spawn(Some(&cg), None, "u-srv", &["tcp-serve", "127.0.0.1", "1", "10"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "u-srv",
+        &["tcp-serve", "127.0.0.1", "1", "10"],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "u-cli", &["tcp-trickle", "127.0.0.1", &port, "2600"]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "u-cli",
+        &["tcp-trickle", "127.0.0.1", &port, "2600"],
+    );
     cli.value("received");
     cli.finish();
     srv.finish();
     let lines = d.lines();
     d.stop();
-    let f: Vec<Value> = flows(&lines).into_iter().filter(|r| r["label"] == "u-cli").collect();
+    let f: Vec<Value> = flows(&lines)
+        .into_iter()
+        .filter(|r| r["label"] == "u-cli")
+        .collect();
     let updates: Vec<&Value> = f.iter().filter(|r| r["event"] == "update").collect();
-    assert!(updates.len() >= 2, "a 2.6 s connection with 1 s updates: {f:#?}");
+    assert!(
+        updates.len() >= 2,
+        "a 2.6 s connection with 1 s updates: {f:#?}"
+    );
     // Updates carry the counts so far: they grow.
-    assert!(updates.windows(2).all(|w| w[1]["tx"].as_u64() > w[0]["tx"].as_u64()), "{updates:?}");
+    assert!(
+        updates
+            .windows(2)
+            .all(|w| w[1]["tx"].as_u64() > w[0]["tx"].as_u64()),
+        "{updates:?}"
+    );
     assert_eq!(f.iter().filter(|r| r["event"] == "open").count(), 1);
 }
 
@@ -115,10 +158,23 @@ fn a_udp_client_talking_to_three_peers_gives_three_records() {
     let dir = TempDir::new("fudp");
     let cfg = config(&dir, "open_after_ms = 0\nconsolidate_gap_ms = 0");
     let d = Daemon::start(&cg, &["--interval", "50", "--config", &cfg]);
-    let mut rx: Vec<Peer> = (0..3).map(|_| Peer::spawn(Some(&cg), None, "u-recv", &["udp-recv", "127.0.0.1"])).collect();
+    let mut rx: Vec<Peer> = (0..3)
+        .map(|_| Peer::spawn(Some(&cg), None, "u-recv", &["udp-recv", "127.0.0.1"]))
+        .collect();
     let ports: Vec<String> = rx.iter_mut().map(|p| p.value("port").to_string()).collect();
     let (count, size) = (20u64, 50u64);
-    let mut tx = Peer::spawn(Some(&cg), None, "u-multi", &["udp-multi", "127.0.0.1", &ports.join(","), &count.to_string(), &size.to_string()]);
+    let mut tx = Peer::spawn(
+        Some(&cg),
+        None,
+        "u-multi",
+        &[
+            "udp-multi",
+            "127.0.0.1",
+            &ports.join(","),
+            &count.to_string(),
+            &size.to_string(),
+        ],
+    );
     tx.value("sent");
     tx.finish();
     for (p, port) in rx.iter().zip(&ports) {
@@ -131,9 +187,15 @@ fn a_udp_client_talking_to_three_peers_gives_three_records() {
     std::thread::sleep(Duration::from_millis(300));
     let lines = d.lines();
     d.stop();
-    let closes: Vec<Value> = flows(&lines).into_iter().filter(|r| r["label"] == "u-multi" && r["event"] == "close").collect();
+    let closes: Vec<Value> = flows(&lines)
+        .into_iter()
+        .filter(|r| r["label"] == "u-multi" && r["event"] == "close")
+        .collect();
     assert_eq!(closes.len(), 3, "one record per peer: {closes:#?}");
-    let mut seen: Vec<u64> = closes.iter().map(|r| r["remote_port"].as_u64().unwrap()).collect();
+    let mut seen: Vec<u64> = closes
+        .iter()
+        .map(|r| r["remote_port"].as_u64().unwrap())
+        .collect();
     seen.sort();
     let mut want: Vec<u64> = ports.iter().map(|p| p.parse().unwrap()).collect();
     want.sort();
@@ -155,29 +217,62 @@ fn short_connections_within_the_gap_become_one_session() {
     // Defaults: consolidation on, 5 s gap.
     let d = Daemon::start(&cg, &["--interval", "50"]);
     let n = 100u64;
-    let mut srv = Peer::spawn(Some(&cg), None, "s-srv", &["tcp-serve", "127.0.0.1", &n.to_string(), "100"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "s-srv",
+        &["tcp-serve", "127.0.0.1", &n.to_string(), "100"],
+    );
     let port = srv.value("port");
-    let mut cli = Peer::spawn(Some(&cg), None, "s-cli", &["tcp-connect", "127.0.0.1", &port.to_string(), &n.to_string(), "300"]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "s-cli",
+        &[
+            "tcp-connect",
+            "127.0.0.1",
+            &port.to_string(),
+            &n.to_string(),
+            "300",
+        ],
+    );
     cli.value("received");
     cli.finish();
     srv.finish();
     std::thread::sleep(Duration::from_millis(300));
     // A pending session is written when the gap has passed or at shutdown.
     let lines = d.stop_lines();
-    let events: Vec<DeltaEvent> = lines.iter().filter_map(|l| serde_json::from_str::<DeltaEvent>(l).ok().filter(|e| e.kind == "delta")).collect();
+    let events: Vec<DeltaEvent> = lines
+        .iter()
+        .filter_map(|l| {
+            serde_json::from_str::<DeltaEvent>(l)
+                .ok()
+                .filter(|e| e.kind == "delta")
+        })
+        .collect();
     let s = sum(&events);
     let f = flows(&lines);
     let cli_recs: Vec<&Value> = f.iter().filter(|r| r["label"] == "s-cli").collect();
-    assert_eq!(cli_recs.len(), 1, "100 short connections within the gap: one record: {cli_recs:#?}");
+    assert_eq!(
+        cli_recs.len(),
+        1,
+        "100 short connections within the gap: one record: {cli_recs:#?}"
+    );
     let r = cli_recs[0];
     assert_eq!(r["event"], "close");
     assert_eq!(r["connections"], n);
-    assert!(r.get("local_port").is_none(), "several source ports merged: the source port is left out: {r}");
+    assert!(
+        r.get("local_port").is_none(),
+        "several source ports merged: the source port is left out: {r}"
+    );
     assert_eq!(r["remote_port"], port);
     let c = label(&s, "s-cli");
     assert_eq!(r["tx"], c.tx, "summed bytes");
     assert_eq!(r["rx"], c.rx);
-    let srv_recs: Vec<&Value> = f.iter().filter(|r| r["label"] == "s-srv" && r["direction"] == "inbound").collect();
+    let srv_recs: Vec<&Value> = f
+        .iter()
+        .filter(|r| r["label"] == "s-srv" && r["direction"] == "inbound")
+        .collect();
     assert_eq!(srv_recs.len(), 1, "{srv_recs:#?}");
     assert_eq!(srv_recs[0]["connections"], n);
 }
@@ -189,24 +284,57 @@ fn a_filter_that_excludes_udp_leaves_no_udp_record() {
     }
     let cg = TestCgroup::new("ffil");
     let dir = TempDir::new("ffil");
-    let cfg = config(&dir, "protocols = [\"tcp\"]\nopen_after_ms = 0\nconsolidate_gap_ms = 0");
+    let cfg = config(
+        &dir,
+        "protocols = [\"tcp\"]\nopen_after_ms = 0\nconsolidate_gap_ms = 0",
+    );
     let d = Daemon::start(&cg, &["--interval", "50", "--config", &cfg]);
     let mut rcv = Peer::spawn(Some(&cg), None, "x-recv", &["udp-recv", "127.0.0.1"]);
     let port = rcv.value("port").to_string();
-    Peer::spawn(Some(&cg), None, "x-udp", &["udp-send", "127.0.0.1", &port, "10", "40"]).finish();
+    Peer::spawn(
+        Some(&cg),
+        None,
+        "x-udp",
+        &["udp-send", "127.0.0.1", &port, "10", "40"],
+    )
+    .finish();
     Peer::spawn(Some(&cg), None, "x-udp", &["udp-stop", "127.0.0.1", &port]).finish();
     rcv.finish();
-    let mut srv = Peer::spawn(Some(&cg), None, "x-tcp", &["tcp-serve", "127.0.0.1", "1", "10"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "x-tcp",
+        &["tcp-serve", "127.0.0.1", "1", "10"],
+    );
     let tport = srv.value("port").to_string();
-    Peer::spawn(Some(&cg), None, "x-tcpc", &["tcp-connect", "127.0.0.1", &tport, "1", "10"]).finish();
+    Peer::spawn(
+        Some(&cg),
+        None,
+        "x-tcpc",
+        &["tcp-connect", "127.0.0.1", &tport, "1", "10"],
+    )
+    .finish();
     srv.finish();
     std::thread::sleep(Duration::from_millis(200));
     let lines = d.stop_lines();
     let f = flows(&lines);
-    assert!(f.iter().any(|r| r["proto"] == "tcp"), "TCP records still written: {f:#?}");
-    assert!(!f.iter().any(|r| r["proto"] == "udp"), "no UDP record: {f:#?}");
+    assert!(
+        f.iter().any(|r| r["proto"] == "tcp"),
+        "TCP records still written: {f:#?}"
+    );
+    assert!(
+        !f.iter().any(|r| r["proto"] == "udp"),
+        "no UDP record: {f:#?}"
+    );
     // The bytes still reach the delta events.
-    let events: Vec<DeltaEvent> = lines.iter().filter_map(|l| serde_json::from_str::<DeltaEvent>(l).ok().filter(|e| e.kind == "delta")).collect();
+    let events: Vec<DeltaEvent> = lines
+        .iter()
+        .filter_map(|l| {
+            serde_json::from_str::<DeltaEvent>(l)
+                .ok()
+                .filter(|e| e.kind == "delta")
+        })
+        .collect();
     assert!(sum(&events).labels.contains_key("x-udp"));
 }
 
@@ -217,12 +345,29 @@ fn the_flow_table_cap_overflows_visibly() {
     }
     let cg = TestCgroup::new("fcap");
     let dir = TempDir::new("fcap");
-    let cfg = config(&dir, "max_flows = 4\nconsolidate_gap_ms = 0\nopen_after_ms = 0");
+    let cfg = config(
+        &dir,
+        "max_flows = 4\nconsolidate_gap_ms = 0\nopen_after_ms = 0",
+    );
     let d = Daemon::start(&cg, &["--interval", "50", "--config", &cfg]);
     // Ten connections held open at once: more than the table takes.
-    let mut srv = Peer::spawn(Some(&cg), None, "c-srv", &["tcp-serve", "127.0.0.1", "10", "10"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "c-srv",
+        &["tcp-serve", "127.0.0.1", "10", "10"],
+    );
     let port = srv.value("port").to_string();
-    let mut holders: Vec<Peer> = (0..10).map(|_| Peer::spawn(Some(&cg), None, "c-hold", &["hold-tcp", "127.0.0.1", &port, "10"])).collect();
+    let mut holders: Vec<Peer> = (0..10)
+        .map(|_| {
+            Peer::spawn(
+                Some(&cg),
+                None,
+                "c-hold",
+                &["hold-tcp", "127.0.0.1", &port, "10"],
+            )
+        })
+        .collect();
     for h in &mut holders {
         h.expect_line("connected");
     }

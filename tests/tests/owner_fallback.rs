@@ -17,9 +17,19 @@ fn receive_only_server_socket_is_labelled_with_the_reading_process() {
     }
     let cg = TestCgroup::new("rcvonly");
     let d = Daemon::start(&cg, &["--interval", "100"]);
-    let mut srv = Peer::spawn(Some(&cg), None, "rcv-parent", &["tcp-serve-fork", "127.0.0.1", "rcv-worker", "0", "0"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "rcv-parent",
+        &["tcp-serve-fork", "127.0.0.1", "rcv-worker", "0", "0"],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "rcv-blast", &["tcp-blast", "127.0.0.1", &port, "1.0"]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "rcv-blast",
+        &["tcp-blast", "127.0.0.1", &port, "1.0"],
+    );
     let sent = cli.value("sent");
     assert_eq!(srv.value("received"), sent);
     cli.finish();
@@ -27,7 +37,11 @@ fn receive_only_server_socket_is_labelled_with_the_reading_process() {
     std::thread::sleep(Duration::from_millis(50));
     let events = d.stop();
     check_events(&events);
-    assert!(events.len() >= 5, "the transfer should span several intervals, got {} events", events.len());
+    assert!(
+        events.len() >= 5,
+        "the transfer should span several intervals, got {} events",
+        events.len()
+    );
     let s = sum(&events);
     eprintln!("receive only: {s:?}");
     let w = label(&s, "rcv-worker");
@@ -35,8 +49,15 @@ fn receive_only_server_socket_is_labelled_with_the_reading_process() {
     // The listener took the SYN and the handshake's last ACK, and sent the SYN-ACK
     // (a few more if a packet was lost and resent): never the transfer.
     let p = label(&s, "rcv-parent");
-    assert!(p.rx_packets <= 4 && p.rx < 1000 && p.tx_packets <= 2, "listener label got {p:?}");
-    assert!(s.unattributed.is_zero(), "unattributed: {:?}", s.unattributed);
+    assert!(
+        p.rx_packets <= 4 && p.rx < 1000 && p.tx_packets <= 2,
+        "listener label got {p:?}"
+    );
+    assert!(
+        s.unattributed.is_zero(),
+        "unattributed: {:?}",
+        s.unattributed
+    );
 }
 
 /// The worker sends a greeting first and then waits several intervals before anything
@@ -51,12 +72,32 @@ fn first_send_names_the_owner_before_any_packet() {
     let cg = TestCgroup::new("firstsend");
     let d = Daemon::start(&cg, &["--interval", "100"]);
     let greeting = 1000u64;
-    let mut srv = Peer::spawn(Some(&cg), None, "snd-parent", &["tcp-serve-fork", "127.0.0.1", "snd-worker", &greeting.to_string(), "0"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "snd-parent",
+        &[
+            "tcp-serve-fork",
+            "127.0.0.1",
+            "snd-worker",
+            &greeting.to_string(),
+            "0",
+        ],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "snd-client", &["hold-tcp", "127.0.0.1", &port, "0"]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "snd-client",
+        &["hold-tcp", "127.0.0.1", &port, "0"],
+    );
     cli.expect_line("connected");
     // The greeting is sent and sits in the client's receive queue; let intervals pass.
-    wait_for("the greeting in the events", Duration::from_secs(10), || (sum(&d.events()).total.tx >= greeting).then_some(()));
+    wait_for(
+        "the greeting in the events",
+        Duration::from_secs(10),
+        || (sum(&d.events()).total.tx >= greeting).then_some(()),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let seen = sum(&d.events());
     eprintln!("after the greeting: {seen:?}");
@@ -67,6 +108,12 @@ fn first_send_names_the_owner_before_any_packet() {
     let events = d.stop();
     check_events(&events);
     let w = seen.labels.get("snd-worker").copied().unwrap_or_default();
-    assert!(w.tx >= greeting, "the greeting is not the worker's: {seen:?}");
-    assert!(seen.unattributed.tx < greeting, "the greeting went unattributed: {seen:?}");
+    assert!(
+        w.tx >= greeting,
+        "the greeting is not the worker's: {seen:?}"
+    );
+    assert!(
+        seen.unattributed.tx < greeting,
+        "the greeting went unattributed: {seen:?}"
+    );
 }

@@ -24,9 +24,19 @@ fn seq_of(line: &str) -> u64 {
 
 /// Starts a server and a client in `cg` that keep making connections until dropped.
 fn steady_traffic(cg: &TestCgroup) -> (Peer, Peer) {
-    let mut srv = Peer::spawn(Some(cg), None, "load-srv", &["tcp-serve", "127.0.0.1", "1000000", "200"]);
+    let mut srv = Peer::spawn(
+        Some(cg),
+        None,
+        "load-srv",
+        &["tcp-serve", "127.0.0.1", "1000000", "200"],
+    );
     let port = srv.value("port").to_string();
-    let cli = Peer::spawn(Some(cg), None, "load-cli", &["tcp-connect", "127.0.0.1", &port, "1000000", "500"]);
+    let cli = Peer::spawn(
+        Some(cg),
+        None,
+        "load-cli",
+        &["tcp-connect", "127.0.0.1", &port, "1000000", "500"],
+    );
     (srv, cli)
 }
 
@@ -36,15 +46,29 @@ fn uploaded(c: &Collector) -> Vec<String> {
     let mut by_key: BTreeMap<String, Vec<u8>> = BTreeMap::new();
     let mut out = vec![];
     for r in c.requests() {
-        let key = r.headers.get("idempotency-key").cloned().expect("idempotency-key header");
+        let key = r
+            .headers
+            .get("idempotency-key")
+            .cloned()
+            .expect("idempotency-key header");
         if let Some(prev) = by_key.get(&key) {
-            assert_eq!(prev, &r.body, "a retry under key {key} carried a different body");
+            assert_eq!(
+                prev, &r.body,
+                "a retry under key {key} carried a different body"
+            );
         } else {
             by_key.insert(key.clone(), r.body.clone());
         }
         if (200..300).contains(&r.answered) {
             // Only the first accepted copy counts (the server would drop the rest).
-            let n = c.requests().iter().filter(|x| x.headers.get("idempotency-key") == Some(&key) && (200..300).contains(&x.answered)).count();
+            let n = c
+                .requests()
+                .iter()
+                .filter(|x| {
+                    x.headers.get("idempotency-key") == Some(&key)
+                        && (200..300).contains(&x.answered)
+                })
+                .count();
             if n >= 1 && !out.iter().any(|(k, _)| k == &key) {
                 out.push((key, r.lines()));
             }
@@ -63,20 +87,29 @@ fn flush_uploads_every_event_once_in_order() {
     let url = col.url("/ingest?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow");
     let d = Daemon::start(&cg, &["--interval", "50", "--upload-url", &url]);
     let (_s, _c) = steady_traffic(&cg);
-    wait_for("some events", Duration::from_secs(10), || (d.lines().len() >= 5).then_some(()));
+    wait_for("some events", Duration::from_secs(10), || {
+        (d.lines().len() >= 5).then_some(())
+    });
     let (code, out, err) = d.cli(&["flush"]);
     assert_eq!(code, 0, "flush failed: {out} {err}");
     let r1: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r1["ok"], true, "{r1}");
     let first_last = r1["sent"]["last_seq"].as_u64().unwrap();
     wait_for("more events", Duration::from_secs(10), || {
-        d.lines().iter().any(|l| seq_of(l) > first_last + 3).then_some(())
+        d.lines()
+            .iter()
+            .any(|l| seq_of(l) > first_last + 3)
+            .then_some(())
     });
     let (code, out, _) = d.cli(&["flush"]);
     assert_eq!(code, 0, "{out}");
     let r2: Value = serde_json::from_str(&out).unwrap();
     let last = r2["sent"]["last_seq"].as_u64().unwrap();
-    assert_eq!(r2["sent"]["first_seq"].as_u64().unwrap(), first_last + 1, "the second flush starts where the first ended");
+    assert_eq!(
+        r2["sent"]["first_seq"].as_u64().unwrap(),
+        first_last + 1,
+        "the second flush starts where the first ended"
+    );
     let printed = d.lines();
     drop((_s, _c));
     d.stop();
@@ -84,28 +117,48 @@ fn flush_uploads_every_event_once_in_order() {
     let reqs = col.requests();
     assert!(reqs.len() >= 2);
     for r in &reqs {
-        assert_eq!(r.path, "/ingest?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow", "query string kept as given");
+        assert_eq!(
+            r.path, "/ingest?query=INSERT%20INTO%20t%20FORMAT%20JSONEachRow",
+            "query string kept as given"
+        );
         assert_eq!(r.headers["content-encoding"], "zstd");
         assert_eq!(r.headers["content-type"], "application/x-ndjson");
         let lines = r.lines();
         let (f, l) = (seq_of(&lines[0]), seq_of(lines.last().unwrap()));
         assert_eq!(r.headers["x-sockacct-seq-first"], f.to_string());
         assert_eq!(r.headers["x-sockacct-seq-last"], l.to_string());
-        assert!(r.headers["idempotency-key"].ends_with(&format!(":{f}-{l}")), "{:?}", r.headers);
+        assert!(
+            r.headers["idempotency-key"].ends_with(&format!(":{f}-{l}")),
+            "{:?}",
+            r.headers
+        );
         assert_eq!(r.headers["x-sockacct-records"], lines.len().to_string());
         for line in &lines {
             let v: Value = serde_json::from_str(line).unwrap();
             assert!(v.is_object(), "JSONEachRow takes one object per line");
         }
     }
-    assert_eq!(reqs.len(), reqs.iter().map(|r| &r.headers["idempotency-key"]).collect::<BTreeSet<_>>().len(), "no duplicate on a clean run");
+    assert_eq!(
+        reqs.len(),
+        reqs.iter()
+            .map(|r| &r.headers["idempotency-key"])
+            .collect::<BTreeSet<_>>()
+            .len(),
+        "no duplicate on a clean run"
+    );
     let up = uploaded(&col);
     let seqs: Vec<u64> = up.iter().map(|l| seq_of(l)).collect();
-    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "uploaded in order, each once: {seqs:?}");
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "uploaded in order, each once: {seqs:?}"
+    );
     // Every event printed up to the second flush was uploaded, byte for byte.
     let printed: BTreeMap<u64, &String> = printed.iter().map(|l| (seq_of(l), l)).collect();
     for (seq, line) in printed.range(..=last) {
-        assert!(up.contains(line), "event seq {seq} printed but not uploaded");
+        assert!(
+            up.contains(line),
+            "event seq {seq} printed but not uploaded"
+        );
     }
     assert_eq!(up.len() as u64, printed.range(..=last).count() as u64);
 }
@@ -117,17 +170,28 @@ fn a_lost_reply_is_retried_with_the_same_idempotency_key() {
     }
     // The first request is read and then the connection closes: the server may have
     // stored it, the agent cannot know, so it sends the same body with the same key.
-    let col = Collector::start(|i| if i == 0 { Answer::Close } else { Answer::Status(200, vec![]) });
+    let col = Collector::start(|i| {
+        if i == 0 {
+            Answer::Close
+        } else {
+            Answer::Status(200, vec![])
+        }
+    });
     let cg = TestCgroup::new("lost");
     let d = Daemon::start(&cg, &["--interval", "50", "--upload-url", &col.url("/")]);
     let (_s, _c) = steady_traffic(&cg);
-    wait_for("some events", Duration::from_secs(10), || (d.lines().len() >= 3).then_some(()));
+    wait_for("some events", Duration::from_secs(10), || {
+        (d.lines().len() >= 3).then_some(())
+    });
     let (code, out, _) = d.cli(&["flush"]);
     assert_eq!(code, 0, "{out}");
     let r: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(r["server"][0]["attempts"], 2, "{r}");
     let reqs = col.requests();
-    assert_eq!(reqs[0].headers["idempotency-key"], reqs[1].headers["idempotency-key"]);
+    assert_eq!(
+        reqs[0].headers["idempotency-key"],
+        reqs[1].headers["idempotency-key"]
+    );
     assert_eq!(reqs[0].body, reqs[1].body);
     drop((_s, _c));
     d.stop();
@@ -141,15 +205,31 @@ fn a_failing_server_keeps_the_data_and_flush_says_so() {
     let healthy = Arc::new(AtomicBool::new(false));
     let h = healthy.clone();
     let col = Collector::start(move |_| {
-        if h.load(Ordering::SeqCst) { Answer::Status(200, vec![]) } else { Answer::Status(500, vec![]) }
+        if h.load(Ordering::SeqCst) {
+            Answer::Status(200, vec![])
+        } else {
+            Answer::Status(500, vec![])
+        }
     });
     let cg = TestCgroup::new("fail");
     let state = TempDir::new("fail");
     let cfg = state.0.join("sockacct.toml");
-    fs::write(&cfg, format!("[upload]\nurl = \"{}\"\ntimeout_ms = 500\ndeadline_ms = 1500\n", col.url("/x"))).unwrap();
-    let d = Daemon::start(&cg, &["--interval", "50", "--config", cfg.to_str().unwrap()]);
+    fs::write(
+        &cfg,
+        format!(
+            "[upload]\nurl = \"{}\"\ntimeout_ms = 500\ndeadline_ms = 1500\n",
+            col.url("/x")
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start(
+        &cg,
+        &["--interval", "50", "--config", cfg.to_str().unwrap()],
+    );
     let (_s, _c) = steady_traffic(&cg);
-    wait_for("some events", Duration::from_secs(10), || (d.lines().len() >= 3).then_some(()));
+    wait_for("some events", Duration::from_secs(10), || {
+        (d.lines().len() >= 3).then_some(())
+    });
     let (code, out, err) = d.cli(&["flush"]);
     assert_eq!(code, 1, "a failed upload must exit non-zero: {out}");
     assert!(err.contains("500"), "the error names the status: {err}");
@@ -157,19 +237,28 @@ fn a_failing_server_keeps_the_data_and_flush_says_so() {
     assert_eq!(r["sent"]["records"], 0);
     assert!(col.requests().len() >= 2, "500 is retried");
     let st = d.control(json!({"cmd": "status"}));
-    assert!(st["spool"]["pending_segments"].as_u64().unwrap() >= 1, "{st}");
+    assert!(
+        st["spool"]["pending_segments"].as_u64().unwrap() >= 1,
+        "{st}"
+    );
     assert_eq!(st["upload"]["failures"], 1);
 
     healthy.store(true, Ordering::SeqCst);
     let (code, out, _) = d.cli(&["flush"]);
     assert_eq!(code, 0, "{out}");
     let printed = d.lines();
-    let last = serde_json::from_str::<Value>(&out).unwrap()["sent"]["last_seq"].as_u64().unwrap();
+    let last = serde_json::from_str::<Value>(&out).unwrap()["sent"]["last_seq"]
+        .as_u64()
+        .unwrap();
     drop((_s, _c));
     d.stop();
     let up = uploaded(&col);
     for l in printed.iter().filter(|l| seq_of(l) <= last) {
-        assert!(up.contains(l), "event {} lost after the failed flush", seq_of(l));
+        assert!(
+            up.contains(l),
+            "event {} lost after the failed flush",
+            seq_of(l)
+        );
     }
 }
 
@@ -195,7 +284,10 @@ fn sigkill_at_random_points_loses_nothing_written() {
         let flusher = if round % 2 == 0 {
             let sock = d.control_socket();
             Some(thread::spawn(move || {
-                let _ = Command::new(agent_exe()).args(["flush", "--control-socket"]).arg(sock).output();
+                let _ = Command::new(agent_exe())
+                    .args(["flush", "--control-socket"])
+                    .arg(sock)
+                    .output();
             }))
         } else {
             None
@@ -216,8 +308,12 @@ fn sigkill_at_random_points_loses_nothing_written() {
     let up = uploaded(&col);
     let mut by_seq: BTreeMap<u64, &String> = BTreeMap::new();
     for l in &up {
-        let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("corrupt record uploaded: {l:?}: {e}"));
-        assert!(v["type"] == "delta" || v["type"] == "gap" || v["type"] == "flow", "{l}");
+        let v: Value = serde_json::from_str(l)
+            .unwrap_or_else(|e| panic!("corrupt record uploaded: {l:?}: {e}"));
+        assert!(
+            v["type"] == "delta" || v["type"] == "gap" || v["type"] == "flow",
+            "{l}"
+        );
         if let Some(prev) = by_seq.insert(seq_of(l), l) {
             assert_eq!(prev, l, "seq {} uploaded with two contents", seq_of(l));
         }
@@ -230,9 +326,15 @@ fn sigkill_at_random_points_loses_nothing_written() {
             missing.push(seq_of(l));
         }
     }
-    assert!(missing.is_empty(), "printed (so written) but never uploaded: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "printed (so written) but never uploaded: {missing:?}"
+    );
     assert!(printed.len() > 20, "the rounds should have written events");
-    assert!(!up.iter().any(|l| l.contains("\"type\":\"gap\"")), "nothing should have been dropped");
+    assert!(
+        !up.iter().any(|l| l.contains("\"type\":\"gap\"")),
+        "nothing should have been dropped"
+    );
 }
 
 #[test]
@@ -244,14 +346,35 @@ fn the_control_socket_refuses_what_it_must() {
     let d = Daemon::start(&cg, &["--interval", "100", "--control-group", "nogroup"]);
     let r: Value = serde_json::from_str(&d.control_raw(b"not json")).unwrap();
     assert_eq!(r["ok"], false);
-    assert!(r["error"].as_str().unwrap().starts_with("malformed request"), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("malformed request"),
+        "{r}"
+    );
     let r = d.control(json!({"cmd": "reboot"}));
-    assert!(r["error"].as_str().unwrap().contains("unknown command \"reboot\""), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown command \"reboot\""),
+        "{r}"
+    );
     let big = vec![b'x'; 70 * 1024];
     let r: Value = serde_json::from_str(&d.control_raw(&big)).unwrap();
-    assert!(r["error"].as_str().unwrap().contains("request too large"), "{r}");
+    assert!(
+        r["error"].as_str().unwrap().contains("request too large"),
+        "{r}"
+    );
     let r = d.control(json!({"cmd": "flush"}));
-    assert!(r["error"].as_str().unwrap().contains("no upload URL configured"), "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("no upload URL configured"),
+        "{r}"
+    );
     // Still serving after all that.
     let st = d.control(json!({"cmd": "status"}));
     assert_eq!(st["ok"], true, "{st}");
@@ -262,14 +385,25 @@ fn the_control_socket_refuses_what_it_must() {
     let sock = d.control_socket();
     let as_nobody = |args: &[&str]| {
         let o = Command::new("setpriv")
-            .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "--"])
+            .args([
+                "--reuid",
+                "65534",
+                "--regid",
+                "65534",
+                "--clear-groups",
+                "--",
+            ])
             .arg(agent_exe())
             .args(args)
             .arg("--control-socket")
             .arg(&sock)
             .output()
             .unwrap();
-        (o.status.code(), String::from_utf8_lossy(&o.stdout).to_string(), String::from_utf8_lossy(&o.stderr).to_string())
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
     };
     let (code, _, _) = as_nobody(&["status"]);
     assert_eq!(code, Some(0));
@@ -282,7 +416,15 @@ fn the_control_socket_refuses_what_it_must() {
         use std::os::fd::AsRawFd;
         let mut v: u64 = 0;
         let mut len = 8 as libc::socklen_t;
-        unsafe { libc::getsockopt(l.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut v).cast(), &mut len) };
+        unsafe {
+            libc::getsockopt(
+                l.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_COOKIE,
+                (&raw mut v).cast(),
+                &mut len,
+            )
+        };
         v
     };
     let (code, _, err) = as_nobody(&["label", "--cookie", &cookie.to_string(), "stolen"]);
@@ -290,13 +432,25 @@ fn the_control_socket_refuses_what_it_must() {
     assert!(err.contains("is not yours"), "{err}");
 
     // An unprivileged application in the cgroup names its own connection.
-    let mut srv = Peer::spawn(Some(&cg), None, "lbl-srv", &["tcp-serve", "127.0.0.1", "1", "1000"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "lbl-srv",
+        &["tcp-serve", "127.0.0.1", "1", "1000"],
+    );
     let port = srv.value("port").to_string();
     let mut app = Peer::spawn_as(
         Some(&cg),
         None,
         "lbl-app",
-        &["self-label", "127.0.0.1", &port, sock.to_str().unwrap(), "checkout", "5000"],
+        &[
+            "self-label",
+            "127.0.0.1",
+            &port,
+            sock.to_str().unwrap(),
+            "checkout",
+            "5000",
+        ],
         Some((65534, 65534)),
     );
     let reply: Value = serde_json::from_str(&app.text("reply")).unwrap();
@@ -309,21 +463,36 @@ fn the_control_socket_refuses_what_it_must() {
     let s = sum(&events);
     let named = label(&s, "checkout");
     assert!(named.tx >= 5000 && named.rx >= 1000, "{named:?}");
-    assert!(!s.labels.contains_key("lbl-app") || s.labels["lbl-app"].tx < 100, "the app's bytes went to its label: {:?}", s.labels);
+    assert!(
+        !s.labels.contains_key("lbl-app") || s.labels["lbl-app"].tx < 100,
+        "the app's bytes went to its label: {:?}",
+        s.labels
+    );
     drop(l);
 
     // Without the group, an unprivileged user cannot even connect.
     let d = Daemon::start(&cg, &["--interval", "100"]);
     let sock = d.control_socket();
     let o = Command::new("setpriv")
-        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", "--"])
+        .args([
+            "--reuid",
+            "65534",
+            "--regid",
+            "65534",
+            "--clear-groups",
+            "--",
+        ])
         .arg(agent_exe())
         .args(["status", "--control-socket"])
         .arg(&sock)
         .output()
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("Permission denied"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     d.stop();
 }
 
@@ -339,9 +508,19 @@ fn pause_holds_and_resume_writes_one_event_for_the_paused_time() {
     let r = d.control(json!({"cmd": "pause"}));
     assert_eq!(r["paused"], true);
     let before = d.lines().len();
-    let mut srv = Peer::spawn(Some(&cg), None, "p-srv", &["tcp-serve", "127.0.0.1", "1", "3000"]);
+    let mut srv = Peer::spawn(
+        Some(&cg),
+        None,
+        "p-srv",
+        &["tcp-serve", "127.0.0.1", "1", "3000"],
+    );
     let port = srv.value("port").to_string();
-    let mut cli = Peer::spawn(Some(&cg), None, "p-cli", &["tcp-connect", "127.0.0.1", &port, "1", "9000"]);
+    let mut cli = Peer::spawn(
+        Some(&cg),
+        None,
+        "p-cli",
+        &["tcp-connect", "127.0.0.1", &port, "1", "9000"],
+    );
     cli.value("received");
     cli.finish();
     srv.finish();
@@ -350,11 +529,16 @@ fn pause_holds_and_resume_writes_one_event_for_the_paused_time() {
     let st = d.control(json!({"cmd": "status"}));
     assert!(st["paused_bytes"].as_u64().unwrap() > 12_000, "{st}");
     d.control(json!({"cmd": "resume"}));
-    wait_for("the held event", Duration::from_secs(5), || (d.lines().len() > before).then_some(()));
+    wait_for("the held event", Duration::from_secs(5), || {
+        (d.lines().len() > before).then_some(())
+    });
     let events = d.stop();
     check_events(&events);
     // Exactly one event holds the connection: what was counted while paused, merged.
-    let held: Vec<&DeltaEvent> = events.iter().filter(|e| e.labels.contains_key("p-cli")).collect();
+    let held: Vec<&DeltaEvent> = events
+        .iter()
+        .filter(|e| e.labels.contains_key("p-cli"))
+        .collect();
     assert_eq!(held.len(), 1, "{held:?}");
     assert!(held[0].labels["p-cli"].tx >= 9000);
     assert!(held[0].labels["p-srv"].rx >= 9000);
@@ -379,20 +563,55 @@ fn a_full_disk_holds_events_in_memory_until_space_returns() {
     let state = TempDir::new("full");
     let spool = state.0.join("spool");
     fs::create_dir_all(&spool).unwrap();
-    assert!(Command::new("mount").args(["-t", "tmpfs", "-o", "size=24k", "tmpfs"]).arg(&spool).status().unwrap().success());
+    assert!(
+        Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=24k", "tmpfs"])
+            .arg(&spool)
+            .status()
+            .unwrap()
+            .success()
+    );
     let _m = Mount(spool.clone());
     let cfg = state.0.join("sockacct.toml");
-    fs::write(&cfg, format!("[spool]\nsegment_max_bytes = 4096\nmax_bytes = 10485760\n[upload]\nurl = \"{}\"\n", col.url("/f"))).unwrap();
-    let d = Daemon::start_in(&cg, &state.0, &["--interval", "10", "--config", cfg.to_str().unwrap()]);
+    fs::write(
+        &cfg,
+        format!(
+            "[spool]\nsegment_max_bytes = 4096\nmax_bytes = 10485760\n[upload]\nurl = \"{}\"\n",
+            col.url("/f")
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_in(
+        &cg,
+        &state.0,
+        &["--interval", "10", "--config", cfg.to_str().unwrap()],
+    );
     let (_s, _c) = steady_traffic(&cg);
-    let st = wait_for("the spool to report a full disk", Duration::from_secs(60), || {
-        let st = d.control(json!({"cmd": "status"}));
-        (st["spool"]["backlog_records"].as_u64().unwrap_or(0) > 5).then_some(st)
-    });
+    let st = wait_for(
+        "the spool to report a full disk",
+        Duration::from_secs(60),
+        || {
+            let st = d.control(json!({"cmd": "status"}));
+            (st["spool"]["backlog_records"].as_u64().unwrap_or(0) > 5).then_some(st)
+        },
+    );
     assert_eq!(st["spool"]["healthy"], false, "{st}");
-    assert!(st["spool"]["last_error"].as_str().unwrap_or("").contains("space"), "{st}");
+    assert!(
+        st["spool"]["last_error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("space"),
+        "{st}"
+    );
     // Space returns.
-    assert!(Command::new("mount").args(["-o", "remount,size=16m"]).arg(&spool).status().unwrap().success());
+    assert!(
+        Command::new("mount")
+            .args(["-o", "remount,size=16m"])
+            .arg(&spool)
+            .status()
+            .unwrap()
+            .success()
+    );
     wait_for("the backlog to be written", Duration::from_secs(20), || {
         let st = d.control(json!({"cmd": "status"}));
         (st["spool"]["backlog_records"] == 0 && st["spool"]["healthy"] == true).then_some(())
@@ -400,12 +619,21 @@ fn a_full_disk_holds_events_in_memory_until_space_returns() {
     drop((_s, _c));
     let (code, out, _) = d.cli(&["flush"]);
     assert_eq!(code, 0, "{out}");
-    let last = serde_json::from_str::<Value>(&out).unwrap()["sent"]["last_seq"].as_u64().unwrap();
+    let last = serde_json::from_str::<Value>(&out).unwrap()["sent"]["last_seq"]
+        .as_u64()
+        .unwrap();
     let printed = d.lines();
     d.stop();
     let up = uploaded(&col);
     let up_set: BTreeSet<&String> = up.iter().collect();
-    let missing: Vec<u64> = printed.iter().filter(|l| seq_of(l) <= last && !up_set.contains(l)).map(|l| seq_of(l)).collect();
-    assert!(missing.is_empty(), "events lost across the full disk: {missing:?}");
+    let missing: Vec<u64> = printed
+        .iter()
+        .filter(|l| seq_of(l) <= last && !up_set.contains(l))
+        .map(|l| seq_of(l))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "events lost across the full disk: {missing:?}"
+    );
     let _ = Path::new("/");
 }

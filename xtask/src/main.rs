@@ -38,7 +38,10 @@ enum Cmd {
 }
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn check(st: ExitStatus, what: &str) -> anyhow::Result<()> {
@@ -59,10 +62,14 @@ fn is_root() -> bool {
 fn build_ebpf() -> anyhow::Result<()> {
     let r = root();
     check(
-        Command::new("bash").arg(r.join("scripts/setup-toolchain.sh")).status().context("running scripts/setup-toolchain.sh")?,
+        Command::new("bash")
+            .arg(r.join("scripts/setup-toolchain.sh"))
+            .status()
+            .context("running scripts/setup-toolchain.sh")?,
         "toolchain setup",
     )?;
-    let tools = std::env::var("SOCKACCT_TOOLS_DIR").unwrap_or_else(|_| "/var/cache/sockacct-tools".into());
+    let tools =
+        std::env::var("SOCKACCT_TOOLS_DIR").unwrap_or_else(|_| "/var/cache/sockacct-tools".into());
     let path = format!("{tools}/bin:{}", std::env::var("PATH").unwrap_or_default());
     check(
         Command::new("cargo")
@@ -78,7 +85,13 @@ fn build_ebpf() -> anyhow::Result<()> {
 }
 
 fn cargo(args: &[&str]) -> anyhow::Result<()> {
-    check(Command::new("cargo").current_dir(root()).args(args).status()?, &format!("cargo {}", args.join(" ")))
+    check(
+        Command::new("cargo")
+            .current_dir(root())
+            .args(args)
+            .status()?,
+        &format!("cargo {}", args.join(" ")),
+    )
 }
 
 fn main() -> anyhow::Result<()> {
@@ -103,13 +116,19 @@ fn main() -> anyhow::Result<()> {
                     "--control-socket".into(),
                     format!("{st}/control.sock"),
                 ];
-                eprintln!("xtask: state, spool and control socket in {st}; e.g. `target/release/sockacct status --control-socket {st}/control.sock`");
+                eprintln!(
+                    "xtask: state, spool and control socket in {st}; e.g. `target/release/sockacct status --control-socket {st}/control.sock`"
+                );
             }
             let st = if is_root() {
                 Command::new(&bin).args(&args).status()?
             } else {
                 eprintln!("xtask: not root, running through sudo");
-                Command::new("sudo").arg("-E").arg(&bin).args(&args).status()?
+                Command::new("sudo")
+                    .arg("-E")
+                    .arg(&bin)
+                    .args(&args)
+                    .status()?
             };
             check(st, "sockacct")
         }
@@ -117,7 +136,9 @@ fn main() -> anyhow::Result<()> {
             build_ebpf()?;
             cargo(&["test", "--workspace", "--exclude", "sockacct-tests"])?;
             if !is_root() {
-                bail!("the integration tests load kernel programs: run `sudo -E cargo xtask test` (or as root)");
+                bail!(
+                    "the integration tests load kernel programs: run `sudo -E cargo xtask test` (or as root)"
+                );
             }
             let mut a = vec!["test", "--release", "-p", "sockacct-tests", "--"];
             let extra: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -129,7 +150,15 @@ fn main() -> anyhow::Result<()> {
             if !is_root() {
                 bail!("benchmarks load kernel programs: run as root");
             }
-            let mut a = vec!["run", "--release", "-p", "sockacct-tests", "--bin", "sockacct-bench", "--"];
+            let mut a = vec![
+                "run",
+                "--release",
+                "-p",
+                "sockacct-tests",
+                "--bin",
+                "sockacct-bench",
+                "--",
+            ];
             a.extend(args.iter().map(String::as_str));
             cargo(&a)
         }

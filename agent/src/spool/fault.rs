@@ -85,7 +85,11 @@ impl State {
         if n == 0 { 0 } else { self.rand() % n }
     }
     fn used(&self) -> u64 {
-        self.names.values().filter_map(|id| self.files.get(id)).map(|f| f.data.len() as u64).sum()
+        self.names
+            .values()
+            .filter_map(|id| self.files.get(id))
+            .map(|f| f.data.len() as u64)
+            .sum()
     }
     /// Common gate of every call: dead process, injected failures, read-only, kill countdown.
     fn gate(&mut self, op: FaultOp, mutating: bool) -> io::Result<()> {
@@ -114,7 +118,10 @@ impl State {
         Ok(())
     }
     fn id(&self, name: &str) -> io::Result<u64> {
-        self.names.get(name).copied().ok_or_else(|| err(libc::ENOENT))
+        self.names
+            .get(name)
+            .copied()
+            .ok_or_else(|| err(libc::ENOENT))
     }
 }
 
@@ -256,7 +263,14 @@ impl FaultStorage {
                 id
             }
         };
-        s.files.insert(id, FileData { data: data.to_vec(), durable: data.to_vec(), min_len: data.len() });
+        s.files.insert(
+            id,
+            FileData {
+                data: data.to_vec(),
+                durable: data.to_vec(),
+                min_len: data.len(),
+            },
+        );
     }
     /// Test access: every file name.
     pub fn names(&self) -> Vec<String> {
@@ -301,7 +315,11 @@ impl Storage for FaultStorage {
                 result = Err(err(libc::ENOSPC));
             }
         }
-        s.files.get_mut(&id).expect("named file exists").data.extend_from_slice(&data[..n]);
+        s.files
+            .get_mut(&id)
+            .expect("named file exists")
+            .data
+            .extend_from_slice(&data[..n]);
         result
     }
 
@@ -325,7 +343,10 @@ impl Storage for FaultStorage {
     fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let mut s = self.st();
         s.gate(FaultOp::List, false)?;
-        Ok(s.names.iter().map(|(n, id)| (n.clone(), s.files[id].data.len() as u64)).collect())
+        Ok(s.names
+            .iter()
+            .map(|(n, id)| (n.clone(), s.files[id].data.len() as u64))
+            .collect())
     }
 
     fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {

@@ -69,7 +69,12 @@ impl Scan {
     /// Offset of the end of the last good frame before any damage.
     pub fn good_prefix(&self) -> u64 {
         let first_damage = self.damage.first().map(|d| d.offset).unwrap_or(u64::MAX);
-        self.frames.iter().filter(|f| f.offset < first_damage).map(|f| f.end()).max().unwrap_or(0)
+        self.frames
+            .iter()
+            .filter(|f| f.offset < first_damage)
+            .map(|f| f.end())
+            .max()
+            .unwrap_or(0)
     }
     /// Is there a good frame after the first damaged region?
     pub fn good_after_damage(&self) -> bool {
@@ -111,7 +116,12 @@ pub(crate) fn decode_frame(
     gaps: Option<&mut Vec<GapSeen>>,
 ) -> Result<Decoded, String> {
     if data.len() < 4 || data[..4] != MAGIC {
-        return Err(if data.len() < 4 && MAGIC.starts_with(data) { "incomplete frame header" } else { "no zstd frame magic" }.into());
+        return Err(if data.len() < 4 && MAGIC.starts_with(data) {
+            "incomplete frame header"
+        } else {
+            "no zstd frame magic"
+        }
+        .into());
     }
     if data.len() < 6 {
         return Err("incomplete frame header".into());
@@ -137,9 +147,16 @@ pub(crate) fn decode_frame(
     let len = match zstd_safe::find_frame_compressed_size(data) {
         Ok(n) if n <= data.len() => n,
         Ok(_) => return Err("incomplete frame".into()),
-        Err(code) => return Err(format!("incomplete or bad frame: {}", zstd_safe::get_error_name(code))),
+        Err(code) => {
+            return Err(format!(
+                "incomplete or bad frame: {}",
+                zstd_safe::get_error_name(code)
+            ));
+        }
     };
-    let content = dctx.decompress(&data[..len], size as usize).map_err(|e| format!("frame does not decode: {e}"))?;
+    let content = dctx
+        .decompress(&data[..len], size as usize)
+        .map_err(|e| format!("frame does not decode: {e}"))?;
     if content.len() as u64 != size {
         return Err("frame content size mismatch".into());
     }
@@ -151,14 +168,23 @@ pub(crate) fn decode_frame(
     let mut records = 0u64;
     let mut gaps = gaps;
     for line in content[..content.len() - 1].split(|&b| b == b'\n') {
-        let p: Probe = serde_json::from_slice(line).map_err(|e| format!("record {} is not a JSON record with a seq: {e}", records + 1))?;
+        let p: Probe = serde_json::from_slice(line).map_err(|e| {
+            format!(
+                "record {} is not a JSON record with a seq: {e}",
+                records + 1
+            )
+        })?;
         if let Some(pr) = prev
             && p.seq <= pr
         {
             return Err(format!("seq {} does not follow {}", p.seq, pr));
         }
         if let (Some(g), Some(reason)) = (gaps.as_deref_mut(), p.reason) {
-            g.push(GapSeen { reason, lost_first_seq: p.lost_first_seq, lost_last_seq: p.lost_last_seq });
+            g.push(GapSeen {
+                reason,
+                lost_first_seq: p.lost_first_seq,
+                lost_last_seq: p.lost_last_seq,
+            });
         }
         first.get_or_insert(p.seq);
         prev = Some(p.seq);
@@ -189,7 +215,13 @@ pub(crate) fn scan(
     while off < data.len() {
         match decode_frame(dctx, &data[off..], prev, Some(&mut out.gaps)) {
             Ok(d) => {
-                let m = FrameMeta { offset: off as u64, len: d.len, first_seq: d.first_seq, last_seq: d.last_seq, records: d.records };
+                let m = FrameMeta {
+                    offset: off as u64,
+                    len: d.len,
+                    first_seq: d.first_seq,
+                    last_seq: d.last_seq,
+                    records: d.records,
+                };
                 each(&m, &d.content);
                 prev = Some(d.last_seq);
                 off += d.len as usize;
@@ -208,7 +240,11 @@ pub(crate) fn scan(
                     q = cand + 1;
                 }
                 let end = next.unwrap_or(data.len());
-                out.damage.push(Damage { offset: off as u64, len: (end - off) as u64, reason });
+                out.damage.push(Damage {
+                    offset: off as u64,
+                    len: (end - off) as u64,
+                    reason,
+                });
                 off = end;
             }
         }
@@ -233,10 +269,20 @@ mod tests {
         let mut d = zstd::bulk::Decompressor::new().unwrap();
         let f = frame("{\"seq\":1}\n{\"seq\":2}\n");
         let ok = decode_frame(&mut d, &f, None, None).unwrap();
-        assert_eq!((ok.first_seq, ok.last_seq, ok.records, ok.len), (1, 2, 2, f.len() as u64));
-        assert!(decode_frame(&mut d, &f, Some(1), None).unwrap_err().contains("does not follow"));
+        assert_eq!(
+            (ok.first_seq, ok.last_seq, ok.records, ok.len),
+            (1, 2, 2, f.len() as u64)
+        );
+        assert!(
+            decode_frame(&mut d, &f, Some(1), None)
+                .unwrap_err()
+                .contains("does not follow")
+        );
         for cut in 0..f.len() {
-            assert!(decode_frame(&mut d, &f[..cut], None, None).is_err(), "cut {cut}");
+            assert!(
+                decode_frame(&mut d, &f[..cut], None, None).is_err(),
+                "cut {cut}"
+            );
         }
         let mut accepted = 0;
         for i in 0..f.len() {
@@ -246,7 +292,10 @@ mod tests {
                 // A flip is either refused or harmless (e.g. the header's unused bit): never
                 // different content.
                 if let Ok(x) = decode_frame(&mut d, &g, None, None) {
-                    assert_eq!(x.content, b"{\"seq\":1}\n{\"seq\":2}\n", "flip at {i} bit {bit}");
+                    assert_eq!(
+                        x.content, b"{\"seq\":1}\n{\"seq\":2}\n",
+                        "flip at {i} bit {bit}"
+                    );
                     accepted += 1;
                 }
             }
@@ -254,7 +303,11 @@ mod tests {
         assert!(accepted <= 8, "{accepted} harmless flips");
         // Without checksum: refused.
         let plain = zstd::bulk::compress(b"{\"seq\":1}\n", 3).unwrap();
-        assert!(decode_frame(&mut d, &plain, None, None).unwrap_err().contains("checksum"));
+        assert!(
+            decode_frame(&mut d, &plain, None, None)
+                .unwrap_err()
+                .contains("checksum")
+        );
         // Not JSON / no newline.
         assert!(decode_frame(&mut d, &frame("{\"seq\":1}"), None, None).is_err());
         assert!(decode_frame(&mut d, &frame("hello\n"), None, None).is_err());

@@ -97,13 +97,19 @@ impl Default for SpoolConfig {
 
 impl SpoolConfig {
     pub fn new(dir: impl Into<PathBuf>) -> SpoolConfig {
-        SpoolConfig { dir: dir.into(), ..SpoolConfig::default() }
+        SpoolConfig {
+            dir: dir.into(),
+            ..SpoolConfig::default()
+        }
     }
 
     pub fn validate(&self) -> Result<(), SpoolError> {
         let bad = |m: String| Err(SpoolError::Config(m));
         if self.segment_max_bytes < 4096 {
-            return bad(format!("segment_max_bytes {} is below 4096", self.segment_max_bytes));
+            return bad(format!(
+                "segment_max_bytes {} is below 4096",
+                self.segment_max_bytes
+            ));
         }
         if self.total_max_bytes < 2 * self.segment_max_bytes {
             return bad(format!(
@@ -144,7 +150,11 @@ the seq state file was reset without deleting the spool (see docs/format.md)"
 }
 
 fn ioe<'a>(op: &'static str, name: &'a str) -> impl FnOnce(io::Error) -> SpoolError + 'a {
-    move |source| SpoolError::Io { op, name: name.to_owned(), source }
+    move |source| SpoolError::Io {
+        op,
+        name: name.to_owned(),
+        source,
+    }
 }
 
 /// Position up to which the server acknowledged: everything up to `last_seq`, which ends at
@@ -229,7 +239,10 @@ pub struct Drops {
 
 impl Drops {
     pub fn total_records(&self) -> u64 {
-        self.spool_full.records + self.backlog_full.records + self.seq_unavailable.records + self.invalid_record.records
+        self.spool_full.records
+            + self.backlog_full.records
+            + self.seq_unavailable.records
+            + self.invalid_record.records
     }
     fn get(&mut self, r: Reason) -> &mut DropCount {
         match r {
@@ -319,7 +332,11 @@ pub struct RecoveryReport {
 
 impl fmt::Display for RecoveryReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} segments, {} frames, {} records", self.segments, self.frames, self.records)?;
+        write!(
+            f,
+            "{} segments, {} frames, {} records",
+            self.segments, self.frames, self.records
+        )?;
         if let (Some(a), Some(b)) = (self.first_seq, self.last_seq) {
             write!(f, " (seq {a}..={b})")?;
         }
@@ -327,10 +344,18 @@ impl fmt::Display for RecoveryReport {
             write!(f, ", acknowledged through seq {s}")?;
         }
         if let Some(t) = &self.torn {
-            write!(f, "; cut a torn tail of {} bytes from {} at offset {} ({})", t.bytes_cut, t.segment, t.offset, t.reason)?;
+            write!(
+                f,
+                "; cut a torn tail of {} bytes from {} at offset {} ({})",
+                t.bytes_cut, t.segment, t.offset, t.reason
+            )?;
         }
         for d in &self.damaged {
-            write!(f, "; DAMAGED {} set aside as {}, {} records kept", d.segment, d.set_aside_as, d.records_kept)?;
+            write!(
+                f,
+                "; DAMAGED {} set aside as {}, {} records kept",
+                d.segment, d.set_aside_as, d.records_kept
+            )?;
             if let Some(e) = &d.salvage_error {
                 write!(f, " (salvage failed: {e})")?;
             }
@@ -361,12 +386,20 @@ pub struct CatReport {
 
 impl fmt::Display for CatReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} records in {} frames of {} segments", self.records, self.frames, self.segments)?;
+        write!(
+            f,
+            "{} records in {} frames of {} segments",
+            self.records, self.frames, self.segments
+        )?;
         if let (Some(a), Some(b)) = (self.first_seq, self.last_seq) {
             write!(f, ", seq {a}..={b}")?;
         }
         for (seg, d) in &self.damage {
-            write!(f, "; skipped {} damaged bytes at offset {} of {seg}: {}", d.len, d.offset, d.reason)?;
+            write!(
+                f,
+                "; skipped {} damaged bytes at offset {} of {seg}: {}",
+                d.len, d.offset, d.reason
+            )?;
         }
         Ok(())
     }
@@ -402,7 +435,11 @@ pub struct VerifyReport {
 impl VerifyReport {
     /// No damage other than a torn tail, and a readable cursor.
     pub fn is_clean(&self) -> bool {
-        self.cursor_problem.is_none() && self.segments.iter().all(|s| s.damage.is_empty() || s.torn_tail)
+        self.cursor_problem.is_none()
+            && self
+                .segments
+                .iter()
+                .all(|s| s.damage.is_empty() || s.torn_tail)
     }
     pub fn records(&self) -> u64 {
         self.segments.iter().map(|s| s.records).sum()
@@ -412,13 +449,25 @@ impl VerifyReport {
 impl fmt::Display for VerifyReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for s in &self.segments {
-            write!(f, "{}{}: {} bytes, {} frames, {} records", s.name, if s.open { " (open)" } else { "" }, s.bytes, s.frames, s.records)?;
+            write!(
+                f,
+                "{}{}: {} bytes, {} frames, {} records",
+                s.name,
+                if s.open { " (open)" } else { "" },
+                s.bytes,
+                s.frames,
+                s.records
+            )?;
             if let (Some(a), Some(b)) = (s.first_seq, s.last_seq) {
                 write!(f, ", seq {a}..={b}")?;
             }
             for d in &s.damage {
                 let what = if s.torn_tail { "torn tail" } else { "DAMAGE" };
-                write!(f, "; {what} at offset {} ({} bytes): {}", d.offset, d.len, d.reason)?;
+                write!(
+                    f,
+                    "; {what} at offset {} ({} bytes): {}",
+                    d.offset, d.len, d.reason
+                )?;
             }
             writeln!(f)?;
         }
@@ -431,9 +480,19 @@ impl fmt::Display for VerifyReport {
             (None, None) => writeln!(f, "cursor: nothing acknowledged")?,
         }
         if self.pending_gap_notes > 0 {
-            writeln!(f, "cursor: {} spool_full gap records to be (re)written at next start", self.pending_gap_notes)?;
+            writeln!(
+                f,
+                "cursor: {} spool_full gap records to be (re)written at next start",
+                self.pending_gap_notes
+            )?;
         }
-        write!(f, "{} segments, {} records: {}", self.segments.len(), self.records(), if self.is_clean() { "ok" } else { "DAMAGED" })
+        write!(
+            f,
+            "{} segments, {} records: {}",
+            self.segments.len(),
+            self.records(),
+            if self.is_clean() { "ok" } else { "DAMAGED" }
+        )
     }
 }
 
@@ -472,7 +531,9 @@ fn parse_seg(name: &str) -> Option<(u64, SegKind)> {
 }
 
 fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 // ---------------------------------------------------------------------------------------
@@ -529,21 +590,34 @@ fn read_cursor<S: Storage>(st: &S) -> (CursorFile, Option<String>) {
             Ok(c) => (c, None),
             Err(e) => (
                 CursorFile::default(),
-                Some(format!("unreadable ({e}); treating nothing as acknowledged (records may be uploaded again)")),
+                Some(format!(
+                    "unreadable ({e}); treating nothing as acknowledged (records may be uploaded again)"
+                )),
             ),
         },
         Err(e) if e.kind() == io::ErrorKind::NotFound => (CursorFile::default(), None),
-        Err(e) => (CursorFile::default(), Some(format!("cannot read ({e}); treating nothing as acknowledged"))),
+        Err(e) => (
+            CursorFile::default(),
+            Some(format!(
+                "cannot read ({e}); treating nothing as acknowledged"
+            )),
+        ),
     }
 }
 
 fn write_cursor<S: Storage>(st: &mut S, c: &CursorFile) -> Result<(), SpoolError> {
-    let mut body = serde_json::to_vec(c).map_err(|e| SpoolError::Io { op: "encode", name: CURSOR.into(), source: e.into() })?;
+    let mut body = serde_json::to_vec(c).map_err(|e| SpoolError::Io {
+        op: "encode",
+        name: CURSOR.into(),
+        source: e.into(),
+    })?;
     body.push(b'\n');
     st.create(CURSOR_TMP).map_err(ioe("create", CURSOR_TMP))?;
-    st.append(CURSOR_TMP, &body).map_err(ioe("write", CURSOR_TMP))?;
+    st.append(CURSOR_TMP, &body)
+        .map_err(ioe("write", CURSOR_TMP))?;
     st.sync(CURSOR_TMP).map_err(ioe("fsync", CURSOR_TMP))?;
-    st.rename(CURSOR_TMP, CURSOR).map_err(ioe("rename", CURSOR_TMP))?;
+    st.rename(CURSOR_TMP, CURSOR)
+        .map_err(ioe("rename", CURSOR_TMP))?;
     st.sync_dir().map_err(ioe("fsync dir", ""))?;
     Ok(())
 }
@@ -658,8 +732,16 @@ pub struct Spool<S: Storage = FsStorage> {
 
 impl Spool<FsStorage> {
     /// Opens (creating it if needed) and locks `cfg.dir`, then [`Spool::open`].
-    pub fn open_dir(cfg: SpoolConfig, identity: Identity, seq: SeqAllocator) -> Result<(Spool<FsStorage>, RecoveryReport), SpoolError> {
-        let st = FsStorage::open(&cfg.dir).map_err(|e| SpoolError::Io { op: "open", name: cfg.dir.display().to_string(), source: e })?;
+    pub fn open_dir(
+        cfg: SpoolConfig,
+        identity: Identity,
+        seq: SeqAllocator,
+    ) -> Result<(Spool<FsStorage>, RecoveryReport), SpoolError> {
+        let st = FsStorage::open(&cfg.dir).map_err(|e| SpoolError::Io {
+            op: "open",
+            name: cfg.dir.display().to_string(),
+            source: e,
+        })?;
         Spool::open(cfg, st, identity, seq)
     }
 }
@@ -667,9 +749,18 @@ impl Spool<FsStorage> {
 impl<S: Storage> Spool<S> {
     /// Opens the spool in `storage` (for [`FsStorage`], `FsStorage::open(&cfg.dir)`), recovers
     /// it (see docs/spool.md) and reports what recovery found and did.
-    pub fn open(cfg: SpoolConfig, storage: S, identity: Identity, seq: SeqAllocator) -> Result<(Spool<S>, RecoveryReport), SpoolError> {
+    pub fn open(
+        cfg: SpoolConfig,
+        storage: S,
+        identity: Identity,
+        seq: SeqAllocator,
+    ) -> Result<(Spool<S>, RecoveryReport), SpoolError> {
         cfg.validate()?;
-        let cctx = frame::compressor().map_err(|e| SpoolError::Io { op: "zstd init", name: String::new(), source: e })?;
+        let cctx = frame::compressor().map_err(|e| SpoolError::Io {
+            op: "zstd init",
+            name: String::new(),
+            source: e,
+        })?;
         let mut sp = Spool {
             cfg,
             st: storage,
@@ -690,7 +781,10 @@ impl<S: Storage> Spool<S> {
             durable_seq: None,
             max_sealed_seq: None,
             last_log: None,
-            stats: SpoolStats { healthy: true, ..SpoolStats::default() },
+            stats: SpoolStats {
+                healthy: true,
+                ..SpoolStats::default()
+            },
         };
         let mut rep = sp.recover()?;
         // The allocator must be ahead of everything the spool holds.
@@ -699,7 +793,10 @@ impl<S: Storage> Spool<S> {
                 if let Some(f) = sp.seq_floor
                     && s <= f
                 {
-                    return Err(SpoolError::SeqBehind { next: s, on_disk: f });
+                    return Err(SpoolError::SeqBehind {
+                        next: s,
+                        on_disk: f,
+                    });
                 }
                 sp.peeked_seq = Some(s);
             }
@@ -754,12 +851,24 @@ impl<S: Storage> Spool<S> {
         let mut names: BTreeSet<String> = files.iter().map(|(n, _)| n.clone()).collect();
         let mut segs: Vec<(u64, SegKind, String)> = files
             .iter()
-            .filter_map(|(n, _)| parse_seg(n).filter(|(_, k)| *k != SegKind::Salvage).map(|(s, k)| (s, k, n.clone())))
+            .filter_map(|(n, _)| {
+                parse_seg(n)
+                    .filter(|(_, k)| *k != SegKind::Salvage)
+                    .map(|(s, k)| (s, k, n.clone()))
+            })
             .collect();
         segs.sort();
-        rep.set_aside_earlier = files.iter().filter(|(n, _)| n.ends_with(".damaged")).map(|(n, _)| n.clone()).collect();
+        rep.set_aside_earlier = files
+            .iter()
+            .filter(|(n, _)| n.ends_with(".damaged"))
+            .map(|(n, _)| n.clone())
+            .collect();
 
-        let mut dctx = zstd::bulk::Decompressor::new().map_err(|e| SpoolError::Io { op: "zstd init", name: String::new(), source: e })?;
+        let mut dctx = zstd::bulk::Decompressor::new().map_err(|e| SpoolError::Io {
+            op: "zstd init",
+            name: String::new(),
+            source: e,
+        })?;
         let mut prev: Option<u64> = None;
         let mut gaps_seen = Vec::new();
         let nsegs = segs.len();
@@ -778,9 +887,20 @@ impl<S: Storage> Spool<S> {
                     // Torn tail of the newest segment: cut it.
                     let keep = scan.good_prefix();
                     let d = &scan.damage[0];
-                    warn!("spool: cutting a torn tail of {} bytes from {name} at offset {keep}: {}", bytes - keep, d.reason);
-                    rep.torn = Some(TornTail { segment: name.clone(), offset: keep, bytes_cut: bytes - keep, reason: d.reason.clone() });
-                    self.st.truncate(&name, keep).map_err(ioe("truncate", &name))?;
+                    warn!(
+                        "spool: cutting a torn tail of {} bytes from {name} at offset {keep}: {}",
+                        bytes - keep,
+                        d.reason
+                    );
+                    rep.torn = Some(TornTail {
+                        segment: name.clone(),
+                        offset: keep,
+                        bytes_cut: bytes - keep,
+                        reason: d.reason.clone(),
+                    });
+                    self.st
+                        .truncate(&name, keep)
+                        .map_err(ioe("truncate", &name))?;
                     self.st.sync(&name).map_err(ioe("fsync", &name))?;
                     bytes = keep;
                 }
@@ -793,7 +913,11 @@ impl<S: Storage> Spool<S> {
                 let d = self.salvage(&name, &base, &data, &scan, &mut names)?;
                 warn!(
                     "spool: {name} is damaged ({}); set aside as {}, {} good records kept",
-                    d.damage.iter().map(|x| format!("{} bytes at {}: {}", x.len, x.offset, x.reason)).collect::<Vec<_>>().join("; "),
+                    d.damage
+                        .iter()
+                        .map(|x| format!("{} bytes at {}: {}", x.len, x.offset, x.reason))
+                        .collect::<Vec<_>>()
+                        .join("; "),
                     d.set_aside_as,
                     d.records_kept
                 );
@@ -824,13 +948,23 @@ impl<S: Storage> Spool<S> {
                 self.st.sync_dir().map_err(ioe("fsync dir", ""))?;
                 rep.sealed.push(base.clone());
             }
-            let (first_seq, last_seq) = (first_seq.expect("frames > 0"), last_seq.expect("frames > 0"));
+            let (first_seq, last_seq) = (
+                first_seq.expect("frames > 0"),
+                last_seq.expect("frames > 0"),
+            );
             prev = Some(last_seq);
             rep.frames += frames;
             rep.records += records;
             rep.first_seq.get_or_insert(first_seq);
             rep.last_seq = Some(last_seq);
-            self.sealed.push_back(SegMeta { name: base, first_seq, last_seq, records, frames, bytes });
+            self.sealed.push_back(SegMeta {
+                name: base,
+                first_seq,
+                last_seq,
+                records,
+                frames,
+                bytes,
+            });
         }
 
         // spool_full losses the previous run noted but may not have written as gap records.
@@ -839,7 +973,9 @@ impl<S: Storage> Spool<S> {
         let mut keep_notes = Vec::new();
         for note in notes {
             let on_disk = gaps_seen.iter().any(|g| {
-                g.reason == note.reason && g.lost_first_seq == note.lost_first_seq && g.lost_last_seq == note.lost_last_seq
+                g.reason == note.reason
+                    && g.lost_first_seq == note.lost_first_seq
+                    && g.lost_last_seq == note.lost_last_seq
             });
             if on_disk {
                 continue;
@@ -900,7 +1036,8 @@ impl<S: Storage> Spool<S> {
             let r = (|| -> io::Result<()> {
                 self.st.create(&tmp)?;
                 for f in &scan.frames {
-                    self.st.append(&tmp, &data[f.offset as usize..f.end() as usize])?;
+                    self.st
+                        .append(&tmp, &data[f.offset as usize..f.end() as usize])?;
                 }
                 self.st.sync(&tmp)
             })();
@@ -940,7 +1077,9 @@ impl<S: Storage> Spool<S> {
         let room = if self.queue_records == 0 {
             usize::MAX // one batch can always wait
         } else {
-            self.cfg.memory_backlog_records.saturating_sub(self.queue_records)
+            self.cfg
+                .memory_backlog_records
+                .saturating_sub(self.queue_records)
         };
         let n_keep = records.len().min(room);
         if n_keep > 0 && !self.open_gaps.is_empty() {
@@ -997,19 +1136,37 @@ impl<S: Storage> Spool<S> {
         }
         for (json, first, last, n) in chunks {
             match self.compress(&json) {
-                Ok(data) => self.push_queue(QFrame { data, raw: json.len() as u64, first_seq: first, last_seq: last, records: n, gap: None }),
+                Ok(data) => self.push_queue(QFrame {
+                    data,
+                    raw: json.len() as u64,
+                    first_seq: first,
+                    last_seq: last,
+                    records: n,
+                    gap: None,
+                }),
                 Err(e) => {
                     self.note_error(format!("zstd: {e}"));
                     kept_seqs.retain(|s| *s < first || *s > last);
                     out.dropped += n as usize;
-                    self.drop_records_range(Reason::InvalidRecord, first, last, n, json.len() as u64);
+                    self.drop_records_range(
+                        Reason::InvalidRecord,
+                        first,
+                        last,
+                        n,
+                        json.len() as u64,
+                    );
                 }
             }
         }
         self.drain(now);
         self.maintain(now);
         // Fate of the kept records: still queued, or written.
-        let queued_from = self.queue.iter().find(|f| f.gap.is_none()).map(|f| f.first_seq).unwrap_or(u64::MAX);
+        let queued_from = self
+            .queue
+            .iter()
+            .find(|f| f.gap.is_none())
+            .map(|f| f.first_seq)
+            .unwrap_or(u64::MAX);
         out.backlogged = kept_seqs.iter().filter(|s| **s >= queued_from).count();
         out.written = kept_seqs.len() - out.backlogged;
         out.gaps = std::mem::take(&mut self.new_gap_lines);
@@ -1071,12 +1228,19 @@ impl<S: Storage> Spool<S> {
     fn alloc_seq(&mut self) -> Result<u64, String> {
         let s = match self.peeked_seq.take() {
             Some(s) => s,
-            None => self.seq.next().map_err(|e| format!("sequence allocator: {e}"))?,
+            None => self
+                .seq
+                .next()
+                .map_err(|e| format!("sequence allocator: {e}"))?,
         };
         if let Some(f) = self.seq_floor
             && s <= f
         {
-            return Err(SpoolError::SeqBehind { next: s, on_disk: f }.to_string());
+            return Err(SpoolError::SeqBehind {
+                next: s,
+                on_disk: f,
+            }
+            .to_string());
         }
         Ok(s)
     }
@@ -1169,7 +1333,14 @@ impl<S: Storage> Spool<S> {
             match self.compress(&json) {
                 Ok(data) => {
                     self.stats.gap_records += 1;
-                    self.push_queue(QFrame { data, raw: json.len() as u64, first_seq: seq, last_seq: seq, records: 1, gap: Some(g) })
+                    self.push_queue(QFrame {
+                        data,
+                        raw: json.len() as u64,
+                        first_seq: seq,
+                        last_seq: seq,
+                        records: 1,
+                        gap: Some(g),
+                    })
                 }
                 Err(e) => self.note_error(format!("zstd: {e}")),
             }
@@ -1227,7 +1398,10 @@ impl<S: Storage> Spool<S> {
             }
         }
         if let Some(a) = &self.active {
-            let old = now.duration_since(a.created).map(|e| e >= self.cfg.segment_max_age).unwrap_or(false);
+            let old = now
+                .duration_since(a.created)
+                .map(|e| e >= self.cfg.segment_max_age)
+                .unwrap_or(false);
             if (old || a.len >= self.cfg.segment_max_bytes)
                 && let Err(e) = self.seal_active()
             {
@@ -1247,7 +1421,11 @@ impl<S: Storage> Spool<S> {
     fn note_error(&mut self, e: String) {
         // Log a new error at once, the same one again at most once a minute.
         let again = self.stats.last_error.as_deref() == Some(e.as_str());
-        if !again || self.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+        if !again
+            || self
+                .last_log
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(60))
+        {
             warn!("spool: {e}");
             self.last_log = Some(Instant::now());
         }
@@ -1289,7 +1467,11 @@ impl<S: Storage> Spool<S> {
     /// Writes one frame; on failure puts it back at the head of the queue.
     fn write_frame(&mut self, f: QFrame, now: SystemTime) -> Result<(), String> {
         if let Err(e) = self.prepare_active(f.first_seq, now) {
-            let name = self.active.as_ref().map(|a| a.name.clone()).unwrap_or_default();
+            let name = self
+                .active
+                .as_ref()
+                .map(|a| a.name.clone())
+                .unwrap_or_default();
             self.unpop_queue(f);
             return Err(format!("write {name}: {e}"));
         }
@@ -1321,13 +1503,17 @@ impl<S: Storage> Spool<S> {
     }
 
     fn sync_active(&mut self) -> Result<(), SpoolError> {
-        let Some(a) = self.active.as_mut() else { return Ok(()) };
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
         if a.unsynced.is_empty() && a.synced_len == a.len {
             return Ok(());
         }
         if a.needs_truncate {
             // Never make a partial frame durable: cut it first.
-            self.st.truncate(&a.name, a.len).map_err(ioe("truncate", &a.name))?;
+            self.st
+                .truncate(&a.name, a.len)
+                .map_err(ioe("truncate", &a.name))?;
             a.needs_truncate = false;
         }
         match self.st.sync(&a.name) {
@@ -1384,15 +1570,23 @@ impl<S: Storage> Spool<S> {
                     self.unpop_queue(f);
                 }
                 self.stats.healthy = false;
-                Err(SpoolError::Io { op: "fsync", name, source: e })
+                Err(SpoolError::Io {
+                    op: "fsync",
+                    name,
+                    source: e,
+                })
             }
         }
     }
 
     fn seal_active(&mut self) -> Result<(), SpoolError> {
-        let Some(a) = self.active.as_mut() else { return Ok(()) };
+        let Some(a) = self.active.as_mut() else {
+            return Ok(());
+        };
         if a.needs_truncate {
-            self.st.truncate(&a.name, a.len).map_err(ioe("truncate", &a.name))?;
+            self.st
+                .truncate(&a.name, a.len)
+                .map_err(ioe("truncate", &a.name))?;
             a.needs_truncate = false;
         }
         if a.len == 0 {
@@ -1407,7 +1601,9 @@ impl<S: Storage> Spool<S> {
             return Ok(()); // the failed fsync path emptied it; nothing to seal
         }
         let sealed = a.sealed_name();
-        self.st.rename(&a.name, &sealed).map_err(ioe("rename", &a.name))?;
+        self.st
+            .rename(&a.name, &sealed)
+            .map_err(ioe("rename", &a.name))?;
         let a = self.active.take().expect("still active");
         let c = a.counts();
         self.sealed.push_back(SegMeta {
@@ -1495,18 +1691,28 @@ impl<S: Storage> Spool<S> {
     /// First unacknowledged seq, records and bytes of a partly acknowledged segment.
     fn unacked_part(&self, s: &SegMeta, acked: u64) -> (u64, u64, u64) {
         let fallback = (acked + 1, s.records, s.bytes);
-        let Ok(data) = self.st.read(&s.name) else { return fallback };
-        let Ok(mut dctx) = zstd::bulk::Decompressor::new() else { return fallback };
+        let Ok(data) = self.st.read(&s.name) else {
+            return fallback;
+        };
+        let Ok(mut dctx) = zstd::bulk::Decompressor::new() else {
+            return fallback;
+        };
         let scan = frame::scan(&mut dctx, &data, None, |_, _| {});
         let rest: Vec<_> = scan.frames.iter().filter(|f| f.last_seq > acked).collect();
         match rest.first() {
-            Some(f) => (f.first_seq, rest.iter().map(|f| f.records).sum(), rest.iter().map(|f| f.len).sum()),
+            Some(f) => (
+                f.first_seq,
+                rest.iter().map(|f| f.records).sum(),
+                rest.iter().map(|f| f.len).sum(),
+            ),
             None => fallback,
         }
     }
 
     fn delete_acked(&mut self) {
-        let Some(acked) = self.cursor.acked_seq else { return };
+        let Some(acked) = self.cursor.acked_seq else {
+            return;
+        };
         while let Some(s) = self.sealed.front() {
             if s.last_seq > acked {
                 break;
@@ -1557,13 +1763,20 @@ impl<S: Storage> Spool<S> {
         let mut dctx = zstd::bulk::Decompressor::new().map_err(ioe("zstd init", ""))?;
         let mut out = Vec::new();
         let mut total = 0u64;
-        for seg in self.sealed.iter().filter(|s| acked.is_none_or(|a| s.last_seq > a)) {
+        for seg in self
+            .sealed
+            .iter()
+            .filter(|s| acked.is_none_or(|a| s.last_seq > a))
+        {
             if total > 0 && total + seg.bytes > BODIES_BUDGET {
                 break;
             }
             let b = self.segment_bodies(&mut dctx, seg, acked, max_body)?;
             if b.is_empty() {
-                warn!("spool: {} has no good frame after the acknowledged seq {acked:?}; passed over", seg.name);
+                warn!(
+                    "spool: {} has no good frame after the acknowledged seq {acked:?}; passed over",
+                    seg.name
+                );
             }
             total += b.iter().map(|b| b.data.len() as u64).sum::<u64>();
             out.extend(b);
@@ -1581,11 +1794,18 @@ impl<S: Storage> Spool<S> {
         let data = self.st.read(&seg.name).map_err(ioe("read", &seg.name))?;
         let scan = frame::scan(dctx, &data, None, |_, _| {});
         for d in &scan.damage {
-            warn!("spool: {} has damage at offset {} ({} bytes): {}; skipped", seg.name, d.offset, d.len, d.reason);
+            warn!(
+                "spool: {} has damage at offset {} ({} bytes): {}; skipped",
+                seg.name, d.offset, d.len, d.reason
+            );
         }
         let mut out: Vec<Body> = Vec::new();
         let mut cur: Option<Body> = None;
-        for f in scan.frames.iter().filter(|f| acked.is_none_or(|a| f.last_seq > a)) {
+        for f in scan
+            .frames
+            .iter()
+            .filter(|f| acked.is_none_or(|a| f.last_seq > a))
+        {
             let bytes = &data[f.offset as usize..f.end() as usize];
             if let Some(b) = cur.as_mut() {
                 if b.data.len() as u64 + f.len <= max_body {
@@ -1607,7 +1827,11 @@ impl<S: Storage> Spool<S> {
                 records: f.records,
                 frames: 1,
                 oversize: f.len > max_body,
-                pos: CursorPos { segment: seg.name.clone(), offset: f.end(), last_seq: f.last_seq },
+                pos: CursorPos {
+                    segment: seg.name.clone(),
+                    offset: f.end(),
+                    last_seq: f.last_seq,
+                },
             });
         }
         out.extend(cur);
@@ -1698,7 +1922,13 @@ pub fn cat_storage<S: Storage>(st: &S, out: &mut impl Write) -> Result<CatReport
         let data = match st.read(&name) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue, // sealed or deleted meanwhile
-            Err(e) => return Err(SpoolError::Io { op: "read", name, source: e }),
+            Err(e) => {
+                return Err(SpoolError::Io {
+                    op: "read",
+                    name,
+                    source: e,
+                });
+            }
         };
         let scan = frame::scan(&mut dctx, &data, prev, |_, content| {
             if werr.is_none()
@@ -1708,7 +1938,11 @@ pub fn cat_storage<S: Storage>(st: &S, out: &mut impl Write) -> Result<CatReport
             }
         });
         if let Some(e) = werr {
-            return Err(SpoolError::Io { op: "write", name: "output".into(), source: e });
+            return Err(SpoolError::Io {
+                op: "write",
+                name: "output".into(),
+                source: e,
+            });
         }
         rep.segments += 1;
         rep.frames += scan.frames.len() as u64;
@@ -1720,7 +1954,8 @@ pub fn cat_storage<S: Storage>(st: &S, out: &mut impl Write) -> Result<CatReport
             rep.last_seq = Some(l);
             prev = Some(l);
         }
-        rep.damage.extend(scan.damage.into_iter().map(|d| (name.clone(), d)));
+        rep.damage
+            .extend(scan.damage.into_iter().map(|d| (name.clone(), d)));
     }
     Ok(rep)
 }
@@ -1731,7 +1966,11 @@ fn segment_names<S: Storage>(st: &S) -> Result<Vec<String>, SpoolError> {
         .list()
         .map_err(ioe("list", ""))?
         .into_iter()
-        .filter_map(|(n, _)| parse_seg(&n).filter(|(_, k)| *k != SegKind::Salvage).map(|(s, k)| (s, k, n)))
+        .filter_map(|(n, _)| {
+            parse_seg(&n)
+                .filter(|(_, k)| *k != SegKind::Salvage)
+                .map(|(s, k)| (s, k, n))
+        })
         .collect();
     v.sort();
     Ok(v.into_iter().map(|(_, _, n)| n).collect())
@@ -1754,10 +1993,19 @@ pub fn verify_storage<S: Storage>(st: &S) -> Result<VerifyReport, SpoolError> {
         let data = match st.read(&name) {
             Ok(d) => d,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(SpoolError::Io { op: "read", name, source: e }),
+            Err(e) => {
+                return Err(SpoolError::Io {
+                    op: "read",
+                    name,
+                    source: e,
+                });
+            }
         };
         let scan = frame::scan(&mut dctx, &data, prev, |_, _| {});
-        let torn_tail = i + 1 == n && name.ends_with(".open") && !scan.damage.is_empty() && !scan.good_after_damage();
+        let torn_tail = i + 1 == n
+            && name.ends_with(".open")
+            && !scan.damage.is_empty()
+            && !scan.good_after_damage();
         if let Some(l) = scan.last_seq() {
             prev = Some(l);
         }
@@ -1773,7 +2021,13 @@ pub fn verify_storage<S: Storage>(st: &S) -> Result<VerifyReport, SpoolError> {
             name,
         });
     }
-    rep.set_aside = st.list().map_err(ioe("list", ""))?.into_iter().map(|(n, _)| n).filter(|n| n.ends_with(".damaged")).collect();
+    rep.set_aside = st
+        .list()
+        .map_err(ioe("list", ""))?
+        .into_iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.ends_with(".damaged"))
+        .collect();
     let (c, problem) = read_cursor(st);
     rep.acked_seq = c.acked_seq;
     rep.cursor_problem = problem;

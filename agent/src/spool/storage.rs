@@ -6,8 +6,8 @@ use std::{
     ffi::CString,
     fs::{self, File, OpenOptions},
     io::{self, Read as _, Write as _},
-    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
     os::fd::AsRawFd as _,
+    os::unix::{ffi::OsStrExt as _, fs::OpenOptionsExt as _},
     path::{Path, PathBuf},
 };
 
@@ -56,20 +56,32 @@ impl FsStorage {
     /// lock; fails if another process holds it.
     pub fn open(dir: &Path) -> io::Result<FsStorage> {
         fs::create_dir_all(dir)?;
-        let lock = OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(dir.join(LOCK_FILE))?;
+        let lock = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(0o600)
+            .open(dir.join(LOCK_FILE))?;
         // SAFETY: flock on a descriptor we own.
         if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
             let e = io::Error::last_os_error();
             return Err(if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                 io::Error::new(
                     io::ErrorKind::WouldBlock,
-                    format!("{}: spool directory is in use by another process (lock held)", dir.display()),
+                    format!(
+                        "{}: spool directory is in use by another process (lock held)",
+                        dir.display()
+                    ),
                 )
             } else {
                 e
             });
         }
-        Ok(FsStorage { dir: dir.to_owned(), handles: HashMap::new(), _lock: Some(lock) })
+        Ok(FsStorage {
+            dir: dir.to_owned(),
+            handles: HashMap::new(),
+            _lock: Some(lock),
+        })
     }
 
     /// Opens an existing spool directory for reading only (no lock, nothing created): what
@@ -77,9 +89,16 @@ impl FsStorage {
     pub fn open_read_only(dir: &Path) -> io::Result<FsStorage> {
         let md = fs::metadata(dir)?;
         if !md.is_dir() {
-            return Err(io::Error::new(io::ErrorKind::NotADirectory, format!("{}: not a directory", dir.display())));
+            return Err(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                format!("{}: not a directory", dir.display()),
+            ));
         }
-        Ok(FsStorage { dir: dir.to_owned(), handles: HashMap::new(), _lock: None })
+        Ok(FsStorage {
+            dir: dir.to_owned(),
+            handles: HashMap::new(),
+            _lock: None,
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -136,7 +155,9 @@ impl Storage for FsStorage {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir)? {
             let e = e?;
-            let Ok(name) = e.file_name().into_string() else { continue };
+            let Ok(name) = e.file_name().into_string() else {
+                continue;
+            };
             // A file may vanish between readdir and stat (a reader racing the agent).
             let md = match e.metadata() {
                 Ok(m) => m,
@@ -174,7 +195,8 @@ impl Storage for FsStorage {
     }
 
     fn available(&self) -> io::Result<u64> {
-        let c = CString::new(self.dir.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let c = CString::new(self.dir.as_os_str().as_bytes())
+            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: statvfs writes into the zeroed struct we pass; the path is NUL-terminated.
         let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
         if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {

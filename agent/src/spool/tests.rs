@@ -57,10 +57,22 @@ impl Rng {
 }
 
 fn ident() -> Identity {
-    Identity { agent: "3d12f0c8a7b94e21".into(), boot: "5c30e1aa-4f7d-4c59-9a0e-2b1d3c4e5f60".into() }
+    Identity {
+        agent: "3d12f0c8a7b94e21".into(),
+        boot: "5c30e1aa-4f7d-4c59-9a0e-2b1d3c4e5f60".into(),
+    }
 }
 
-const LABELS: [&str; 8] = ["nginx", "postgres", "curl", "sshd", "systemd-resolve", "node", "redis-server", "chronyd"];
+const LABELS: [&str; 8] = [
+    "nginx",
+    "postgres",
+    "curl",
+    "sshd",
+    "systemd-resolve",
+    "node",
+    "redis-server",
+    "chronyd",
+];
 
 /// A realistic delta event: ~5 labels, one interface.
 fn event(i: u64) -> DeltaEvent {
@@ -69,14 +81,31 @@ fn event(i: u64) -> DeltaEvent {
     for k in 0..5u64 {
         let name = LABELS[((i + k * 3) % LABELS.len() as u64) as usize];
         let x = i.wrapping_mul(2654435761).wrapping_add(k * 7919) % 100_000;
-        let t = Traffic { tx: 60 + x * 13, rx: 40 + x * 7 % 50_000, tx_packets: 1 + x % 90, rx_packets: 1 + x % 70 };
+        let t = Traffic {
+            tx: 60 + x * 13,
+            rx: 40 + x * 7 % 50_000,
+            tx_packets: 1 + x % 90,
+            rx_packets: 1 + x % 70,
+        };
         total.add(&t);
         labels.insert(name.to_string(), t);
     }
-    let unattributed = Traffic { tx: 0, rx: 60 * (i % 3), tx_packets: 0, rx_packets: i % 3 };
+    let unattributed = Traffic {
+        tx: 0,
+        rx: 60 * (i % 3),
+        tx_packets: 0,
+        rx_packets: i % 3,
+    };
     total.add(&unattributed);
     let mut ifaces = BTreeMap::new();
-    ifaces.insert("eth0".to_string(), Traffic { tx: total.tx + total.tx_packets * 14, rx: total.rx + total.rx_packets * 14, ..total });
+    ifaces.insert(
+        "eth0".to_string(),
+        Traffic {
+            tx: total.tx + total.tx_packets * 14,
+            rx: total.rx + total.rx_packets * 14,
+            ..total
+        },
+    );
     let id = ident();
     DeltaEvent {
         v: FORMAT_VERSION,
@@ -118,7 +147,10 @@ fn t0() -> SystemTime {
 }
 
 fn split_lines(b: &[u8]) -> Vec<Vec<u8>> {
-    b.split(|&c| c == b'\n').filter(|l| !l.is_empty()).map(|l| l.to_vec()).collect()
+    b.split(|&c| c == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| l.to_vec())
+        .collect()
 }
 
 fn seq_of(line: &[u8]) -> u64 {
@@ -134,19 +166,34 @@ fn json(line: &[u8]) -> serde_json::Value {
 fn read_back<S: Storage>(st: &S) -> Vec<(u64, Vec<u8>)> {
     let mut out = Vec::new();
     cat_storage(st, &mut out).unwrap();
-    let recs: Vec<(u64, Vec<u8>)> = split_lines(&out).into_iter().map(|l| (seq_of(&l), l)).collect();
+    let recs: Vec<(u64, Vec<u8>)> = split_lines(&out)
+        .into_iter()
+        .map(|l| (seq_of(&l), l))
+        .collect();
     for w in recs.windows(2) {
-        assert!(w[0].0 < w[1].0, "seq not increasing: {} then {}", w[0].0, w[1].0);
+        assert!(
+            w[0].0 < w[1].0,
+            "seq not increasing: {} then {}",
+            w[0].0,
+            w[1].0
+        );
     }
     recs
 }
 
-fn open_fault(fs: &FaultStorage, cfg: SpoolConfig, dir: &Path) -> (Spool<FaultStorage>, RecoveryReport) {
+fn open_fault(
+    fs: &FaultStorage,
+    cfg: SpoolConfig,
+    dir: &Path,
+) -> (Spool<FaultStorage>, RecoveryReport) {
     Spool::open(cfg, fs.clone(), ident(), alloc(dir)).unwrap()
 }
 
 fn segment_files(fs: &FaultStorage) -> Vec<String> {
-    fs.names().into_iter().filter(|n| n.starts_with("seg-")).collect()
+    fs.names()
+        .into_iter()
+        .filter(|n| n.starts_with("seg-"))
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -156,8 +203,17 @@ fn segment_files(fs: &FaultStorage) -> Vec<String> {
 fn spool_round_trip_append_seal_bodies_acknowledge() {
     let tmp = TempDir::new("rt");
     let dir = tmp.path().join("spool");
-    let cfg = SpoolConfig { dir: dir.clone(), ..SpoolConfig::default() };
-    let (mut sp, rep) = Spool::open(cfg.clone(), FsStorage::open(&dir).unwrap(), ident(), alloc(tmp.path())).unwrap();
+    let cfg = SpoolConfig {
+        dir: dir.clone(),
+        ..SpoolConfig::default()
+    };
+    let (mut sp, rep) = Spool::open(
+        cfg.clone(),
+        FsStorage::open(&dir).unwrap(),
+        ident(),
+        alloc(tmp.path()),
+    )
+    .unwrap();
     assert_eq!(rep.records, 0);
     let mut written = Vec::new();
     for b in 0..10 {
@@ -179,19 +235,32 @@ fn spool_round_trip_append_seal_bodies_acknowledge() {
     sp.seal().unwrap();
     let p = sp.pending();
     assert_eq!(p.len(), 1);
-    assert_eq!((p[0].first_seq, p[0].last_seq, p[0].records, p[0].frames), (seqs[0], seqs[29], 30, 10));
-    assert_eq!(p[0].bytes, fs::metadata(dir.join(&p[0].name)).unwrap().len());
+    assert_eq!(
+        (p[0].first_seq, p[0].last_seq, p[0].records, p[0].frames),
+        (seqs[0], seqs[29], 30, 10)
+    );
+    assert_eq!(
+        p[0].bytes,
+        fs::metadata(dir.join(&p[0].name)).unwrap().len()
+    );
     assert!(p[0].name.ends_with(".zst") && p[0].name.starts_with("seg-"));
 
     // zstd -dc | jq reads a sealed segment as it is.
     if Command::new("zstd").arg("--version").output().is_ok() {
         let o = Command::new("sh")
             .arg("-c")
-            .arg(format!("zstd -dc {} | jq -c .seq", dir.join(&p[0].name).display()))
+            .arg(format!(
+                "zstd -dc {} | jq -c .seq",
+                dir.join(&p[0].name).display()
+            ))
             .output()
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-        let got: Vec<u64> = String::from_utf8(o.stdout).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+        let got: Vec<u64> = String::from_utf8(o.stdout)
+            .unwrap()
+            .lines()
+            .map(|l| l.parse().unwrap())
+            .collect();
         assert_eq!(got, seqs);
     }
 
@@ -205,12 +274,20 @@ fn spool_round_trip_append_seal_bodies_acknowledge() {
         let plain = zstd::stream::decode_all(&b.data[..]).unwrap();
         let lines = split_lines(&plain);
         assert_eq!(lines.len() as u64, b.records);
-        assert_eq!((seq_of(&lines[0]), seq_of(lines.last().unwrap())), (b.first_seq, b.last_seq));
+        assert_eq!(
+            (seq_of(&lines[0]), seq_of(lines.last().unwrap())),
+            (b.first_seq, b.last_seq)
+        );
         assert_eq!(b.pos.last_seq, b.last_seq);
         got.extend(lines);
     }
     assert_eq!(got, written);
-    assert!(sp.bodies(1).unwrap().iter().all(|b| b.oversize && b.frames == 1));
+    assert!(
+        sp.bodies(1)
+            .unwrap()
+            .iter()
+            .all(|b| b.oversize && b.frames == 1)
+    );
 
     // Acknowledge the first two bodies: the segment stays (partly acknowledged).
     sp.acknowledge(bodies[0].pos.clone()).unwrap();
@@ -227,13 +304,22 @@ fn spool_round_trip_append_seal_bodies_acknowledge() {
     assert!(matches!(sp.acknowledge(bad), Err(SpoolError::Cursor(_))));
     // Reopen in between: the cursor survives.
     drop(sp);
-    let (mut sp, rep) = Spool::open(cfg.clone(), FsStorage::open(&dir).unwrap(), ident(), alloc(tmp.path())).unwrap();
+    let (mut sp, rep) = Spool::open(
+        cfg.clone(),
+        FsStorage::open(&dir).unwrap(),
+        ident(),
+        alloc(tmp.path()),
+    )
+    .unwrap();
     assert_eq!(rep.acked_seq, Some(bodies[1].last_seq));
     let rest2 = sp.bodies(1 << 20).unwrap();
     assert_eq!(rest2[0].data, rest[0].data);
     sp.acknowledge(rest2[0].pos.clone()).unwrap();
     assert!(sp.pending().is_empty());
-    assert!(!dir.join(&p[0].name).exists(), "acknowledged segment deleted");
+    assert!(
+        !dir.join(&p[0].name).exists(),
+        "acknowledged segment deleted"
+    );
     assert!(dir.join("cursor").exists());
 
     // New records continue with higher numbers.
@@ -250,8 +336,18 @@ fn spool_round_trip_append_seal_bodies_acknowledge() {
 fn spool_cat_and_verify() {
     let tmp = TempDir::new("cat");
     let dir = tmp.path().join("spool");
-    let cfg = SpoolConfig { dir: dir.clone(), fsync: FsyncPolicy::Always, ..SpoolConfig::default() };
-    let (mut sp, _) = Spool::open(cfg, FsStorage::open(&dir).unwrap(), ident(), alloc(tmp.path())).unwrap();
+    let cfg = SpoolConfig {
+        dir: dir.clone(),
+        fsync: FsyncPolicy::Always,
+        ..SpoolConfig::default()
+    };
+    let (mut sp, _) = Spool::open(
+        cfg,
+        FsStorage::open(&dir).unwrap(),
+        ident(),
+        alloc(tmp.path()),
+    )
+    .unwrap();
     let mut all = Vec::new();
     for b in 0..6 {
         let out = sp.append(&mut events(b * 2, 2), t0());
@@ -279,7 +375,16 @@ fn spool_cat_and_verify() {
     bytes[mid] ^= 0x55;
     fs::write(&sealed, &bytes).unwrap();
     let before: Vec<(String, Vec<u8>)> = {
-        let mut v: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().into_string().unwrap(), fs::read(e.path()).unwrap())).collect();
+        let mut v: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().into_string().unwrap(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
         v.sort();
         v
     };
@@ -294,7 +399,16 @@ fn spool_cat_and_verify() {
     assert_eq!(got.len(), 10, "one frame (2 records) skipped");
     assert!(got.iter().all(|l| all.contains(l)));
     let after: Vec<(String, Vec<u8>)> = {
-        let mut v: Vec<_> = fs::read_dir(&dir).unwrap().map(|e| e.unwrap()).map(|e| (e.file_name().into_string().unwrap(), fs::read(e.path()).unwrap())).collect();
+        let mut v: Vec<_> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .map(|e| {
+                (
+                    e.file_name().into_string().unwrap(),
+                    fs::read(e.path()).unwrap(),
+                )
+            })
+            .collect();
         v.sort();
         v
     };
@@ -335,8 +449,15 @@ fn spool_torn_last_frame_at_every_offset() {
         if cut == 0 {
             assert!(rep.torn.is_none());
         } else {
-            let t = rep.torn.as_ref().unwrap_or_else(|| panic!("cut {cut}: no torn tail reported"));
-            assert_eq!((t.offset, t.bytes_cut), (prefix as u64, cut as u64), "cut {cut}");
+            let t = rep
+                .torn
+                .as_ref()
+                .unwrap_or_else(|| panic!("cut {cut}: no torn tail reported"));
+            assert_eq!(
+                (t.offset, t.bytes_cut),
+                (prefix as u64, cut as u64),
+                "cut {cut}"
+            );
         }
         assert!(rep.damaged.is_empty());
         assert_eq!(rep.sealed, vec![name.trim_end_matches(".open").to_string()]);
@@ -360,7 +481,11 @@ fn spool_torn_last_frame_at_every_offset() {
         let (_sp, rep) = open_fault(&fs, small_cfg(FsyncPolicy::Always), tmp.path());
         let recs: Vec<Vec<u8>> = read_back(&fs).into_iter().map(|r| r.1).collect();
         assert_eq!(recs, good, "flip at {i}");
-        assert_eq!(rep.torn.as_ref().map(|t| t.bytes_cut), Some(last_len as u64), "flip at {i}");
+        assert_eq!(
+            rep.torn.as_ref().map(|t| t.bytes_cut),
+            Some(last_len as u64),
+            "flip at {i}"
+        );
     }
 }
 
@@ -373,7 +498,9 @@ fn spool_damaged_middle_segment_set_aside() {
     for s in 0..3 {
         let mut lines = Vec::new();
         for b in 0..5 {
-            lines.extend(split_lines(&sp.append(&mut events(s * 100 + b, 1), t0()).lines));
+            lines.extend(split_lines(
+                &sp.append(&mut events(s * 100 + b, 1), t0()).lines,
+            ));
         }
         sp.seal().unwrap();
         segs.push(lines);
@@ -405,10 +532,22 @@ fn spool_damaged_middle_segment_set_aside() {
     let d = &rep.damaged[0];
     assert_eq!(d.segment, p[1].name);
     assert_eq!(d.set_aside_as, format!("{}.damaged", p[1].name));
-    assert_eq!((d.frames_kept, d.records_kept), (4, 4), "good frames before and after the damage kept");
-    assert_eq!(fs.contents(&d.set_aside_as).unwrap(), bad, "original kept, not deleted");
+    assert_eq!(
+        (d.frames_kept, d.records_kept),
+        (4, 4),
+        "good frames before and after the damage kept"
+    );
+    assert_eq!(
+        fs.contents(&d.set_aside_as).unwrap(),
+        bad,
+        "original kept, not deleted"
+    );
     assert!(rep.torn.is_none());
-    assert_eq!(rep.acked_seq, Some(acked), "a cursor into the damaged segment does not break opening");
+    assert_eq!(
+        rep.acked_seq,
+        Some(acked),
+        "a cursor into the damaged segment does not break opening"
+    );
     let recs: Vec<Vec<u8>> = read_back(&fs).into_iter().map(|r| r.1).collect();
     let mut want: Vec<Vec<u8>> = segs[1].clone();
     want.remove(2);
@@ -452,7 +591,10 @@ fn spool_damage_inside_last_segment_is_not_cut() {
     assert_eq!(rep.damaged.len(), 1);
     assert_eq!(rep.damaged[0].records_kept, 3);
     let recs: Vec<Vec<u8>> = read_back(&fs).into_iter().map(|r| r.1).collect();
-    assert_eq!(recs, vec![lines[0].clone(), lines[2].clone(), lines[3].clone()]);
+    assert_eq!(
+        recs,
+        vec![lines[0].clone(), lines[2].clone(), lines[3].clone()]
+    );
 }
 
 #[test]
@@ -463,7 +605,9 @@ fn spool_salvage_survives_a_crash_at_every_step() {
     let mut all = Vec::new();
     for s in 0..3 {
         for b in 0..3 {
-            all.extend(split_lines(&sp.append(&mut events(s * 10 + b, 1), t0()).lines));
+            all.extend(split_lines(
+                &sp.append(&mut events(s * 10 + b, 1), t0()).lines,
+            ));
         }
         sp.seal().unwrap();
     }
@@ -481,7 +625,12 @@ fn spool_salvage_survives_a_crash_at_every_step() {
         }
         fs.put(&p[1].name, &mid);
         fs.kill_after(k);
-        let r = Spool::open(small_cfg(FsyncPolicy::Always), fs.clone(), ident(), alloc(tmp.path()));
+        let r = Spool::open(
+            small_cfg(FsyncPolicy::Always),
+            fs.clone(),
+            ident(),
+            alloc(tmp.path()),
+        );
         drop(r);
         fs.crash();
         let (_sp, _rep) = open_fault(&fs, small_cfg(FsyncPolicy::Always), tmp.path());
@@ -489,7 +638,12 @@ fn spool_salvage_survives_a_crash_at_every_step() {
         assert_eq!(recs, want, "killed after {k} operations");
         let names = fs.names();
         assert!(names.iter().any(|n| n.ends_with(".damaged")), "{names:?}");
-        assert!(!names.iter().any(|n| n.ends_with(".salvage") || n.ends_with(".tmp")), "{names:?}");
+        assert!(
+            !names
+                .iter()
+                .any(|n| n.ends_with(".salvage") || n.ends_with(".tmp")),
+            "{names:?}"
+        );
     }
 }
 
@@ -502,7 +656,10 @@ fn spool_cursor_problems_do_not_break_opening() {
     sp.seal().unwrap();
     drop(sp);
     // A cursor naming a segment that does not exist (dropped or set aside).
-    fs.put("cursor", br#"{"v":1,"acked_seq":0,"segment":"seg-00000000000000000077.zst","offset":99}"#);
+    fs.put(
+        "cursor",
+        br#"{"v":1,"acked_seq":0,"segment":"seg-00000000000000000077.zst","offset":99}"#,
+    );
     let (sp, rep) = open_fault(&fs, small_cfg(FsyncPolicy::Always), tmp.path());
     assert_eq!(rep.acked_seq, Some(0));
     assert_eq!(sp.pending().len(), 1);
@@ -522,7 +679,14 @@ fn spool_refuses_an_allocator_behind_the_spool() {
     let (mut sp, _) = open_fault(&fs, small_cfg(FsyncPolicy::Always), tmp.path());
     sp.append(&mut events(0, 2), t0());
     drop(sp);
-    let e = Spool::open(small_cfg(FsyncPolicy::Always), fs.clone(), ident(), SeqAllocator::ephemeral()).err().unwrap();
+    let e = Spool::open(
+        small_cfg(FsyncPolicy::Always),
+        fs.clone(),
+        ident(),
+        SeqAllocator::ephemeral(),
+    )
+    .err()
+    .unwrap();
     assert!(matches!(e, SpoolError::SeqBehind { .. }), "{e}");
 }
 
@@ -541,7 +705,9 @@ fn spool_bodies_pass_over_a_segment_damaged_while_running() {
     let mut lines = Vec::new();
     for s in 0..2 {
         for b in 0..3 {
-            lines.extend(split_lines(&sp.append(&mut events(s * 10 + b, 1), t0()).lines));
+            lines.extend(split_lines(
+                &sp.append(&mut events(s * 10 + b, 1), t0()).lines,
+            ));
         }
         sp.seal().unwrap();
     }
@@ -564,7 +730,10 @@ fn spool_bodies_pass_over_a_segment_damaged_while_running() {
     }
     let mut want = lines.clone();
     want.remove(2);
-    assert_eq!(got, want, "everything good uploaded, the damaged frame skipped");
+    assert_eq!(
+        got, want,
+        "everything good uploaded, the damaged frame skipped"
+    );
     assert!(sp.pending().is_empty());
     assert!(segment_files(&fs).is_empty());
 }
@@ -574,7 +743,10 @@ fn spool_config_is_checked() {
     let fs = FaultStorage::new(5);
     let mut c = small_cfg(FsyncPolicy::Always);
     c.total_max_bytes = c.segment_max_bytes;
-    assert!(matches!(Spool::open(c, fs, ident(), SeqAllocator::ephemeral()), Err(SpoolError::Config(_))));
+    assert!(matches!(
+        Spool::open(c, fs, ident(), SeqAllocator::ephemeral()),
+        Err(SpoolError::Config(_))
+    ));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -605,14 +777,22 @@ fn spool_enospc_backlog_then_space_returns() {
         }
         backlogged_seen |= out.backlogged > 0;
         if out.backlogged > 0 || out.dropped > 0 {
-            assert!(out.error.as_deref().unwrap_or("").contains("No space left"), "{:?}", out.error);
+            assert!(
+                out.error.as_deref().unwrap_or("").contains("No space left"),
+                "{:?}",
+                out.error
+            );
         }
         lines.extend(ls.into_iter().map(|l| (seq_of(&l), l)));
     }
     assert!(backlogged_seen);
     let st = sp.stats();
     assert!(!st.healthy);
-    assert!(st.backlog_records >= 20 && st.backlog_records <= 22, "{}", st.backlog_records);
+    assert!(
+        st.backlog_records >= 20 && st.backlog_records <= 22,
+        "{}",
+        st.backlog_records
+    );
     assert_eq!(st.dropped.backlog_full.records, dropped.len() as u64);
     assert!(!dropped.is_empty());
     // Nothing torn on disk meanwhile.
@@ -631,7 +811,10 @@ fn spool_enospc_backlog_then_space_returns() {
     assert_eq!(g["lost_records"].as_u64(), Some(dropped.len() as u64));
     assert_eq!(g["lost_first_seq"].as_u64(), dropped.first().copied());
     assert_eq!(g["lost_last_seq"].as_u64(), dropped.last().copied());
-    assert_eq!((g["agent"].as_str(), g["v"].as_u64()), (Some(ident().agent.as_str()), Some(1)));
+    assert_eq!(
+        (g["agent"].as_str(), g["v"].as_u64()),
+        (Some(ident().agent.as_str()), Some(1))
+    );
     let recs = read_back(&fs);
     let on_disk: BTreeMap<u64, Vec<u8>> = recs.into_iter().collect();
     for (s, l) in &lines {
@@ -642,7 +825,11 @@ fn spool_enospc_backlog_then_space_returns() {
         }
     }
     assert_eq!(on_disk.len(), lines.len() - dropped.len() + 1);
-    assert_eq!(on_disk.values().last().unwrap(), &gaps[0], "the gap record comes after everything it covers");
+    assert_eq!(
+        on_disk.values().last().unwrap(),
+        &gaps[0],
+        "the gap record comes after everything it covers"
+    );
 }
 
 #[test]
@@ -689,7 +876,10 @@ fn spool_eio_torn_write_erofs_and_failed_fsync() {
     fs.crash();
     let (_sp, rep) = open_fault(&fs, small_cfg(FsyncPolicy::Always), tmp.path());
     assert!(rep.torn.is_none());
-    assert_eq!(read_back(&fs).into_iter().map(|r| r.1).collect::<Vec<_>>(), all);
+    assert_eq!(
+        read_back(&fs).into_iter().map(|r| r.1).collect::<Vec<_>>(),
+        all
+    );
 }
 
 #[test]
@@ -717,7 +907,11 @@ fn spool_size_cap_drops_oldest_and_writes_gap() {
         lines.extend(split_lines(&out.lines).into_iter().map(|l| (seq_of(&l), l)));
         gaps.extend(split_lines(&out.gaps));
         let st = sp.stats();
-        assert!(st.bytes_on_disk <= cfg.total_max_bytes + 1024, "{} bytes", st.bytes_on_disk);
+        assert!(
+            st.bytes_on_disk <= cfg.total_max_bytes + 1024,
+            "{} bytes",
+            st.bytes_on_disk
+        );
     }
     let st = sp.stats();
     assert!(st.dropped.spool_full.records > 0);
@@ -728,19 +922,29 @@ fn spool_size_cap_drops_oldest_and_writes_gap() {
     for g in &gaps {
         let g = json(g);
         assert_eq!(g["reason"], "spool_full");
-        let (a, b) = (g["lost_first_seq"].as_u64().unwrap(), g["lost_last_seq"].as_u64().unwrap());
+        let (a, b) = (
+            g["lost_first_seq"].as_u64().unwrap(),
+            g["lost_last_seq"].as_u64().unwrap(),
+        );
         lost.extend(a..=b);
         lost_records += g["lost_records"].as_u64().unwrap();
     }
     for g in &gaps {
         // A gap record is on disk, or was itself dropped later (and is covered by a later gap).
         let s = seq_of(g);
-        assert!(on_disk.get(&s) == Some(g) || lost.contains(&s), "gap record {s}");
+        assert!(
+            on_disk.get(&s) == Some(g) || lost.contains(&s),
+            "gap record {s}"
+        );
         lines.insert(s, g.clone());
     }
     assert_eq!(lost_records, st.dropped.spool_full.records);
     let first_gap = json(&gaps[0]);
-    assert_eq!(first_gap["lost_first_seq"].as_u64(), Some(acked + 1), "acknowledged records are not lost");
+    assert_eq!(
+        first_gap["lost_first_seq"].as_u64(),
+        Some(acked + 1),
+        "acknowledged records are not lost"
+    );
     for (s, l) in &lines {
         if *s <= acked {
             continue;
@@ -748,11 +952,18 @@ fn spool_size_cap_drops_oldest_and_writes_gap() {
         if lost.contains(s) {
             assert!(!on_disk.contains_key(s), "seq {s} said lost but present");
         } else {
-            assert_eq!(on_disk.get(s), Some(l), "seq {s} missing and not covered by a gap");
+            assert_eq!(
+                on_disk.get(s),
+                Some(l),
+                "seq {s} missing and not covered by a gap"
+            );
         }
     }
     // Exactly the records not present are counted.
-    let missing = lines.keys().filter(|s| **s > acked && !on_disk.contains_key(s)).count() as u64;
+    let missing = lines
+        .keys()
+        .filter(|s| **s > acked && !on_disk.contains_key(s))
+        .count() as u64;
     assert_eq!(missing, st.dropped.spool_full.records);
 }
 
@@ -780,7 +991,10 @@ impl Model {
         for l in split_lines(gaps) {
             let v = json(&l);
             if v["reason"] == "spool_full" {
-                self.cap_lost.push((v["lost_first_seq"].as_u64().unwrap(), v["lost_last_seq"].as_u64().unwrap()));
+                self.cap_lost.push((
+                    v["lost_first_seq"].as_u64().unwrap(),
+                    v["lost_last_seq"].as_u64().unwrap(),
+                ));
             }
             self.issued.insert(seq_of(&l), l);
         }
@@ -788,7 +1002,12 @@ impl Model {
     /// The process ends: what was not durable may be gone.
     fn end_session(&mut self) {
         let d = self.durable;
-        let v: Vec<u64> = self.issued.keys().copied().filter(|s| d.is_none_or(|d| *s > d)).collect();
+        let v: Vec<u64> = self
+            .issued
+            .keys()
+            .copied()
+            .filter(|s| d.is_none_or(|d| *s > d))
+            .collect();
         self.volatile.extend(v);
     }
     /// A record may be missing from the disk only if: it was not durable when the process
@@ -804,18 +1023,36 @@ impl Model {
         let mut seen = BTreeSet::new();
         for (s, l) in &recs {
             assert!(seen.insert(*s), "{ctx}: seq {s} twice"); // (a)
-            assert_eq!(self.issued.get(s), Some(l), "{ctx}: seq {s} invented or altered"); // (d)
+            assert_eq!(
+                self.issued.get(s),
+                Some(l),
+                "{ctx}: seq {s} invented or altered"
+            ); // (d)
         }
-        assert!(rep.damaged.is_empty(), "{ctx}: crash-only model produced damage: {rep}");
-        assert!(rep.acked_seq >= self.acked_ok && rep.acked_seq <= self.acked_tried, "{ctx}: cursor {:?}", rep.acked_seq);
+        assert!(
+            rep.damaged.is_empty(),
+            "{ctx}: crash-only model produced damage: {rep}"
+        );
+        assert!(
+            rep.acked_seq >= self.acked_ok && rep.acked_seq <= self.acked_tried,
+            "{ctx}: cursor {:?}",
+            rep.acked_seq
+        );
         if let Some(d) = self.durable {
             for s in self.issued.keys().copied().filter(|s| *s <= d) {
                 // (b)
-                assert!(seen.contains(&s) || self.excused(s), "{ctx}: durable seq {s} lost (durable up to {d})");
+                assert!(
+                    seen.contains(&s) || self.excused(s),
+                    "{ctx}: durable seq {s} lost (durable up to {d})"
+                );
             }
         }
         for (s, l) in &self.server {
-            assert_eq!(self.issued.get(s), Some(l), "{ctx}: uploaded seq {s} invented");
+            assert_eq!(
+                self.issued.get(s),
+                Some(l),
+                "{ctx}: uploaded seq {s} invented"
+            );
         }
     }
 }
@@ -845,7 +1082,11 @@ fn model_run(seed: u64, steps: usize, cov: &mut Coverage) {
         dir: PathBuf::from("/nonexistent"),
         segment_max_bytes: 4096,
         segment_max_age: Duration::from_secs(5),
-        total_max_bytes: if seed.is_multiple_of(2) { 4 * 4096 } else { 1 << 30 },
+        total_max_bytes: if seed.is_multiple_of(2) {
+            4 * 4096
+        } else {
+            1 << 30
+        },
         fsync: policy,
         memory_backlog_records: 12,
     };
@@ -866,12 +1107,23 @@ fn model_run(seed: u64, steps: usize, cov: &mut Coverage) {
 
     let trace = std::env::var("SPOOL_TRACE").is_ok();
     // One operation.
-    let op = |sp: &mut Spool<FaultStorage>, m: &mut Model, rng: &mut Rng, now: &mut SystemTime, next_ev: &mut u64, kind: u64| {
+    let op = |sp: &mut Spool<FaultStorage>,
+              m: &mut Model,
+              rng: &mut Rng,
+              now: &mut SystemTime,
+              next_ev: &mut u64,
+              kind: u64| {
         if trace {
             let st = sp.stats();
             eprintln!(
                 "  op {kind}: active {:?} {}B, sealed {}, backlog {}, durable {:?}, acked {:?}, err {:?}",
-                st.active_segment, st.active_bytes, st.segments, st.backlog_records, st.durable_seq, st.acked_seq, st.last_error
+                st.active_segment,
+                st.active_bytes,
+                st.segments,
+                st.backlog_records,
+                st.durable_seq,
+                st.acked_seq,
+                st.last_error
             );
         }
         match kind {
@@ -882,7 +1134,10 @@ fn model_run(seed: u64, steps: usize, cov: &mut Coverage) {
                 *next_ev += n;
                 let out = sp.append(&mut evs, *now);
                 if trace {
-                    eprintln!("  append {:?}..={:?}: w {} b {} d {}", out.first_seq, out.last_seq, out.written, out.backlogged, out.dropped);
+                    eprintln!(
+                        "  append {:?}..={:?}: w {} b {} d {}",
+                        out.first_seq, out.last_seq, out.written, out.backlogged, out.dropped
+                    );
                 }
                 let ls = split_lines(&out.lines);
                 assert_eq!(out.written + out.backlogged + out.dropped, n as usize);
@@ -937,7 +1192,13 @@ fn model_run(seed: u64, steps: usize, cov: &mut Coverage) {
                 m.durable = m.durable.max(sp.stats().durable_seq);
             }
             85..=89 => match rng.below(6) {
-                f if trace && { eprintln!("  fault {f}"); false } => unreachable!(),
+                f if trace && {
+                    eprintln!("  fault {f}");
+                    false
+                } =>
+                {
+                    unreachable!()
+                }
                 0 => fs.enospc_after(rng.below(3000)),
                 1 => fs.set_capacity(None),
                 2 => fs.fail_next(FaultOp::Sync, 1 + rng.below(2) as usize, libc::EIO),
@@ -1027,14 +1288,25 @@ fn model_run(seed: u64, steps: usize, cov: &mut Coverage) {
 
 #[test]
 fn spool_model_random_operations_with_crashes() {
-    let seeds: u64 = std::env::var("SPOOL_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(40);
-    let from: u64 = std::env::var("SPOOL_MODEL_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0);
+    let seeds: u64 = std::env::var("SPOOL_MODEL_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    let from: u64 = std::env::var("SPOOL_MODEL_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let mut cov = Coverage::default();
     for seed in from..from + seeds {
         model_run(seed, 300, &mut cov);
     }
     eprintln!("model: {seeds} runs: {cov:?}");
-    assert!(cov.crashes >= seeds as usize && cov.torn_cut > 0 && cov.spool_full > 0 && cov.backlog_full > 0);
+    assert!(
+        cov.crashes >= seeds as usize
+            && cov.torn_cut > 0
+            && cov.spool_full > 0
+            && cov.backlog_full > 0
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1057,7 +1329,12 @@ fn spool_real_tmpfs_fills_up_and_frees() {
     let tmp = TempDir::new("tmpfs");
     let mnt = tmp.path().join("mnt");
     fs::create_dir_all(&mnt).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"]).arg(&mnt).status().map(|s| s.success()).unwrap_or(false);
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
     if !ok {
         eprintln!("spool_real_tmpfs_fills_up_and_frees: skipped (cannot mount a tmpfs here)");
         return;
@@ -1071,7 +1348,13 @@ fn spool_real_tmpfs_fills_up_and_frees() {
         memory_backlog_records: 500,
         ..SpoolConfig::default()
     };
-    let (mut sp, _) = Spool::open(cfg.clone(), FsStorage::open(&dir).unwrap(), ident(), alloc(tmp.path())).unwrap();
+    let (mut sp, _) = Spool::open(
+        cfg.clone(),
+        FsStorage::open(&dir).unwrap(),
+        ident(),
+        alloc(tmp.path()),
+    )
+    .unwrap();
     // Fill the file system with something else, leaving ~8 KiB.
     let filler = mnt.join("filler");
     {
@@ -1079,7 +1362,10 @@ fn spool_real_tmpfs_fills_up_and_frees() {
         let mut f = fs::File::create(&filler).unwrap();
         let chunk = vec![0u8; 4096];
         loop {
-            let avail = FsStorage::open_read_only(&mnt).unwrap().available().unwrap();
+            let avail = FsStorage::open_read_only(&mnt)
+                .unwrap()
+                .available()
+                .unwrap();
             if avail <= 8192 {
                 break;
             }
@@ -1100,7 +1386,11 @@ fn spool_real_tmpfs_fills_up_and_frees() {
         lines.extend(ls.into_iter().map(|l| (seq_of(&l), l)));
         if out.backlogged > 0 {
             full = true;
-            assert!(out.error.as_deref().unwrap_or("").contains("No space left"), "{:?}", out.error);
+            assert!(
+                out.error.as_deref().unwrap_or("").contains("No space left"),
+                "{:?}",
+                out.error
+            );
         }
     }
     assert!(full, "the disk never filled up");
@@ -1108,10 +1398,16 @@ fn spool_real_tmpfs_fills_up_and_frees() {
     assert!(!st.healthy);
     assert!(st.dropped.backlog_full.records > 0);
     assert!(st.backlog_records > 0);
-    assert!(verify(&dir).unwrap().is_clean(), "a full disk leaves no partial frame");
+    assert!(
+        verify(&dir).unwrap().is_clean(),
+        "a full disk leaves no partial frame"
+    );
     eprintln!(
         "tmpfs: {} records written before ENOSPC, {} waiting, {} dropped; {:?} bytes free",
-        st.records_written, st.backlog_records, st.dropped.backlog_full.records, st.fs_available_bytes
+        st.records_written,
+        st.backlog_records,
+        st.dropped.backlog_full.records,
+        st.fs_available_bytes
     );
     // Space returns.
     fs::remove_file(&filler).unwrap();
@@ -1122,13 +1418,20 @@ fn spool_real_tmpfs_fills_up_and_frees() {
     sp.seal().unwrap();
     let mut out = Vec::new();
     cat(&dir, &mut out).unwrap();
-    let on_disk: BTreeMap<u64, Vec<u8>> = split_lines(&out).into_iter().map(|l| (seq_of(&l), l)).collect();
+    let on_disk: BTreeMap<u64, Vec<u8>> = split_lines(&out)
+        .into_iter()
+        .map(|l| (seq_of(&l), l))
+        .collect();
     for (s, l) in &lines {
         if !dropped.contains(s) {
             assert_eq!(on_disk.get(s), Some(l), "seq {s}");
         }
     }
-    let gaps: Vec<serde_json::Value> = on_disk.values().map(|l| json(l)).filter(|v| v["type"] == "gap").collect();
+    let gaps: Vec<serde_json::Value> = on_disk
+        .values()
+        .map(|l| json(l))
+        .filter(|v| v["type"] == "gap")
+        .collect();
     assert_eq!(gaps.len(), 1);
     assert_eq!(gaps[0]["lost_records"].as_u64(), Some(dropped.len() as u64));
     assert!(verify(&dir).unwrap().is_clean());
@@ -1154,16 +1457,35 @@ fn spool_perf_events_per_second() {
         z += c.compress(l).unwrap().len();
     }
     let comp = start.elapsed() / 100_000;
-    eprintln!("per event: serialize {ser:?}, compress {comp:?} ({} -> {} bytes)", lines[0].len(), z / 100_000);
+    eprintln!(
+        "per event: serialize {ser:?}, compress {comp:?} ({} -> {} bytes)",
+        lines[0].len(),
+        z / 100_000
+    );
     for (label, fsync, batch, n) in [
-        ("interval 1s, 1 event/frame", FsyncPolicy::Interval(Duration::from_secs(1)), 1usize, 200_000u64),
-        ("interval 1s, 10 events/frame", FsyncPolicy::Interval(Duration::from_secs(1)), 10, 200_000),
+        (
+            "interval 1s, 1 event/frame",
+            FsyncPolicy::Interval(Duration::from_secs(1)),
+            1usize,
+            200_000u64,
+        ),
+        (
+            "interval 1s, 10 events/frame",
+            FsyncPolicy::Interval(Duration::from_secs(1)),
+            10,
+            200_000,
+        ),
         ("never, 1 event/frame", FsyncPolicy::Never, 1, 200_000),
         ("always, 1 event/frame", FsyncPolicy::Always, 1, 5_000),
     ] {
         let dir = tmp.path().join(label.replace([' ', ',', '/'], "_"));
-        let cfg = SpoolConfig { dir: dir.clone(), fsync, ..SpoolConfig::default() };
-        let (mut sp, _) = Spool::open(cfg, FsStorage::open(&dir).unwrap(), ident(), alloc(&dir)).unwrap();
+        let cfg = SpoolConfig {
+            dir: dir.clone(),
+            fsync,
+            ..SpoolConfig::default()
+        };
+        let (mut sp, _) =
+            Spool::open(cfg, FsStorage::open(&dir).unwrap(), ident(), alloc(&dir)).unwrap();
         let mut evs: Vec<DeltaEvent> = events(0, 1000);
         let start = Instant::now();
         let mut json_bytes = 0u64;
@@ -1184,7 +1506,11 @@ fn spool_perf_events_per_second() {
         let st = sp.stats();
         drop(sp);
         let start = Instant::now();
-        let cfg = SpoolConfig { dir: dir.clone(), fsync, ..SpoolConfig::default() };
+        let cfg = SpoolConfig {
+            dir: dir.clone(),
+            fsync,
+            ..SpoolConfig::default()
+        };
         let (_sp, rep) = Spool::open_dir(cfg, ident(), alloc(&dir)).unwrap();
         let rel = start.elapsed();
         assert_eq!(rep.records, n);
@@ -1197,7 +1523,10 @@ fn spool_perf_events_per_second() {
             json_bytes as f64 / st.bytes_written as f64,
             st.fsyncs
         );
-        eprintln!("  reopen (verifies every frame) of {} MB: {rel:.2?}", st.bytes_written >> 20);
+        eprintln!(
+            "  reopen (verifies every frame) of {} MB: {rel:.2?}",
+            st.bytes_written >> 20
+        );
         assert_eq!(st.records_written, n);
     }
 }

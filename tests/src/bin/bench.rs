@@ -24,8 +24,7 @@
 //! the figures for reference.
 use std::{
     collections::{BTreeMap, BTreeSet},
-    fs,
-    io,
+    fs, io,
     mem::{offset_of, size_of},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     panic::{AssertUnwindSafe, catch_unwind},
@@ -148,17 +147,30 @@ mod bpf {
 
     fn sys<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
         let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, size_of::<T>() as u32) };
-        if r < 0 { Err(io::Error::last_os_error()) } else { Ok(r) }
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(r)
+        }
     }
 
     /// Kernel-wide run-time stats, on while the returned fd stays open.
     pub fn enable_stats() -> io::Result<OwnedFd> {
-        let fd = sys(BPF_ENABLE_STATS, &mut EnableStatsAttr { stats_type: BPF_STATS_RUN_TIME })?;
+        let fd = sys(
+            BPF_ENABLE_STATS,
+            &mut EnableStatsAttr {
+                stats_type: BPF_STATS_RUN_TIME,
+            },
+        )?;
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
     fn next_id(cmd: libc::c_long, start: u32) -> io::Result<Option<u32>> {
-        let mut a = GetIdAttr { start_or_id: start, next_id: 0, open_flags: 0 };
+        let mut a = GetIdAttr {
+            start_or_id: start,
+            next_id: 0,
+            open_flags: 0,
+        };
         match sys(cmd, &mut a) {
             Ok(_) => Ok(Some(a.next_id)),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(None),
@@ -167,13 +179,21 @@ mod bpf {
     }
 
     fn fd_by_id(cmd: libc::c_long, id: u32) -> io::Result<OwnedFd> {
-        let mut a = GetIdAttr { start_or_id: id, next_id: 0, open_flags: 0 };
+        let mut a = GetIdAttr {
+            start_or_id: id,
+            next_id: 0,
+            open_flags: 0,
+        };
         let fd = sys(cmd, &mut a)?;
         Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
     }
 
     fn info_into<T: Copy>(fd: &OwnedFd, v: &mut T) -> io::Result<()> {
-        let mut a = InfoAttr { bpf_fd: fd.as_raw_fd() as u32, info_len: size_of::<T>() as u32, info: v as *mut T as u64 };
+        let mut a = InfoAttr {
+            bpf_fd: fd.as_raw_fd() as u32,
+            info_len: size_of::<T>() as u32,
+            info: v as *mut T as u64,
+        };
         sys(BPF_OBJ_GET_INFO_BY_FD, &mut a)?;
         Ok(())
     }
@@ -201,7 +221,9 @@ mod bpf {
         let mut id = 0;
         while let Some(next) = next_id(BPF_PROG_GET_NEXT_ID, id)? {
             id = next;
-            let Ok(fd) = fd_by_id(BPF_PROG_GET_FD_BY_ID, id) else { continue };
+            let Ok(fd) = fd_by_id(BPF_PROG_GET_FD_BY_ID, id) else {
+                continue;
+            };
             // Ask for the first JITed symbol address too (one slot: the main function).
             let mut addr = 0u64;
             let mut i: ProgInfoPrefix = unsafe { std::mem::zeroed() };
@@ -229,9 +251,13 @@ mod bpf {
 /// program and map ids a process holds.
 fn fdinfo_values(pid: i32, key: &str) -> Vec<(u64, BTreeMap<String, u64>)> {
     let mut out = vec![];
-    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else { return out };
+    let Ok(dir) = fs::read_dir(format!("/proc/{pid}/fdinfo")) else {
+        return out;
+    };
     for e in dir.flatten() {
-        let Ok(text) = fs::read_to_string(e.path()) else { continue };
+        let Ok(text) = fs::read_to_string(e.path()) else {
+            continue;
+        };
         let fields: BTreeMap<String, u64> = text
             .lines()
             .filter_map(|l| {
@@ -265,14 +291,23 @@ const PROGRAMS: [&str; 10] = [
 /// share a tag, so the address is what tells them apart.)
 fn kallsyms_names() -> BTreeMap<u64, String> {
     let mut m = BTreeMap::new();
-    for l in fs::read_to_string("/proc/kallsyms").unwrap_or_default().lines() {
+    for l in fs::read_to_string("/proc/kallsyms")
+        .unwrap_or_default()
+        .lines()
+    {
         let mut f = l.split_whitespace();
-        let (Some(addr), Some(sym)) = (f.next(), f.nth(1)) else { continue };
-        let Some(rest) = sym.strip_prefix("bpf_prog_") else { continue };
+        let (Some(addr), Some(sym)) = (f.next(), f.nth(1)) else {
+            continue;
+        };
+        let Some(rest) = sym.strip_prefix("bpf_prog_") else {
+            continue;
+        };
         if rest.len() <= 17 || rest.as_bytes()[16] != b'_' || !rest[17..].starts_with("sockacct_") {
             continue;
         }
-        let Ok(a) = u64::from_str_radix(addr, 16) else { continue };
+        let Ok(a) = u64::from_str_radix(addr, 16) else {
+            continue;
+        };
         m.insert(a, rest[17..].to_string());
     }
     m
@@ -283,7 +318,11 @@ fn full_name(kernel: &str, addr: u64, syms: &BTreeMap<u64, String>) -> String {
         return n.clone();
     }
     let fit: Vec<&&str> = PROGRAMS.iter().filter(|p| p.starts_with(kernel)).collect();
-    if fit.len() == 1 { fit[0].to_string() } else { kernel.to_string() }
+    if fit.len() == 1 {
+        fit[0].to_string()
+    } else {
+        kernel.to_string()
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -295,8 +334,16 @@ struct ProgSnap {
 }
 
 fn prog_snapshot(owners: &[i32]) -> ProgSnap {
-    let owned: BTreeSet<u64> = owners.iter().flat_map(|&p| fdinfo_values(p, "prog_id")).map(|(id, _)| id).collect();
-    let syms = if owners.is_empty() { BTreeMap::new() } else { kallsyms_names() };
+    let owned: BTreeSet<u64> = owners
+        .iter()
+        .flat_map(|&p| fdinfo_values(p, "prog_id"))
+        .map(|(id, _)| id)
+        .collect();
+    let syms = if owners.is_empty() {
+        BTreeMap::new()
+    } else {
+        kallsyms_names()
+    };
     let mut s = ProgSnap::default();
     let mut progs = bpf::all_programs().unwrap_or_default();
     progs.sort_by_key(|p| p.info.id);
@@ -335,7 +382,10 @@ fn prog_delta(a: &ProgSnap, b: &ProgSnap) -> ProgDelta {
 }
 
 fn fdinfo_run_cnt(pid: i32) -> BTreeMap<u64, u64> {
-    fdinfo_values(pid, "run_cnt").into_iter().filter_map(|(cnt, f)| Some((*f.get("prog_id")?, cnt))).collect()
+    fdinfo_values(pid, "run_cnt")
+        .into_iter()
+        .filter_map(|(cnt, f)| Some((*f.get("prog_id")?, cnt)))
+        .collect()
 }
 
 /// Snapshot of `pid`'s programs, with a cross-check of the struct offsets: run_cnt read
@@ -364,7 +414,14 @@ fn checked_snapshot(pid: i32) -> (ProgSnap, (usize, usize)) {
 fn wait_quiet(budget: &mut Duration) -> (f64, usize) {
     fn cpu() -> (u64, u64) {
         let s = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let v: Vec<u64> = s.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+        let v: Vec<u64> = s
+            .lines()
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|x| x.parse().ok())
+            .collect();
         let total: u64 = v.iter().take(8).sum();
         let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
         (total, idle)
@@ -374,7 +431,11 @@ fn wait_quiet(budget: &mut Duration) -> (f64, usize) {
         let (t0, i0) = cpu();
         thread::sleep(Duration::from_millis(300));
         let (t1, i1) = cpu();
-        let busy = if t1 > t0 { 1.0 - (i1 - i0) as f64 / (t1 - t0) as f64 } else { 0.0 };
+        let busy = if t1 > t0 {
+            1.0 - (i1 - i0) as f64 / (t1 - t0) as f64
+        } else {
+            0.0
+        };
         let foreign = prog_snapshot(&[]).foreign;
         let spent = t.elapsed();
         if (busy < 0.15 && foreign == 0) || *budget <= spent {
@@ -433,9 +494,33 @@ fn parse_args() -> anyhow::Result<Opts> {
                     });
                 }
             }
-            "--rounds" => rounds = Some(it.next().context(USAGE)?.parse::<usize>().context("--rounds")?.max(1)),
-            "--seconds" => secs = Some(it.next().context(USAGE)?.parse::<f64>().context("--seconds")?.max(0.2)),
-            "--ticks" => ticks = Some(it.next().context(USAGE)?.parse::<usize>().context("--ticks")?.max(2)),
+            "--rounds" => {
+                rounds = Some(
+                    it.next()
+                        .context(USAGE)?
+                        .parse::<usize>()
+                        .context("--rounds")?
+                        .max(1),
+                )
+            }
+            "--seconds" => {
+                secs = Some(
+                    it.next()
+                        .context(USAGE)?
+                        .parse::<f64>()
+                        .context("--seconds")?
+                        .max(0.2),
+                )
+            }
+            "--ticks" => {
+                ticks = Some(
+                    it.next()
+                        .context(USAGE)?
+                        .parse::<usize>()
+                        .context("--ticks")?
+                        .max(2),
+                )
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -444,7 +529,16 @@ fn parse_args() -> anyhow::Result<Opts> {
         }
     }
     if only.is_empty() {
-        only = [Section::Tcp, Section::Veth, Section::Udp, Section::Ticks, Section::Progs, Section::Spool, Section::Flows].into();
+        only = [
+            Section::Tcp,
+            Section::Veth,
+            Section::Udp,
+            Section::Ticks,
+            Section::Progs,
+            Section::Spool,
+            Section::Flows,
+        ]
+        .into();
     }
     Ok(Opts {
         quick,
@@ -452,7 +546,11 @@ fn parse_args() -> anyhow::Result<Opts> {
         rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
         secs: secs.unwrap_or(if quick { 1.0 } else { 3.0 }),
         ticks: ticks.unwrap_or(if quick { 15 } else { 50 }),
-        sizes: if quick { vec![1_000, 10_000] } else { vec![1_000, 10_000, 100_000] },
+        sizes: if quick {
+            vec![1_000, 10_000]
+        } else {
+            vec![1_000, 10_000, 100_000]
+        },
     })
 }
 
@@ -469,7 +567,11 @@ fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(|a, b| a.total_cmp(b));
     let n = s.len();
-    if n % 2 == 1 { s[n / 2] } else { (s[n / 2 - 1] + s[n / 2]) / 2.0 }
+    if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
 }
 
 /// Nearest-rank percentile.
@@ -484,11 +586,17 @@ fn percentile(v: &[f64], p: f64) -> f64 {
 }
 
 fn read_trim(p: &str) -> String {
-    fs::read_to_string(p).map(|s| s.trim().to_string()).unwrap_or_else(|_| "?".into())
+    fs::read_to_string(p)
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "?".into())
 }
 
 fn loadavg() -> String {
-    read_trim("/proc/loadavg").split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    read_trim("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
@@ -502,7 +610,9 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
 /// sockacct-bench` builds only this one, so build the others now (same profile).
 fn build_helpers() {
     let Ok(cargo) = std::env::var("CARGO") else {
-        progress("not started by cargo: using the sockacct-peer / sockacct-agent binaries found next to this one");
+        progress(
+            "not started by cargo: using the sockacct-peer / sockacct-agent binaries found next to this one",
+        );
         return;
     };
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
@@ -510,10 +620,15 @@ fn build_helpers() {
     if !cfg!(debug_assertions) {
         args.push("--release");
     }
-    progress(format!("building helper binaries: cargo {}", args.join(" ")));
+    progress(format!(
+        "building helper binaries: cargo {}",
+        args.join(" ")
+    ));
     match Command::new(cargo).current_dir(root).args(&args).status() {
         Ok(s) if s.success() => {}
-        other => progress(format!("warning: building helper binaries failed ({other:?}); using what is there")),
+        other => progress(format!(
+            "warning: building helper binaries failed ({other:?}); using what is there"
+        )),
     }
 }
 
@@ -549,7 +664,9 @@ impl Scenario {
     fn metrics(self) -> &'static [(&'static str, &'static str)] {
         match self {
             Scenario::TcpLo | Scenario::TcpVeth => &[("gbit_s", "Gbit/s")],
-            Scenario::UdpVeth | Scenario::UdpVethTo => &[("rx_kpps", "kpps received"), ("tx_kpps", "kpps sent")],
+            Scenario::UdpVeth | Scenario::UdpVethTo => {
+                &[("rx_kpps", "kpps received"), ("tx_kpps", "kpps sent")]
+            }
         }
     }
     fn target(self) -> f64 {
@@ -582,7 +699,12 @@ fn run_once(sc: Scenario, env: &Env) -> Vec<f64> {
             let sink_cg = if ns.is_none() { Some(env.cg) } else { None };
             let mut sink = Peer::spawn(sink_cg, ns, "bench-sink", &["tcp-sink", &addr]);
             let port = sink.value("port").to_string();
-            let mut blast = Peer::spawn(Some(env.cg), None, "bench-blast", &["tcp-blast", &addr, &port, &secs]);
+            let mut blast = Peer::spawn(
+                Some(env.cg),
+                None,
+                "bench-blast",
+                &["tcp-blast", &addr, &port, &secs],
+            );
             let _sent = blast.value("sent");
             let got = sink.value("received");
             let nanos = sink.value("nanos");
@@ -592,20 +714,36 @@ fn run_once(sc: Scenario, env: &Env) -> Vec<f64> {
         }
         Scenario::UdpVeth | Scenario::UdpVethTo => {
             let n = env.net.expect("veth pair");
-            let mode = if sc == Scenario::UdpVethTo { "udp-blast-to" } else { "udp-blast" };
-            let mut rcv = Peer::spawn(None, Some(&n.ns), "bench-ucount", &["udp-count", &n.peer_ip, &secs]);
+            let mode = if sc == Scenario::UdpVethTo {
+                "udp-blast-to"
+            } else {
+                "udp-blast"
+            };
+            let mut rcv = Peer::spawn(
+                None,
+                Some(&n.ns),
+                "bench-ucount",
+                &["udp-count", &n.peer_ip, &secs],
+            );
             let port = rcv.value("port").to_string();
             // The sender outlasts the receiver's window (which opens at the first datagram).
             let send_secs = format!("{:.3}", env.secs + 0.5);
-            let mut snd =
-                Peer::spawn(Some(env.cg), None, "bench-ublast", &[mode, &n.peer_ip, &port, &send_secs, "64"]);
+            let mut snd = Peer::spawn(
+                Some(env.cg),
+                None,
+                "bench-ublast",
+                &[mode, &n.peer_ip, &port, &send_secs, "64"],
+            );
             let got = rcv.value("datagrams");
             let rns = rcv.value("nanos");
             let sent = snd.value("sent");
             let sns = snd.value("nanos");
             rcv.finish();
             snd.finish();
-            vec![got as f64 * 1e6 / rns.max(1) as f64, sent as f64 * 1e6 / sns.max(1) as f64]
+            vec![
+                got as f64 * 1e6 / rns.max(1) as f64,
+                sent as f64 * 1e6 / sns.max(1) as f64,
+            ]
         }
     }
 }
@@ -639,7 +777,14 @@ fn agent_args(sc: Scenario, env: &Env) -> Vec<String> {
     a
 }
 
-fn run_scenario(sc: Scenario, env: &Env, rounds: usize, ratio: bool, stats: bool, budget: &mut Duration) -> ScenarioResult {
+fn run_scenario(
+    sc: Scenario,
+    env: &Env,
+    rounds: usize,
+    ratio: bool,
+    stats: bool,
+    budget: &mut Duration,
+) -> ScenarioResult {
     let args = agent_args(sc, env);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut res = ScenarioResult::default();
@@ -664,14 +809,28 @@ fn run_scenario(sc: Scenario, env: &Env, rounds: usize, ratio: bool, stats: bool
                 k + 1,
                 total,
                 if agent { "agent   " } else { "baseline" },
-                values.iter().zip(sc.metrics()).map(|(v, m)| format!("{v:.2} {}", m.1)).collect::<Vec<_>>().join(", "),
+                values
+                    .iter()
+                    .zip(sc.metrics())
+                    .map(|(v, m)| format!("{v:.2} {}", m.1))
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 if foreign > 0 || busy_before >= 0.15 {
-                    format!("  (machine busy: {:.0} % CPU before, {foreign} other sockacct programs)", busy_before * 100.0)
+                    format!(
+                        "  (machine busy: {:.0} % CPU before, {foreign} other sockacct programs)",
+                        busy_before * 100.0
+                    )
                 } else {
                     String::new()
                 }
             ));
-            res.runs.push(RunRec { agent, values, events, foreign_progs: foreign, busy_before });
+            res.runs.push(RunRec {
+                agent,
+                values,
+                events,
+                foreign_progs: foreign,
+                busy_before,
+            });
         }
     }
     if stats {
@@ -718,9 +877,14 @@ fn ms(d: Duration) -> f64 {
 /// Times a bare BPF_MAP_LOOKUP_BATCH walk of the socket map (what a tick reads), to tell
 /// the kernel copy apart from the poller's own work.
 fn time_batch_reads(n: usize) -> Vec<f64> {
-    let ids: BTreeSet<u64> = fdinfo_values(std::process::id() as i32, "map_id").into_iter().map(|(id, _)| id).collect();
+    let ids: BTreeSet<u64> = fdinfo_values(std::process::id() as i32, "map_id")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
     for id in ids {
-        let Ok((fd, info)) = bpf::map_by_id(id as u32) else { continue };
+        let Ok((fd, info)) = bpf::map_by_id(id as u32) else {
+            continue;
+        };
         if bpf::name_of(&info.name) != agent_common::MAP_SOCKS {
             continue;
         }
@@ -745,13 +909,29 @@ fn time_batch_reads(n: usize) -> Vec<f64> {
 /// there to give a stable average.
 fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> {
     let cg = TestCgroup::new(&format!("ticks{n}"));
-    let mut loaded = loader::load(&LoadOptions { cgroup: Some(cg.path.clone()), ..Default::default() })?;
+    let mut loaded = loader::load(&LoadOptions {
+        cgroup: Some(cg.path.clone()),
+        ..Default::default()
+    })?;
     let labeler = Arc::new(Labeler::new(&Config::parse("", "bench")?, 0)?);
-    let identity = Identity { agent: "bench".into(), boot: "bench".into() };
-    let mut poller = Poller::new(&mut loaded, identity, SeqAllocator::ephemeral(), labeler, vec![])?;
+    let identity = Identity {
+        agent: "bench".into(),
+        boot: "bench".into(),
+    };
+    let mut poller = Poller::new(
+        &mut loaded,
+        identity,
+        SeqAllocator::ephemeral(),
+        labeler,
+        vec![],
+    )?;
 
     let me = std::process::id() as i32;
-    let stats_fd = if stats { Some(bpf::enable_stats()?) } else { None };
+    let stats_fd = if stats {
+        Some(bpf::enable_stats()?)
+    } else {
+        None
+    };
     let before = prog_snapshot(&[me]);
     let setup = Instant::now();
     // Several helper processes when one cannot hold them all (without CAP_SYS_RESOURCE the
@@ -762,7 +942,12 @@ fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> 
         .map(|i| {
             let mine = pairs / procs + usize::from(i < pairs % procs);
             let active = if i == 0 { "32" } else { "0" };
-            Peer::spawn(Some(&cg), None, "bench-socks", &["hold-many", &mine.to_string(), active, &(2 + i).to_string()])
+            Peer::spawn(
+                Some(&cg),
+                None,
+                "bench-socks",
+                &["hold-many", &mine.to_string(), active, &(2 + i).to_string()],
+            )
         })
         .collect();
     let sockets: u64 = helpers.iter_mut().map(|h| h.value("sockets")).sum();
@@ -772,7 +957,9 @@ fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> 
         drop(fd);
         d
     });
-    progress(format!("ticks {n}: {sockets} sockets open in {setup_s:.1} s ({procs} helper processes)"));
+    progress(format!(
+        "ticks {n}: {sockets} sockets open in {setup_s:.1} s ({procs} helper processes)"
+    ));
 
     let interval = Duration::from_millis(100);
     let mut events = 0;
@@ -786,7 +973,10 @@ fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> 
         if poller.tick()?.is_some() {
             events += 1;
         }
-        Ok((ms(poller.stats.last_tick_work), ms(poller.stats.last_tick_wait)))
+        Ok((
+            ms(poller.stats.last_tick_work),
+            ms(poller.stats.last_tick_wait),
+        ))
     };
     // Tick 1 harvests everything counted while the sockets were opened and labels every
     // socket; tick 2 harvests the other slot. Steady state from tick 3.
@@ -802,7 +992,11 @@ fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> 
     let tracked = poller.stats.sockets_tracked;
     let batch_read_ms = time_batch_reads(10);
     // Close every socket with the programs still attached (sock_release, tcp_state).
-    let stats_fd = if stats { Some(bpf::enable_stats()?) } else { None };
+    let stats_fd = if stats {
+        Some(bpf::enable_stats()?)
+    } else {
+        None
+    };
     let before = prog_snapshot(&[me]);
     for h in &mut helpers {
         h.send_line("stop");
@@ -880,17 +1074,32 @@ fn spool_events(n: usize) -> Vec<DeltaEvent> {
             let mut lm = BTreeMap::new();
             for l in labels {
                 let (txp, rxp) = (rnd(1, 6000), rnd(1, 6000));
-                let tr = Traffic { tx: txp * rnd(54, 1448), rx: rxp * rnd(54, 1448), tx_packets: txp, rx_packets: rxp };
+                let tr = Traffic {
+                    tx: txp * rnd(54, 1448),
+                    rx: rxp * rnd(54, 1448),
+                    tx_packets: txp,
+                    rx_packets: rxp,
+                };
                 total.add(&tr);
                 lm.insert(l.to_string(), tr);
             }
             let (utp, urp) = (rnd(0, 40), rnd(0, 60));
-            let un = Traffic { tx: utp * rnd(54, 600), rx: urp * rnd(54, 600), tx_packets: utp, rx_packets: urp };
+            let un = Traffic {
+                tx: utp * rnd(54, 600),
+                rx: urp * rnd(54, 600),
+                tx_packets: utp,
+                rx_packets: urp,
+            };
             total.add(&un);
             // The interface also sees traffic of processes outside the cgroup.
             let (itp, irp) = (rnd(0, 500), rnd(0, 800));
             let mut ifc = total;
-            ifc.add(&Traffic { tx: itp * rnd(54, 1448), rx: irp * rnd(54, 1448), tx_packets: itp, rx_packets: irp });
+            ifc.add(&Traffic {
+                tx: itp * rnd(54, 1448),
+                rx: irp * rnd(54, 1448),
+                tx_packets: itp,
+                rx_packets: irp,
+            });
             DeltaEvent {
                 v: FORMAT_VERSION,
                 kind: "delta".into(),
@@ -913,7 +1122,10 @@ fn spool_events(n: usize) -> Vec<DeltaEvent> {
 fn spool_run(batch: usize, secs: f64) -> anyhow::Result<SpoolResult> {
     let dir = TempDir::new("benchspool");
     let cfg = SpoolConfig::new(dir.0.join("spool"));
-    let identity = Identity { agent: SPOOL_AGENT.into(), boot: SPOOL_BOOT.into() };
+    let identity = Identity {
+        agent: SPOOL_AGENT.into(),
+        boot: SPOOL_BOOT.into(),
+    };
     let (mut sp, _) = Spool::open_dir(cfg, identity, SeqAllocator::ephemeral())?;
     let mut pool = spool_events(4000);
     let dur = Duration::from_secs_f64(secs);
@@ -999,7 +1211,13 @@ struct FlowsResult {
 
 /// One run under `cond`; with `stats`, bpf_stats are on and the agent's program deltas are
 /// returned. Returns (metrics, delta events, flow records, program deltas).
-fn flows_once(sc: Scenario, env: &Env, cond: FlowCond, cfg_dir: &std::path::Path, stats: bool) -> (Vec<f64>, usize, usize, Option<ProgDelta>) {
+fn flows_once(
+    sc: Scenario,
+    env: &Env,
+    cond: FlowCond,
+    cfg_dir: &std::path::Path,
+    stats: bool,
+) -> (Vec<f64>, usize, usize, Option<ProgDelta>) {
     if cond == FlowCond::NoAgent {
         return (run_once(sc, env), 0, 0, None);
     }
@@ -1015,7 +1233,12 @@ fn flows_once(sc: Scenario, env: &Env, cond: FlowCond, cfg_dir: &std::path::Path
     let progs = before.map(|b| prog_delta(&b, &prog_snapshot(&[d.pid()])));
     let lines = d.stop_lines();
     drop(stats_fd);
-    let count = |kind: &str| lines.iter().filter(|l| l.contains(&format!("\"type\":\"{kind}\""))).count();
+    let count = |kind: &str| {
+        lines
+            .iter()
+            .filter(|l| l.contains(&format!("\"type\":\"{kind}\"")))
+            .count()
+    };
     (v, count("delta"), count("flow"), progs)
 }
 
@@ -1025,39 +1248,73 @@ fn flows_section(opts: &Opts, budget: &mut Duration) -> FlowsResult {
     let cg = TestCgroup::new("benchflows");
     let net = VethNs::new("bf", 2 + (std::process::id() % 90) as u8);
     let cfg_dir = TempDir::new("benchflowscfg");
-    fs::write(cfg_dir.0.join("flows_off.toml"), "[flows]\nenabled = false\n").unwrap();
+    fs::write(
+        cfg_dir.0.join("flows_off.toml"),
+        "[flows]\nenabled = false\n",
+    )
+    .unwrap();
     fs::write(cfg_dir.0.join("flows_on.toml"), "[flows]\nenabled = true\n").unwrap();
     let secs = opts.secs.min(2.0);
     let rounds = opts.rounds.max(3);
-    let env = Env { cg: &cg, net: Some(&net), secs };
+    let env = Env {
+        cg: &cg,
+        net: Some(&net),
+        secs,
+    };
     let conds = [FlowCond::NoAgent, FlowCond::Off, FlowCond::On];
-    let mut res = FlowsResult { secs, rounds, ..Default::default() };
+    let mut res = FlowsResult {
+        secs,
+        rounds,
+        ..Default::default()
+    };
     for sc in [Scenario::UdpVethTo, Scenario::TcpLo] {
-        progress(format!("== flows: {} ({rounds} rounds, {secs:.1} s per run)", sc.short()));
+        progress(format!(
+            "== flows: {} ({rounds} rounds, {secs:.1} s per run)",
+            sc.short()
+        ));
         let mut runs = vec![];
         for r in 0..rounds {
             for k in 0..conds.len() {
                 let cond = conds[(r + k) % conds.len()];
                 let (busy_before, foreign) = wait_quiet(budget);
-                let (values, events, flow_records, _) = flows_once(sc, &env, cond, &cfg_dir.0, false);
+                let (values, events, flow_records, _) =
+                    flows_once(sc, &env, cond, &cfg_dir.0, false);
                 let foreign = foreign.max(prog_snapshot(&[]).foreign);
                 progress(format!(
                     "flows {} round {}/{rounds} {:<9}: {} ({events} events, {flow_records} flow records)",
                     sc.short(),
                     r + 1,
                     cond.label(),
-                    values.iter().zip(sc.metrics()).map(|(v, m)| format!("{v:.2} {}", m.1)).collect::<Vec<_>>().join(", "),
+                    values
+                        .iter()
+                        .zip(sc.metrics())
+                        .map(|(v, m)| format!("{v:.2} {}", m.1))
+                        .collect::<Vec<_>>()
+                        .join(", "),
                 ));
-                runs.push(FlowRun { cond, values, events, flow_records, busy_before, foreign });
+                runs.push(FlowRun {
+                    cond,
+                    values,
+                    events,
+                    flow_records,
+                    busy_before,
+                    foreign,
+                });
             }
         }
         res.runs.push((sc, runs));
     }
     for cond in [FlowCond::Off, FlowCond::On] {
-        progress(format!("flows: {} stats run, {} (bpf_stats on)", Scenario::UdpVethTo.short(), cond.label()));
+        progress(format!(
+            "flows: {} stats run, {} (bpf_stats on)",
+            Scenario::UdpVethTo.short(),
+            cond.label()
+        ));
         wait_quiet(budget);
-        let (v, _, flow_records, progs) = flows_once(Scenario::UdpVethTo, &env, cond, &cfg_dir.0, true);
-        res.progs.push((cond, progs.unwrap_or_default(), v, flow_records));
+        let (v, _, flow_records, progs) =
+            flows_once(Scenario::UdpVethTo, &env, cond, &cfg_dir.0, true);
+        res.progs
+            .push((cond, progs.unwrap_or_default(), v, flow_records));
     }
     res
 }
@@ -1071,7 +1328,15 @@ fn report_spool(out: &mut String, js: &mut serde_json::Map<String, Value>, rs: &
     push("== Spool append (in-process, temp dir, default config: fsync at most 1 s after a write, 8 MiB segments; delta events with 5 labels + 1 iface) ==".into());
     push(format!(
         "{:>12} {:>11} {:>10} {:>12} {:>12} {:>11} {:>7} {:>8} {:>9}",
-        "events/call", "events/s", "calls/s", "JSON B/ev", "disk B/ev", "compression", "fsyncs", "segments", "seconds"
+        "events/call",
+        "events/s",
+        "calls/s",
+        "JSON B/ev",
+        "disk B/ev",
+        "compression",
+        "fsyncs",
+        "segments",
+        "seconds"
     ));
     let mut jv = vec![];
     for r in rs {
@@ -1089,7 +1354,10 @@ fn report_spool(out: &mut String, js: &mut serde_json::Map<String, Value>, rs: &
             "bytes_on_disk_at_end": r.bytes_on_disk, "segments": r.segments, "fsyncs": r.fsyncs,
             "records_not_written_at_once": r.not_written, "append_errors": r.errors}));
         if r.not_written > 0 || r.errors > 0 {
-            push(format!("note: batch {}: {} records backlogged or dropped, {} append errors", r.batch, r.not_written, r.errors));
+            push(format!(
+                "note: batch {}: {} records backlogged or dropped, {} append errors",
+                r.batch, r.not_written, r.errors
+            ));
         }
     }
     push("JSON B/ev = serialized line (+ newline); disk B/ev = zstd frame bytes written per event (one frame per call); compression = JSON / disk".into());
@@ -1107,15 +1375,34 @@ fn report_flows(out: &mut String, js: &mut serde_json::Map<String, Value>, f: &F
         "== Flow records: cost (agent with [flows] enabled = false vs true, and no agent; {} rounds, order rotated, {:.1} s per run, medians; bpf_stats off) ==",
         f.rounds, f.secs
     ));
-    push(format!("{:<34} {:>9} {:>9} {:>9} {:>7} {:>8}  {}", "scenario", "no agent", "flows off", "flows on", "on/off", "off/none", "runs no agent | off | on"));
+    push(format!(
+        "{:<34} {:>9} {:>9} {:>9} {:>7} {:>8}  {}",
+        "scenario",
+        "no agent",
+        "flows off",
+        "flows on",
+        "on/off",
+        "off/none",
+        "runs no agent | off | on"
+    ));
     let mut jt = serde_json::Map::new();
     for (sc, runs) in &f.runs {
         let mut jm = serde_json::Map::new();
         for (i, (key, unit)) in sc.metrics().iter().enumerate() {
-            let vals = |c: FlowCond| runs.iter().filter(|r| r.cond == c).map(|r| r.values[i]).collect::<Vec<f64>>();
+            let vals = |c: FlowCond| {
+                runs.iter()
+                    .filter(|r| r.cond == c)
+                    .map(|r| r.values[i])
+                    .collect::<Vec<f64>>()
+            };
             let v: Vec<Vec<f64>> = conds.iter().map(|&c| vals(c)).collect();
             let m: Vec<f64> = v.iter().map(|x| median(x)).collect();
-            let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+            let list = |v: &[f64]| {
+                v.iter()
+                    .map(|x| format!("{x:.2}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            };
             push(format!(
                 "{:<34} {:>9.2} {:>9.2} {:>9.2} {:>7.3} {:>8.3}  {} | {} | {}",
                 format!("{} ({unit})", sc.short()),
@@ -1138,42 +1425,109 @@ fn report_flows(out: &mut String, js: &mut serde_json::Map<String, Value>, f: &F
             jc.insert("ratio_on_no_agent".into(), json!(m[2] / m[0]));
             jm.insert(key.to_string(), Value::Object(jc));
         }
-        jm.insert("order".into(), json!(runs.iter().map(|r| r.cond.key()).collect::<Vec<_>>()));
-        jm.insert("events_per_run".into(), json!(runs.iter().map(|r| r.events).collect::<Vec<_>>()));
-        jm.insert("flow_records_per_run".into(), json!(runs.iter().map(|r| r.flow_records).collect::<Vec<_>>()));
-        jm.insert("cpu_busy_before_run".into(), json!(runs.iter().map(|r| (r.busy_before * 1000.0).round() / 1000.0).collect::<Vec<_>>()));
-        jm.insert("foreign_sockacct_programs_per_run".into(), json!(runs.iter().map(|r| r.foreign).collect::<Vec<_>>()));
+        jm.insert(
+            "order".into(),
+            json!(runs.iter().map(|r| r.cond.key()).collect::<Vec<_>>()),
+        );
+        jm.insert(
+            "events_per_run".into(),
+            json!(runs.iter().map(|r| r.events).collect::<Vec<_>>()),
+        );
+        jm.insert(
+            "flow_records_per_run".into(),
+            json!(runs.iter().map(|r| r.flow_records).collect::<Vec<_>>()),
+        );
+        jm.insert(
+            "cpu_busy_before_run".into(),
+            json!(
+                runs.iter()
+                    .map(|r| (r.busy_before * 1000.0).round() / 1000.0)
+                    .collect::<Vec<_>>()
+            ),
+        );
+        jm.insert(
+            "foreign_sockacct_programs_per_run".into(),
+            json!(runs.iter().map(|r| r.foreign).collect::<Vec<_>>()),
+        );
         jt.insert(sc.key().into(), Value::Object(jm));
-        let fr = |c: FlowCond| runs.iter().filter(|r| r.cond == c).map(|r| r.flow_records.to_string()).collect::<Vec<_>>().join(" ");
-        push(format!("  {}: flow records per agent run: off {} | on {}", sc.short(), fr(FlowCond::Off), fr(FlowCond::On)));
-        let noisy = runs.iter().filter(|r| r.foreign > 0 || r.busy_before >= 0.15).count();
+        let fr = |c: FlowCond| {
+            runs.iter()
+                .filter(|r| r.cond == c)
+                .map(|r| r.flow_records.to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        push(format!(
+            "  {}: flow records per agent run: off {} | on {}",
+            sc.short(),
+            fr(FlowCond::Off),
+            fr(FlowCond::On)
+        ));
+        let noisy = runs
+            .iter()
+            .filter(|r| r.foreign > 0 || r.busy_before >= 0.15)
+            .count();
         if noisy > 0 {
-            push(format!("  note: {noisy} of {} runs started on a busy machine or overlapped another sockacct instance", runs.len()));
+            push(format!(
+                "  note: {noisy} of {} runs started on a busy machine or overlapped another sockacct instance",
+                runs.len()
+            ));
         }
     }
     push("UDP: 64 B payload from an UNCONNECTED socket (send_to) in the cgroup to a receiver in the namespace (per-peer kernel path); ratios on medians".into());
     // Program run times during the UDP stats runs.
     if !f.progs.is_empty() {
         push(String::new());
-        push(format!("== Program run time during {} (kernel bpf_stats, one agent run each; ns per run (runs)) ==", Scenario::UdpVethTo.short()));
+        push(format!(
+            "== Program run time during {} (kernel bpf_stats, one agent run each; ns per run (runs)) ==",
+            Scenario::UdpVethTo.short()
+        ));
         let get = |c: FlowCond| f.progs.iter().find(|p| p.0 == c);
         let (off, on) = (get(FlowCond::Off), get(FlowCond::On));
-        push(format!("{:<22} {:>19} {:>19} {:>7}", "program", "flows off", "flows on", "on/off"));
+        push(format!(
+            "{:<22} {:>19} {:>19} {:>7}",
+            "program", "flows off", "flows on", "on/off"
+        ));
         let mut names: BTreeSet<String> = BTreeSet::new();
         for p in &f.progs {
             names.extend(p.1.iter().filter(|(_, v)| v.1 > 0).map(|(n, _)| n.clone()));
         }
         let mut names: Vec<String> = names.into_iter().collect();
-        names.sort_by_key(|n| (PROGRAMS.iter().position(|p| n.starts_with(p)).unwrap_or(99), n.clone()));
+        names.sort_by_key(|n| {
+            (
+                PROGRAMS.iter().position(|p| n.starts_with(p)).unwrap_or(99),
+                n.clone(),
+            )
+        });
         let mut jp = serde_json::Map::new();
         for n in &names {
             let ns = |p: Option<&(FlowCond, ProgDelta, Vec<f64>, usize)>| {
                 let (t, c) = p.and_then(|p| p.1.get(n).copied()).unwrap_or((0, 0));
-                (t, c, if c == 0 { f64::NAN } else { t as f64 / c as f64 })
+                (
+                    t,
+                    c,
+                    if c == 0 {
+                        f64::NAN
+                    } else {
+                        t as f64 / c as f64
+                    },
+                )
             };
             let (a, b) = (ns(off), ns(on));
-            let cell = |x: (u64, u64, f64)| if x.1 == 0 { "-".to_string() } else { format!("{:.1} ({})", x.2, fmt_count(x.1)) };
-            push(format!("{:<22} {:>19} {:>19} {:>7.3}", n, cell(a), cell(b), b.2 / a.2));
+            let cell = |x: (u64, u64, f64)| {
+                if x.1 == 0 {
+                    "-".to_string()
+                } else {
+                    format!("{:.1} ({})", x.2, fmt_count(x.1))
+                }
+            };
+            push(format!(
+                "{:<22} {:>19} {:>19} {:>7.3}",
+                n,
+                cell(a),
+                cell(b),
+                b.2 / a.2
+            ));
             jp.insert(
                 n.clone(),
                 json!({"flows_off": {"run_time_ns": a.0, "run_cnt": a.1}, "flows_on": {"run_time_ns": b.0, "run_cnt": b.1},
@@ -1181,15 +1535,26 @@ fn report_flows(out: &mut String, js: &mut serde_json::Map<String, Value>, f: &F
             );
         }
         let thr = |p: Option<&(FlowCond, ProgDelta, Vec<f64>, usize)>| {
-            p.and_then(|p| p.2.first().map(|v| format!("{v:.2} kpps received, {} flow records", p.3))).unwrap_or("-".into())
+            p.and_then(|p| {
+                p.2.first()
+                    .map(|v| format!("{v:.2} kpps received, {} flow records", p.3))
+            })
+            .unwrap_or("-".into())
         };
-        push(format!("during these runs: flows off {}; flows on {}", thr(off), thr(on)));
+        push(format!(
+            "during these runs: flows off {}; flows on {}",
+            thr(off),
+            thr(on)
+        ));
         js.insert(
             "flows_programs".into(),
             json!({"per_program": jp, "throughput_kpps": {"flows_off": off.map(|p| p.2.clone()), "flows_on": on.map(|p| p.2.clone())}}),
         );
     }
-    js.insert("flows".into(), json!({"rounds": f.rounds, "seconds_per_run": f.secs, "scenarios": jt}));
+    js.insert(
+        "flows".into(),
+        json!({"rounds": f.rounds, "seconds_per_run": f.secs, "scenarios": jt}),
+    );
 }
 
 // ---- report -------------------------------------------------------------------------------
@@ -1227,8 +1592,14 @@ fn main() -> anyhow::Result<()> {
 
     // Machine context.
     let cpuinfo = fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")).map(|s| s.trim_start_matches([' ', '\t', ':']).to_string()).unwrap_or("?".into());
-    let cpus = thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|s| s.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or("?".into());
+    let cpus = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let mem_kb: u64 = fs::read_to_string("/proc/meminfo")
         .unwrap_or_default()
         .lines()
@@ -1238,9 +1609,27 @@ fn main() -> anyhow::Result<()> {
     let kernel = read_trim("/proc/sys/kernel/osrelease");
     let jit = read_trim("/proc/sys/net/core/bpf_jit_enable");
     let foreign_at_start = prog_snapshot(&[]).foreign;
-    line(&mut out, format!("sockacct bench{}", if opts.quick { " (--quick)" } else { "" }));
-    line(&mut out, format!("machine: Linux {kernel}, {cpus} CPUs ({model}), {:.1} GiB RAM, bpf_jit_enable={jit}", mem_kb as f64 / 1048576.0));
-    line(&mut out, format!("load average at start: {}; sockacct programs of other processes loaded: {foreign_at_start}", loadavg()));
+    line(
+        &mut out,
+        format!(
+            "sockacct bench{}",
+            if opts.quick { " (--quick)" } else { "" }
+        ),
+    );
+    line(
+        &mut out,
+        format!(
+            "machine: Linux {kernel}, {cpus} CPUs ({model}), {:.1} GiB RAM, bpf_jit_enable={jit}",
+            mem_kb as f64 / 1048576.0
+        ),
+    );
+    line(
+        &mut out,
+        format!(
+            "load average at start: {}; sockacct programs of other processes loaded: {foreign_at_start}",
+            loadavg()
+        ),
+    );
     js.insert(
         "machine".into(),
         json!({"kernel": kernel, "version": read_trim("/proc/version"), "cpus": cpus, "cpu_model": model,
@@ -1257,11 +1646,15 @@ fn main() -> anyhow::Result<()> {
     // Traffic scenarios.
     let has = |s: Section| opts.only.contains(&s);
     let stats_wanted = has(Section::Progs);
-    let plan: Vec<(Scenario, bool)> = [(Scenario::TcpLo, Section::Tcp), (Scenario::TcpVeth, Section::Veth), (Scenario::UdpVeth, Section::Udp)]
-        .into_iter()
-        .filter(|&(_, s)| has(s) || stats_wanted)
-        .map(|(sc, s)| (sc, has(s)))
-        .collect();
+    let plan: Vec<(Scenario, bool)> = [
+        (Scenario::TcpLo, Section::Tcp),
+        (Scenario::TcpVeth, Section::Veth),
+        (Scenario::UdpVeth, Section::Udp),
+    ]
+    .into_iter()
+    .filter(|&(_, s)| has(s) || stats_wanted)
+    .map(|(sc, s)| (sc, has(s)))
+    .collect();
     let mut results: Vec<(Scenario, ScenarioResult)> = vec![];
     // Time the bench may spend waiting for other work on the machine to calm down.
     let mut budget = Duration::from_secs(if opts.quick { 15 } else { 45 });
@@ -1270,9 +1663,25 @@ fn main() -> anyhow::Result<()> {
         let need_veth = plan.iter().any(|(sc, _)| *sc != Scenario::TcpLo);
         let net = need_veth.then(|| VethNs::new("bn", 100 + (std::process::id() % 150) as u8));
         for &(sc, ratio) in &plan {
-            let env = Env { cg: &cg, net: net.as_ref(), secs: opts.secs };
-            progress(format!("== {} ({} rounds per condition, {:.1} s per run{})", sc.short(), if ratio { opts.rounds } else { 0 }, opts.secs, if stats_wanted { ", plus a stats run" } else { "" }));
-            match catch_unwind(AssertUnwindSafe(|| run_scenario(sc, &env, opts.rounds, ratio, stats_wanted, &mut budget))) {
+            let env = Env {
+                cg: &cg,
+                net: net.as_ref(),
+                secs: opts.secs,
+            };
+            progress(format!(
+                "== {} ({} rounds per condition, {:.1} s per run{})",
+                sc.short(),
+                if ratio { opts.rounds } else { 0 },
+                opts.secs,
+                if stats_wanted {
+                    ", plus a stats run"
+                } else {
+                    ""
+                }
+            ));
+            match catch_unwind(AssertUnwindSafe(|| {
+                run_scenario(sc, &env, opts.rounds, ratio, stats_wanted, &mut budget)
+            })) {
                 Ok(r) => results.push((sc, r)),
                 Err(e) => {
                     let msg = format!("{}: failed: {}", sc.short(), panic_text(&*e));
@@ -1287,7 +1696,10 @@ fn main() -> anyhow::Result<()> {
     let mut rows: Vec<(usize, TickResult)> = vec![];
     if has(Section::Ticks) {
         for &n in &opts.sizes {
-            progress(format!("== poll ticks with {n} sockets ({} ticks)", opts.ticks));
+            progress(format!(
+                "== poll ticks with {n} sockets ({} ticks)",
+                opts.ticks
+            ));
             wait_quiet(&mut budget);
             match catch_unwind(AssertUnwindSafe(|| tick_size(n, opts.ticks, stats_wanted))) {
                 Ok(Ok(r)) => rows.push((n, r)),
@@ -1302,7 +1714,9 @@ fn main() -> anyhow::Result<()> {
     if has(Section::Spool) {
         let secs = if opts.quick { 1.0 } else { 3.0 };
         for batch in [1, 10] {
-            progress(format!("== spool: {batch} event(s) per append, {secs:.1} s"));
+            progress(format!(
+                "== spool: {batch} event(s) per append, {secs:.1} s"
+            ));
             match catch_unwind(AssertUnwindSafe(|| spool_run(batch, secs))) {
                 Ok(Ok(r)) => spool_rows.push(r),
                 Ok(Err(e)) => failures.push(format!("spool {batch}: {e:#}")),
@@ -1324,24 +1738,65 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let ratio_results: Vec<&(Scenario, ScenarioResult)> = results.iter().filter(|(_, r)| !r.runs.is_empty()).collect();
+    let ratio_results: Vec<&(Scenario, ScenarioResult)> =
+        results.iter().filter(|(_, r)| !r.runs.is_empty()).collect();
     let mut js_traffic = serde_json::Map::new();
     if !ratio_results.is_empty() {
         line(&mut out, String::new());
-        line(&mut out, format!("== Throughput: agent vs baseline ({} runs each, {:.1} s per run, order B A A B …, medians; bpf_stats off) ==", opts.rounds, opts.secs));
-        line(&mut out, format!("{:<26} {:>10} {:>10} {:>7} {:>8}  {}", "scenario", "baseline", "agent", "ratio", "target", "runs baseline | agent"));
+        line(
+            &mut out,
+            format!(
+                "== Throughput: agent vs baseline ({} runs each, {:.1} s per run, order B A A B …, medians; bpf_stats off) ==",
+                opts.rounds, opts.secs
+            ),
+        );
+        line(
+            &mut out,
+            format!(
+                "{:<26} {:>10} {:>10} {:>7} {:>8}  {}",
+                "scenario", "baseline", "agent", "ratio", "target", "runs baseline | agent"
+            ),
+        );
         for (sc, r) in &ratio_results {
             let mut jm = serde_json::Map::new();
             for (i, (key, unit)) in sc.metrics().iter().enumerate() {
-                let b: Vec<f64> = r.runs.iter().filter(|x| !x.agent).map(|x| x.values[i]).collect();
-                let a: Vec<f64> = r.runs.iter().filter(|x| x.agent).map(|x| x.values[i]).collect();
+                let b: Vec<f64> = r
+                    .runs
+                    .iter()
+                    .filter(|x| !x.agent)
+                    .map(|x| x.values[i])
+                    .collect();
+                let a: Vec<f64> = r
+                    .runs
+                    .iter()
+                    .filter(|x| x.agent)
+                    .map(|x| x.values[i])
+                    .collect();
                 let (mb, ma) = (median(&b), median(&a));
                 let ratio = ma / mb;
-                let target = if i == 0 { format!(">= {:.2} {}", sc.target(), mark(ratio >= sc.target())) } else { "(info)".into() };
-                let list = |v: &[f64]| v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(" ");
+                let target = if i == 0 {
+                    format!(">= {:.2} {}", sc.target(), mark(ratio >= sc.target()))
+                } else {
+                    "(info)".into()
+                };
+                let list = |v: &[f64]| {
+                    v.iter()
+                        .map(|x| format!("{x:.2}"))
+                        .collect::<Vec<_>>()
+                        .join(" ")
+                };
                 line(
                     &mut out,
-                    format!("{:<26} {:>10.2} {:>10.2} {:>7.3} {:>8}  {} | {}", format!("{} ({unit})", sc.short()), mb, ma, ratio, target, list(&b), list(&a)),
+                    format!(
+                        "{:<26} {:>10.2} {:>10.2} {:>7.3} {:>8}  {} | {}",
+                        format!("{} ({unit})", sc.short()),
+                        mb,
+                        ma,
+                        ratio,
+                        target,
+                        list(&b),
+                        list(&a)
+                    ),
                 );
                 jm.insert(
                     key.to_string(),
@@ -1349,16 +1804,47 @@ fn main() -> anyhow::Result<()> {
                            "ratio_of_medians": ratio, "target_ratio": if i == 0 { json!(sc.target()) } else { Value::Null }}),
                 );
             }
-            jm.insert("order".into(), json!(r.runs.iter().map(|x| if x.agent { "agent" } else { "baseline" }).collect::<Vec<_>>()));
-            jm.insert("agent_events_per_run".into(), json!(r.runs.iter().filter(|x| x.agent).map(|x| x.events).collect::<Vec<_>>()));
-            jm.insert("foreign_sockacct_programs_per_run".into(), json!(r.runs.iter().map(|x| x.foreign_progs).collect::<Vec<_>>()));
-            jm.insert("cpu_busy_before_run".into(), json!(r.runs.iter().map(|x| (x.busy_before * 1000.0).round() / 1000.0).collect::<Vec<_>>()));
+            jm.insert(
+                "order".into(),
+                json!(
+                    r.runs
+                        .iter()
+                        .map(|x| if x.agent { "agent" } else { "baseline" })
+                        .collect::<Vec<_>>()
+                ),
+            );
+            jm.insert(
+                "agent_events_per_run".into(),
+                json!(
+                    r.runs
+                        .iter()
+                        .filter(|x| x.agent)
+                        .map(|x| x.events)
+                        .collect::<Vec<_>>()
+                ),
+            );
+            jm.insert(
+                "foreign_sockacct_programs_per_run".into(),
+                json!(r.runs.iter().map(|x| x.foreign_progs).collect::<Vec<_>>()),
+            );
+            jm.insert(
+                "cpu_busy_before_run".into(),
+                json!(
+                    r.runs
+                        .iter()
+                        .map(|x| (x.busy_before * 1000.0).round() / 1000.0)
+                        .collect::<Vec<_>>()
+                ),
+            );
             if let Some(v) = &r.stats_values {
                 jm.insert("with_bpf_stats_on".into(), json!(v));
             }
             js_traffic.insert(sc.key().into(), Value::Object(jm));
         }
-        let all_runs: Vec<&RunRec> = ratio_results.iter().flat_map(|(_, r)| r.runs.iter()).collect();
+        let all_runs: Vec<&RunRec> = ratio_results
+            .iter()
+            .flat_map(|(_, r)| r.runs.iter())
+            .collect();
         let foreign = all_runs.iter().filter(|x| x.foreign_progs > 0).count();
         let busy = all_runs.iter().filter(|x| x.busy_before >= 0.15).count();
         if foreign + busy > 0 {
@@ -1378,13 +1864,31 @@ fn main() -> anyhow::Result<()> {
 
     // Program run times: one column per stats run, plus opening and closing the sockets of
     // the largest tick size (the per-socket programs get enough runs there).
-    let mut columns: Vec<(String, String, &ProgDelta)> =
-        results.iter().filter_map(|(sc, r)| Some((sc.short().to_string(), sc.key().to_string(), r.progs.as_ref()?))).collect();
-    if let Some((n, d)) = rows.iter().rev().find_map(|(n, r)| Some((n, r.setup_progs.as_ref()?))) {
-        columns.push((format!("open+close {}k", n / 1000), format!("open_close_{n}_sockets"), d));
+    let mut columns: Vec<(String, String, &ProgDelta)> = results
+        .iter()
+        .filter_map(|(sc, r)| {
+            Some((
+                sc.short().to_string(),
+                sc.key().to_string(),
+                r.progs.as_ref()?,
+            ))
+        })
+        .collect();
+    if let Some((n, d)) = rows
+        .iter()
+        .rev()
+        .find_map(|(n, r)| Some((n, r.setup_progs.as_ref()?)))
+    {
+        columns.push((
+            format!("open+close {}k", n / 1000),
+            format!("open_close_{n}_sockets"),
+            d,
+        ));
     }
-    let stat_results: Vec<(Scenario, &ProgDelta, Option<&Vec<f64>>)> =
-        results.iter().filter_map(|(sc, r)| Some((*sc, r.progs.as_ref()?, r.stats_values.as_ref()))).collect();
+    let stat_results: Vec<(Scenario, &ProgDelta, Option<&Vec<f64>>)> = results
+        .iter()
+        .filter_map(|(sc, r)| Some((*sc, r.progs.as_ref()?, r.stats_values.as_ref())))
+        .collect();
     if !columns.is_empty() {
         line(&mut out, String::new());
         line(&mut out, "== Program run time (kernel bpf_stats: run_time_ns / run_cnt = ns per run (runs); one agent run per scenario; target <= 100 ns) ==".into());
@@ -1399,7 +1903,12 @@ fn main() -> anyhow::Result<()> {
             names.extend(d.keys().cloned());
         }
         let mut names: Vec<String> = names.into_iter().collect();
-        names.sort_by_key(|n| (PROGRAMS.iter().position(|p| n.starts_with(p)).unwrap_or(99), n.clone()));
+        names.sort_by_key(|n| {
+            (
+                PROGRAMS.iter().position(|p| n.starts_with(p)).unwrap_or(99),
+                n.clone(),
+            )
+        });
         let mut jp = serde_json::Map::new();
         for name in &names {
             let mut row = format!("{:<22}", name);
@@ -1409,11 +1918,26 @@ fn main() -> anyhow::Result<()> {
                 let (t, c) = d.get(name).copied().unwrap_or((0, 0));
                 tt += t;
                 tc += c;
-                row.push_str(&format!(" {:>19}", if c == 0 { "-".into() } else { format!("{:.1} ({})", t as f64 / c as f64, fmt_count(c)) }));
+                row.push_str(&format!(
+                    " {:>19}",
+                    if c == 0 {
+                        "-".into()
+                    } else {
+                        format!("{:.1} ({})", t as f64 / c as f64, fmt_count(c))
+                    }
+                ));
                 jn.insert(key.clone(), json!({"run_time_ns": t, "run_cnt": c, "ns_per_run": if c == 0 { Value::Null } else { json!(t as f64 / c as f64) }}));
             }
             let avg = tt as f64 / tc.max(1) as f64;
-            row.push_str(&format!(" {:>19}  {}", if tc == 0 { "-".into() } else { format!("{avg:.1} ({})", fmt_count(tc)) }, if tc == 0 { "" } else { mark(avg <= 100.0) }));
+            row.push_str(&format!(
+                " {:>19}  {}",
+                if tc == 0 {
+                    "-".into()
+                } else {
+                    format!("{avg:.1} ({})", fmt_count(tc))
+                },
+                if tc == 0 { "" } else { mark(avg <= 100.0) }
+            ));
             line(&mut out, row);
             jn.insert("all".into(), json!({"run_time_ns": tt, "run_cnt": tc, "ns_per_run": if tc == 0 { Value::Null } else { json!(avg) }}));
             jp.insert(name.clone(), Value::Object(jn));
@@ -1423,7 +1947,12 @@ fn main() -> anyhow::Result<()> {
         let mut thr = String::from("throughput during these runs:");
         for (sc, _, v) in &stat_results {
             if let Some(v) = v.filter(|v| !v.is_empty()) {
-                thr.push_str(&format!(" {} {:.2} {};", sc.short(), v[0], sc.metrics()[0].1));
+                thr.push_str(&format!(
+                    " {} {:.2} {};",
+                    sc.short(),
+                    v[0],
+                    sc.metrics()[0].1
+                ));
             }
         }
         if !stat_results.is_empty() {
@@ -1433,7 +1962,9 @@ fn main() -> anyhow::Result<()> {
         let grew = if stat_results.is_empty() {
             columns.iter().all(|(_, _, d)| d.values().any(|x| x.1 > 0))
         } else {
-            stat_results.iter().all(|(_, d, _)| d.get("sockacct_egress").map(|x| x.1 > 0).unwrap_or(false))
+            stat_results
+                .iter()
+                .all(|(_, d, _)| d.get("sockacct_egress").map(|x| x.1 > 0).unwrap_or(false))
         };
         let (agree, checked) = results
             .iter()
@@ -1443,7 +1974,11 @@ fn main() -> anyhow::Result<()> {
             &mut out,
             format!(
                 "bpf_prog_info check (run_time_ns @192, run_cnt @200): run_cnt grew with traffic: {}; within /proc fdinfo run_cnt read before/after: {agree}/{checked}",
-                if grew { "yes" } else { "NO (offsets or stats wrong?)" }
+                if grew {
+                    "yes"
+                } else {
+                    "NO (offsets or stats wrong?)"
+                }
             ),
         );
         js.insert("programs".into(), json!({"per_program": jp, "run_cnt_grew": grew, "fdinfo_agree": agree, "fdinfo_checked": checked}));
@@ -1454,12 +1989,27 @@ fn main() -> anyhow::Result<()> {
         let mut jt = vec![];
         if !rows.is_empty() {
             line(&mut out, String::new());
-            line(&mut out, format!("== Poll tick (Poller::tick in-process, 100 ms apart, {} ticks per size after 2 warm-up ticks; 32 connections moving) ==", opts.ticks));
+            line(
+                &mut out,
+                format!(
+                    "== Poll tick (Poller::tick in-process, 100 ms apart, {} ticks per size after 2 warm-up ticks; 32 connections moving) ==",
+                    opts.ticks
+                ),
+            );
             line(
                 &mut out,
                 format!(
                     "{:>8} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}  {}",
-                    "sockets", "map ent", "work p50", "work p99", "wait p50", "wait p99", "batch rd", "first tick", "setup", "target (work p99)"
+                    "sockets",
+                    "map ent",
+                    "work p50",
+                    "work p99",
+                    "wait p50",
+                    "wait p99",
+                    "batch rd",
+                    "first tick",
+                    "setup",
+                    "target (work p99)"
                 ),
             );
             for (n, r) in &rows {
@@ -1484,7 +2034,9 @@ fn main() -> anyhow::Result<()> {
                         br,
                         r.first_work_ms,
                         r.setup_s,
-                        target.map(|t| format!("<= {t} ms {}", mark(w99 <= t))).unwrap_or("-".into())
+                        target
+                            .map(|t| format!("<= {t} ms {}", mark(w99 <= t)))
+                            .unwrap_or("-".into())
                     ),
                 );
                 jt.push(json!({"sockets": r.sockets, "requested": n, "map_entries": r.map_entries, "sockets_tracked": r.tracked,
@@ -1508,22 +2060,43 @@ fn main() -> anyhow::Result<()> {
 
     let elapsed = started.elapsed().as_secs_f64();
     line(&mut out, String::new());
-    line(&mut out, format!("load average at end: {}; total bench time {:.0} s", loadavg(), elapsed));
+    line(
+        &mut out,
+        format!(
+            "load average at end: {}; total bench time {:.0} s",
+            loadavg(),
+            elapsed
+        ),
+    );
     for f in &failures {
         line(&mut out, format!("FAILED: {f}"));
     }
     js.insert("failures".into(), json!(failures));
     js.insert("elapsed_s".into(), json!(elapsed));
-    js.insert("unix_time".into(), json!(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)));
+    js.insert(
+        "unix_time".into(),
+        json!(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0)
+        ),
+    );
 
     print!("{out}");
     // target/<profile>/sockacct-bench -> target/bench/last.json
     let exe = std::env::current_exe()?;
-    let target = exe.parent().and_then(|p| p.parent()).context("locating the target directory")?;
+    let target = exe
+        .parent()
+        .and_then(|p| p.parent())
+        .context("locating the target directory")?;
     let dir = target.join("bench");
     fs::create_dir_all(&dir)?;
     let path = dir.join("last.json");
-    fs::write(&path, serde_json::to_string_pretty(&Value::Object(js))? + "\n")?;
+    fs::write(
+        &path,
+        serde_json::to_string_pretty(&Value::Object(js))? + "\n",
+    )?;
     println!("JSON summary: {}", path.display());
     if !failures.is_empty() {
         std::process::exit(1);

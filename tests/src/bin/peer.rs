@@ -45,14 +45,27 @@ fn tcp_sent(s: &TcpStream) -> (u64, u64) {
     let mut buf = [0u8; 256];
     let mut len = buf.len() as libc::socklen_t;
     let r = unsafe {
-        libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len)
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
     };
-    assert!(r == 0 && len >= 216, "TCP_INFO: {}", std::io::Error::last_os_error());
+    assert!(
+        r == 0 && len >= 216,
+        "TCP_INFO: {}",
+        std::io::Error::last_os_error()
+    );
     let rd = |o: usize| u64::from_ne_bytes(buf[o..o + 8].try_into().unwrap());
     let rd32 = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap()) as u64;
     // tcpi_rcv_ooopack (224): segments this socket received out of order; it then sent
     // SACK options, which make its ACKs longer than the plain header.
-    OOO.fetch_add(if len >= 228 { rd32(224) } else { 0 }, std::sync::atomic::Ordering::Relaxed);
+    OOO.fetch_add(
+        if len >= 228 { rd32(224) } else { 0 },
+        std::sync::atomic::Ordering::Relaxed,
+    );
     (rd(200), rd(208))
 }
 
@@ -69,7 +82,15 @@ fn note_sent(s: &TcpStream) {
     loop {
         let mut buf = [0u8; 256];
         let mut len = buf.len() as libc::socklen_t;
-        unsafe { libc::getsockopt(s.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, buf.as_mut_ptr().cast(), &mut len) };
+        unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
         let rd32 = |o: usize| u32::from_ne_bytes(buf[o..o + 4].try_into().unwrap());
         // tcpi_unacked at 24, tcpi_notsent_bytes at 144
         if (rd32(24) == 0 && rd32(144) == 0) || std::time::Instant::now() > end {
@@ -97,7 +118,11 @@ fn udp_drops(s: &UdpSocket) -> u64 {
     unsafe { libc::fstat(s.as_raw_fd(), &mut st) };
     let ino = st.st_ino.to_string();
     for f in ["/proc/net/udp", "/proc/net/udp6"] {
-        for line in std::fs::read_to_string(f).unwrap_or_default().lines().skip(1) {
+        for line in std::fs::read_to_string(f)
+            .unwrap_or_default()
+            .lines()
+            .skip(1)
+        {
             let cols: Vec<&str> = line.split_whitespace().collect();
             if cols.len() > 12 && cols[9] == ino {
                 return cols[12].parse().unwrap();
@@ -186,7 +211,13 @@ fn main() {
                 // Root may exceed rmem_max: a big buffer keeps loopback bursts from dropping.
                 let v: libc::c_int = 16 << 20;
                 unsafe {
-                    libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, (&v as *const libc::c_int).cast(), 4)
+                    libc::setsockopt(
+                        s.as_raw_fd(),
+                        libc::SOL_SOCKET,
+                        libc::SO_RCVBUFFORCE,
+                        (&v as *const libc::c_int).cast(),
+                        4,
+                    )
                 };
             }
             out(format!("port {}", s.local_addr().unwrap().port()));
@@ -208,7 +239,11 @@ fn main() {
         }
         ["udp-send", addr, port, count, size] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
-            let bind: IpAddr = if to.is_ipv4() { "127.0.0.1".parse().unwrap() } else { "::1".parse().unwrap() };
+            let bind: IpAddr = if to.is_ipv4() {
+                "127.0.0.1".parse().unwrap()
+            } else {
+                "::1".parse().unwrap()
+            };
             let s = UdpSocket::bind((bind, 0)).unwrap();
             let (count, size): (u64, usize) = (count.parse().unwrap(), size.parse().unwrap());
             let buf = vec![0x11u8; size];
@@ -223,8 +258,15 @@ fn main() {
         }
         ["udp-stop", addr, port] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
-            let bind: IpAddr = if to.is_ipv4() { "127.0.0.1".parse().unwrap() } else { "::1".parse().unwrap() };
-            UdpSocket::bind((bind, 0)).unwrap().send_to(&[0], to).unwrap();
+            let bind: IpAddr = if to.is_ipv4() {
+                "127.0.0.1".parse().unwrap()
+            } else {
+                "::1".parse().unwrap()
+            };
+            UdpSocket::bind((bind, 0))
+                .unwrap()
+                .send_to(&[0], to)
+                .unwrap();
         }
         ["hold-tcp", addr, port, send] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
@@ -282,7 +324,10 @@ fn main() {
             }
             let mut st = 0;
             unsafe { libc::waitpid(pid, &mut st, 0) };
-            assert!(libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0, "worker failed");
+            assert!(
+                libc::WIFEXITED(st) && libc::WEXITSTATUS(st) == 0,
+                "worker failed"
+            );
         }
         ["tcp-greeted", addr, port, greeting, send] => {
             let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
@@ -302,10 +347,22 @@ fn main() {
             let s = TcpStream::connect(to).unwrap();
             let mut cookie: u64 = 0;
             let mut len = 8 as libc::socklen_t;
-            unsafe { libc::getsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_COOKIE, (&raw mut cookie).cast(), &mut len) };
+            unsafe {
+                libc::getsockopt(
+                    s.as_raw_fd(),
+                    libc::SOL_SOCKET,
+                    libc::SO_COOKIE,
+                    (&raw mut cookie).cast(),
+                    &mut len,
+                )
+            };
             out(format!("cookie {cookie}"));
             let mut c = std::os::unix::net::UnixStream::connect(control).unwrap();
-            writeln!(c, "{{\"cmd\":\"label\",\"cookie\":{cookie},\"label\":\"{label}\"}}").unwrap();
+            writeln!(
+                c,
+                "{{\"cmd\":\"label\",\"cookie\":{cookie},\"label\":\"{label}\"}}"
+            )
+            .unwrap();
             let mut reply = String::new();
             std::io::BufReader::new(&c).read_line(&mut reply).unwrap();
             out(format!("reply {}", reply.trim()));
@@ -331,7 +388,11 @@ fn main() {
         }
         ["udp-multi", addr, ports, count, size] => {
             // One unconnected socket talking to several peers.
-            let bind: IpAddr = if addr.contains(':') { "::1".parse().unwrap() } else { "127.0.0.1".parse().unwrap() };
+            let bind: IpAddr = if addr.contains(':') {
+                "::1".parse().unwrap()
+            } else {
+                "127.0.0.1".parse().unwrap()
+            };
             let s = UdpSocket::bind((bind, 0)).unwrap();
             out(format!("local_port {}", s.local_addr().unwrap().port()));
             let buf = vec![0x33u8; size.parse().unwrap()];
@@ -400,7 +461,10 @@ fn bench_tcp_blast(addr: &str, port: &str, secs: &str) {
 }
 
 fn is_timeout(e: &std::io::Error) -> bool {
-    matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut)
+    matches!(
+        e.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    )
 }
 
 /// Counts datagrams for `secs`, starting at the first one received.
@@ -441,7 +505,11 @@ fn bench_udp_count(listen: &str, secs: &str) {
 /// Sends `size`-byte datagrams without pacing for `secs` (failed sends are counted, not fatal).
 fn bench_udp_blast(addr: &str, port: &str, secs: &str, size: &str) {
     let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
-    let bind: IpAddr = if to.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+    let bind: IpAddr = if to.is_ipv4() {
+        "0.0.0.0".parse().unwrap()
+    } else {
+        "::".parse().unwrap()
+    };
     let s = UdpSocket::bind((bind, 0)).unwrap();
     s.connect(to).unwrap();
     let dur = bench_duration(secs);
@@ -464,7 +532,10 @@ fn bench_udp_blast(addr: &str, port: &str, secs: &str, size: &str) {
 
 fn bench_linger0(s: &TcpStream) {
     use std::os::fd::AsRawFd;
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
     unsafe {
         libc::setsockopt(
             s.as_raw_fd(),
@@ -481,16 +552,29 @@ fn bench_linger0(s: &TcpStream) {
 /// destinations are spread over several 127.0.0.x listeners so ephemeral ports never run
 /// out. Sockets close with RST (linger 0): no TIME_WAIT left behind.
 fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
-    let (pairs, active, first): (usize, usize, usize) = (pairs.parse().unwrap(), active.parse().unwrap(), first_ip.parse().unwrap());
+    let (pairs, active, first): (usize, usize, usize) = (
+        pairs.parse().unwrap(),
+        active.parse().unwrap(),
+        first_ip.parse().unwrap(),
+    );
     let per_listener = 10_000;
     let nl = pairs.div_ceil(per_listener).max(1);
-    assert!(first >= 1 && first + nl < 255, "listener addresses beyond 127.0.0.254");
+    assert!(
+        first >= 1 && first + nl < 255,
+        "listener addresses beyond 127.0.0.254"
+    );
     let want = (2 * pairs + nl + 512) as libc::rlim_t;
-    let mut rl = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
     unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) };
     if rl.rlim_cur < want {
         // Raising the hard limit needs CAP_SYS_RESOURCE; the soft one never does.
-        let new = libc::rlimit { rlim_cur: want, rlim_max: want.max(rl.rlim_max) };
+        let new = libc::rlimit {
+            rlim_cur: want,
+            rlim_max: want.max(rl.rlim_max),
+        };
         if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &new) } != 0 {
             panic!(
                 "raising RLIMIT_NOFILE to {want} (hard limit {}): {} (use fewer pairs per process)",
@@ -499,21 +583,28 @@ fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
             );
         }
     }
-    let listeners: Vec<TcpListener> =
-        (0..nl).map(|i| TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, (first + i) as u8), 0)).unwrap()).collect();
+    let listeners: Vec<TcpListener> = (0..nl)
+        .map(|i| {
+            TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, (first + i) as u8), 0)).unwrap()
+        })
+        .collect();
     let addrs: Vec<SocketAddr> = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
     let mut conns = Vec::with_capacity(pairs);
     for i in 0..pairs {
         let l = i % nl;
-        let c = TcpStream::connect(addrs[l]).unwrap_or_else(|e| panic!("connection {i} to {}: {e}", addrs[l]));
+        let c = TcpStream::connect(addrs[l])
+            .unwrap_or_else(|e| panic!("connection {i} to {}: {e}", addrs[l]));
         let (s, _) = listeners[l].accept().unwrap();
         bench_linger0(&c);
         bench_linger0(&s);
         (&c).write_all(&[1]).unwrap();
         conns.push((c, s));
     }
-    let mut act: Vec<(TcpStream, TcpStream)> =
-        conns.iter().take(active).map(|(c, s)| (c.try_clone().unwrap(), s.try_clone().unwrap())).collect();
+    let mut act: Vec<(TcpStream, TcpStream)> = conns
+        .iter()
+        .take(active)
+        .map(|(c, s)| (c.try_clone().unwrap(), s.try_clone().unwrap()))
+        .collect();
     for (_, s) in &mut act {
         let mut one = [0u8; 1];
         s.read_exact(&mut one).unwrap();
@@ -543,7 +634,11 @@ fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
 /// send_to: the kernel counts such a socket per peer (the path flow records read).
 fn bench_udp_blast_to(addr: &str, port: &str, secs: &str, size: &str) {
     let to = SocketAddr::new(addr.parse().unwrap(), port.parse().unwrap());
-    let bind: IpAddr = if to.is_ipv4() { "0.0.0.0".parse().unwrap() } else { "::".parse().unwrap() };
+    let bind: IpAddr = if to.is_ipv4() {
+        "0.0.0.0".parse().unwrap()
+    } else {
+        "::".parse().unwrap()
+    };
     let s = UdpSocket::bind((bind, 0)).unwrap();
     let dur = bench_duration(secs);
     let buf = vec![0x11u8; size.parse().unwrap()];
