@@ -479,6 +479,23 @@ pub fn sockacct_accept(ctx: FExitContext) -> i32 {
 /// so other protocols never pay for it; attached only when needed, one lookup per call.
 /// The owner entry exists from the handshake on (sockacct_passive), so the very first
 /// send, before any packet was counted, already finds it.
+/// Makes the running task the owner of an entry that had addresses only (origin 0),
+/// keeping the addresses and socket kind already recorded.
+#[inline(always)]
+fn adopt_current_task(o: *mut Owner, origin: u32) {
+    let cur = current_owner(origin);
+    unsafe {
+        (*o).tgid = cur.tgid;
+        (*o).pid = cur.pid;
+        (*o).uid = cur.uid;
+        (*o).gid = cur.gid;
+        (*o).comm = cur.comm;
+        (*o).cgroup_id = cur.cgroup_id;
+        (*o).created_ns = cur.created_ns;
+        (*o).origin = origin;
+    }
+}
+
 #[inline(always)]
 fn first_io(ctx: &BtfTracePointContext) -> i32 {
     let sk: *mut c_void = ctx.arg(0);
@@ -488,17 +505,7 @@ fn first_io(ctx: &BtfTracePointContext) -> i32 {
     let cookie = unsafe { bpf_get_socket_cookie(sk) };
     if let Some(o) = OWNERS.get_ptr_mut(cookie) {
         if unsafe { (*o).origin } == 0 {
-            let cur = current_owner(ORIGIN_FIRST_IO);
-            unsafe {
-                (*o).tgid = cur.tgid;
-                (*o).pid = cur.pid;
-                (*o).uid = cur.uid;
-                (*o).gid = cur.gid;
-                (*o).comm = cur.comm;
-                (*o).cgroup_id = cur.cgroup_id;
-                (*o).created_ns = cur.created_ns;
-                (*o).origin = ORIGIN_FIRST_IO;
-            }
+            adopt_current_task(o, ORIGIN_FIRST_IO);
         }
     }
     0
@@ -601,19 +608,12 @@ pub fn sockacct_sock_release(ctx: SockContext) -> i32 {
     // holding it: that is its owner, and the final record should say so.
     if let Some(o) = OWNERS.get_ptr_mut(cookie) {
         if unsafe { (*o).origin } == 0 {
-            let cur = current_owner(ORIGIN_RELEASE);
+            adopt_current_task(o, ORIGIN_RELEASE);
             unsafe {
-                (*o).tgid = cur.tgid;
-                (*o).pid = cur.pid;
-                (*o).uid = cur.uid;
-                (*o).gid = cur.gid;
-                (*o).comm = cur.comm;
-                (*o).cgroup_id = cur.cgroup_id;
                 (*o).netns_cookie = bpf_get_netns_cookie(ctx.as_ptr());
                 (*o).family = sk.family;
                 (*o).sock_type = sk.type_;
                 (*o).protocol = sk.protocol;
-                (*o).origin = ORIGIN_RELEASE;
             }
         }
     }

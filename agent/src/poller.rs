@@ -286,18 +286,23 @@ pub fn comm_str(c: &[u8; 16]) -> String {
     String::from_utf8_lossy(&c[..n]).into_owned()
 }
 
-fn owner_remote(o: &Owner) -> Option<IpAddr> {
-    match o.addr_family as i32 {
-        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(o.remote_ip[0])))),
+/// An address as the kernel keeps it (network byte order words, IPv4 in `[0]`).
+fn wire_ip(family: u32, words: &[u32; 4]) -> Option<IpAddr> {
+    match family as i32 {
+        libc::AF_INET => Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(words[0])))),
         libc::AF_INET6 => {
             let mut b = [0u8; 16];
-            for (i, w) in o.remote_ip.iter().enumerate() {
+            for (i, w) in words.iter().enumerate() {
                 b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
             }
             Some(IpAddr::V6(Ipv6Addr::from(b)))
         }
         _ => None,
     }
+}
+
+fn owner_remote(o: &Owner) -> Option<IpAddr> {
+    wire_ip(o.addr_family, &o.remote_ip)
 }
 
 /// Everything the labeller may need about an owner.
@@ -771,20 +776,11 @@ impl Poller {
         process: String,
     ) -> Option<Box<FlowFacts>> {
         use crate::flows::{Direction, OwnerView};
-        use std::net::{IpAddr, SocketAddr};
+        use std::net::SocketAddr;
         if !self.flow_views_on || o.addr_family == 0 {
             return None;
         }
-        let local_ip = match o.addr_family as i32 {
-            libc::AF_INET => IpAddr::V4(Ipv4Addr::from(u32::from_be(o.local_ip[0]))),
-            _ => {
-                let mut b = [0u8; 16];
-                for (i, w) in o.local_ip.iter().enumerate() {
-                    b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                }
-                IpAddr::V6(Ipv6Addr::from(b))
-            }
-        };
+        let local_ip = wire_ip(o.addr_family, &o.local_ip)?;
         let remote = owner_remote(o)
             .filter(|_| o.remote_port != 0)
             .map(|ip| SocketAddr::new(ip, o.remote_port as u16));
@@ -956,14 +952,8 @@ impl Poller {
                 continue;
             }
             self.peer_last.insert(*k, *c);
-            let ip = if k.family == libc::AF_INET as u32 {
-                IpAddr::V4(Ipv4Addr::from(u32::from_be(k.addr[0])))
-            } else {
-                let mut b = [0u8; 16];
-                for (i, w) in k.addr.iter().enumerate() {
-                    b[i * 4..i * 4 + 4].copy_from_slice(&w.to_ne_bytes());
-                }
-                IpAddr::V6(Ipv6Addr::from(b))
+            let Some(ip) = wire_ip(k.family, &k.addr) else {
+                continue;
             };
             self.flow_peers.push(crate::flows::PeerView {
                 cookie: k.cookie,

@@ -336,26 +336,10 @@ impl Peer {
 
     /// Waits for a "KEY VALUE" line and returns VALUE.
     pub fn value(&mut self, key: &str) -> u64 {
-        if let Some(v) = self
-            .seen
-            .iter()
-            .find_map(|l| l.strip_prefix(&format!("{key} ")))
-        {
-            return v.trim().parse().unwrap();
-        }
-        let end = Instant::now() + Duration::from_secs(60);
-        loop {
-            let left = end.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(l) => {
-                    self.seen.push(l.clone());
-                    if let Some(v) = l.strip_prefix(&format!("{key} ")) {
-                        return v.trim().parse().unwrap();
-                    }
-                }
-                Err(_) => panic!("peer never printed {key:?} (saw {:?})", self.seen),
-            }
-        }
+        let v = self.text(key);
+        v.trim()
+            .parse()
+            .unwrap_or_else(|e| panic!("peer printed {key} {v:?}: {e}"))
     }
 
     /// Waits for a bare line.
@@ -585,6 +569,19 @@ impl Daemon {
         let _ = self.child.wait();
         thread::sleep(Duration::from_millis(100));
         self.lines()
+    }
+
+    /// Waits until the agent has polled `n` more times (read from `status`).
+    pub fn wait_ticks(&self, n: u64) {
+        let ticks = |d: &Daemon| {
+            d.control(serde_json::json!({"cmd": "status"}))["ticks"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let start = ticks(self);
+        wait_for(&format!("{n} more polls"), Duration::from_secs(30), || {
+            (ticks(self) >= start + n).then_some(())
+        });
     }
 
     /// SIGTERM, wait for a clean exit, return every line it wrote.

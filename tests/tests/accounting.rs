@@ -13,7 +13,7 @@
 //! - Retransmitted segments really cross the socket again and are counted: a TCP sender's
 //!   payload is what TCP_INFO's bytes_sent says (retransmissions included), and its peer
 //!   receives between the payload and the payload plus the retransmitted bytes.
-use std::{os::fd::AsRawFd, process::Command, thread, time::Duration};
+use std::{os::fd::AsRawFd, process::Command, time::Duration};
 
 use sockacct_tests::*;
 
@@ -820,5 +820,4 @@ fn unprivileged_run_fails_fast_with_a_clear_message() {
         err.contains("is not a cgroup v2 directory"),
         "stderr: {err}"
     );
-    thread::sleep(Duration::from_millis(1));
 }

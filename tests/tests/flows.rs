@@ -12,6 +12,17 @@ fn flows(lines: &[String]) -> Vec<Value> {
         .collect()
 }
 
+fn deltas(lines: &[String]) -> Vec<DeltaEvent> {
+    lines
+        .iter()
+        .filter_map(|l| {
+            serde_json::from_str::<DeltaEvent>(l)
+                .ok()
+                .filter(|e| e.kind == "delta")
+        })
+        .collect()
+}
+
 /// Writes a config with a `[flows]` section and returns its path (inside `dir`).
 fn config(dir: &TempDir, flows: &str) -> String {
     let p = dir.0.join("sockacct.toml");
@@ -42,9 +53,8 @@ fn tcp_conversation(tag: &str, addr: &str) {
     cli.value("received");
     cli.finish();
     srv.finish();
-    std::thread::sleep(Duration::from_millis(300));
-    let lines = d.lines();
-    let events = d.stop();
+    let lines = d.stop_lines();
+    let events = deltas(&lines);
     let s = sum(&events);
     let f = flows(&lines);
     eprintln!("{tag} flows: {f:#?}");
@@ -128,8 +138,8 @@ fn a_long_lived_connection_gets_update_records() {
     cli.value("received");
     cli.finish();
     srv.finish();
-    let lines = d.lines();
-    d.stop();
+    // Everything, including what the final poll at shutdown writes.
+    let lines = d.stop_lines();
     let f: Vec<Value> = flows(&lines)
         .into_iter()
         .filter(|r| r["label"] == "u-cli")
@@ -184,9 +194,8 @@ fn a_udp_client_talking_to_three_peers_gives_three_records() {
     for p in rx {
         p.finish();
     }
-    std::thread::sleep(Duration::from_millis(300));
-    let lines = d.lines();
-    d.stop();
+    // Everything, including what the final poll at shutdown writes.
+    let lines = d.stop_lines();
     let closes: Vec<Value> = flows(&lines)
         .into_iter()
         .filter(|r| r["label"] == "u-multi" && r["event"] == "close")
@@ -239,17 +248,9 @@ fn short_connections_within_the_gap_become_one_session() {
     cli.value("received");
     cli.finish();
     srv.finish();
-    std::thread::sleep(Duration::from_millis(300));
     // A pending session is written when the gap has passed or at shutdown.
     let lines = d.stop_lines();
-    let events: Vec<DeltaEvent> = lines
-        .iter()
-        .filter_map(|l| {
-            serde_json::from_str::<DeltaEvent>(l)
-                .ok()
-                .filter(|e| e.kind == "delta")
-        })
-        .collect();
+    let events = deltas(&lines);
     let s = sum(&events);
     let f = flows(&lines);
     let cli_recs: Vec<&Value> = f.iter().filter(|r| r["label"] == "s-cli").collect();
@@ -315,7 +316,6 @@ fn a_filter_that_excludes_udp_leaves_no_udp_record() {
     )
     .finish();
     srv.finish();
-    std::thread::sleep(Duration::from_millis(200));
     let lines = d.stop_lines();
     let f = flows(&lines);
     assert!(
@@ -327,14 +327,7 @@ fn a_filter_that_excludes_udp_leaves_no_udp_record() {
         "no UDP record: {f:#?}"
     );
     // The bytes still reach the delta events.
-    let events: Vec<DeltaEvent> = lines
-        .iter()
-        .filter_map(|l| {
-            serde_json::from_str::<DeltaEvent>(l)
-                .ok()
-                .filter(|e| e.kind == "delta")
-        })
-        .collect();
+    let events = deltas(&lines);
     assert!(sum(&events).labels.contains_key("x-udp"));
 }
 
@@ -373,7 +366,7 @@ fn the_flow_table_cap_overflows_visibly() {
     }
     // Let the first packets be seen; then release them all (the server serves them in
     // whatever order they connected).
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_ticks(3);
     for h in &mut holders {
         h.send_line("go");
     }

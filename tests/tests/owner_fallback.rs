@@ -34,7 +34,6 @@ fn receive_only_server_socket_is_labelled_with_the_reading_process() {
     assert_eq!(srv.value("received"), sent);
     cli.finish();
     srv.finish();
-    std::thread::sleep(Duration::from_millis(50));
     let events = d.stop();
     check_events(&events);
     assert!(
@@ -98,7 +97,7 @@ fn first_send_names_the_owner_before_any_packet() {
         Duration::from_secs(10),
         || (sum(&d.events()).total.tx >= greeting).then_some(()),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    d.wait_ticks(3);
     let seen = sum(&d.events());
     eprintln!("after the greeting: {seen:?}");
     cli.send_line("go");
