@@ -28,10 +28,10 @@ use crate::{
     control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Peer},
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
-    flows::{FlowConfig, FlowRecord, FlowTable},
+    flows::{FlowConfig, FlowRecord, FlowStats, FlowTable},
     labels::Labeler,
     loader::{self, LoadOptions},
-    poller::{LabelOverrides, NamedSocket, Poller},
+    poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     procfs,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
     upload::{self, UploadConfig, Uploader},
@@ -111,8 +111,12 @@ pub struct Shared {
     paused_bytes: AtomicU64,
     /// Flow records dropped because too many were held during a pause.
     flows_dropped_paused: AtomicU64,
-    flow_stats: Mutex<Value>,
-    status: Mutex<Value>,
+    /// Refreshed by the flow table each tick (None when flow records are off).
+    flow_stats: Mutex<Option<FlowStats>>,
+    /// What does not change while running, and the poller's counters of the last tick:
+    /// `status` builds its JSON from them only when asked.
+    status_base: Value,
+    poll_stats: Mutex<PollStats>,
     started: Instant,
     overrides: LabelOverrides,
     owners: OwnedFd,
@@ -254,7 +258,7 @@ impl Shared {
 
 impl Handler for Arc<Shared> {
     fn status(&self) -> Value {
-        let mut v = lock(&self.status).clone();
+        let mut v = status_snapshot(&self.status_base, &lock(&self.poll_stats));
         if let Some(o) = v.as_object_mut() {
             o.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
             o.insert("paused".into(), json!(self.paused.load(Ordering::Relaxed)));
@@ -280,7 +284,7 @@ impl Handler for Arc<Shared> {
                 }),
             );
             o.insert("labels_named".into(), json!(lock(&self.overrides).len()));
-            let mut f = lock(&self.flow_stats).clone();
+            let mut f = serde_json::to_value(lock(&self.flow_stats).clone()).unwrap_or(Value::Null);
             if let Some(fo) = f.as_object_mut() {
                 fo.insert(
                     "dropped_while_paused".into(),
@@ -351,34 +355,31 @@ impl Handler for Arc<Shared> {
     }
 }
 
-fn status_snapshot(
-    p: &Poller,
-    loaded: &loader::Loaded,
-    max_sockets: u32,
-    interval: Duration,
-) -> Value {
-    let st = &p.stats;
-    json!({
-        "agent": p.identity().agent,
-        "boot": p.identity().boot,
-        "cgroup": loaded.cgroup.display().to_string(),
-        "interval_ms": interval.as_millis() as u64,
-        "accept_hook": loaded.accept_hook,
-        "sockets_tracked": st.sockets_tracked,
-        "map_entries": st.map_entries,
-        "map_capacity": max_sockets,
-        "map_fill": st.map_entries as f64 / max_sockets as f64,
-        "ticks": st.ticks,
-        "events": st.events,
-        "last_tick_work_ms": st.last_tick_work.as_secs_f64() * 1e3,
-        "last_tick_wait_ms": st.last_tick_wait.as_secs_f64() * 1e3,
-        "finished_sockets_folded_in": st.finals_received,
-        "kernel_total": st.kernel_total,
-        "drops": {
-            "kernel": st.kernel_drops.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
-            "no_owner_bytes": st.no_owner_bytes,
-        },
-    })
+/// The `status` reply's poller part: `base` (fixed facts) plus the last tick's counters.
+fn status_snapshot(base: &Value, st: &PollStats) -> Value {
+    let mut v = base.clone();
+    let capacity = base["map_capacity"].as_f64().unwrap_or(1.0);
+    if let Some(o) = v.as_object_mut() {
+        let more = json!({
+            "sockets_tracked": st.sockets_tracked,
+            "map_entries": st.map_entries,
+            "map_fill": st.map_entries as f64 / capacity,
+            "ticks": st.ticks,
+            "events": st.events,
+            "last_tick_work_ms": st.last_tick_work.as_secs_f64() * 1e3,
+            "last_tick_wait_ms": st.last_tick_wait.as_secs_f64() * 1e3,
+            "finished_sockets_folded_in": st.finals_received,
+            "kernel_total": st.kernel_total,
+            "drops": {
+                "kernel": st.kernel_drops.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
+                "no_owner_bytes": st.no_owner_bytes,
+            },
+        });
+        if let Value::Object(m) = more {
+            o.extend(m);
+        }
+    }
+    v
 }
 
 fn spool_config(c: &Config) -> SpoolConfig {
@@ -612,7 +613,14 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         discovered,
     )?;
 
-    let first_status = status_snapshot(&poller, &loaded, s.config.max_sockets, s.interval);
+    let status_base = json!({
+        "agent": poller.identity().agent,
+        "boot": poller.identity().boot,
+        "cgroup": loaded.cgroup.display().to_string(),
+        "interval_ms": s.interval.as_millis() as u64,
+        "accept_hook": loaded.accept_hook,
+        "map_capacity": s.config.max_sockets,
+    });
     let shared = Arc::new(Shared {
         identity,
         spool,
@@ -621,8 +629,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         paused: AtomicBool::new(false),
         paused_bytes: AtomicU64::new(0),
         flows_dropped_paused: AtomicU64::new(0),
-        flow_stats: Mutex::new(Value::Null),
-        status: Mutex::new(first_status),
+        flow_stats: Mutex::new(None),
+        status_base,
+        poll_stats: Mutex::new(poller.stats.clone()),
         started: Instant::now(),
         overrides: poller.overrides(),
         owners: poller.owners_fd()?,
@@ -694,7 +703,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             next = Instant::now() + s.interval;
         }
         let ev = poller.tick()?;
-        *lock(&shared.status) = status_snapshot(&poller, &loaded, s.config.max_sockets, s.interval);
+        lock(&shared.poll_stats).clone_from(&poller.stats);
         if let Err(e) = writer.write(ev) {
             result = Err(e);
             break;
@@ -711,7 +720,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
                 peers.len()
             );
             let recs = ft.observe(crate::poller::unix_ms(), &socks, &peers);
-            *lock(&shared.flow_stats) = serde_json::to_value(ft.stats()).unwrap_or(Value::Null);
+            *lock(&shared.flow_stats) = Some(ft.stats());
             if let Err(e) = writer.write_flows(recs) {
                 result = Err(e);
                 break;
