@@ -196,8 +196,14 @@ pub const MAP_DROPS: &str = "DROPS";
 pub const MAP_IFACES: &str = "IFACES";
 pub const MAP_FINALS: &str = "FINALS";
 pub const MAP_PEERS: &str = "PEERS";
-/// Settings the daemon writes before attaching (index 0: SETTING_* bits).
+/// Settings the daemon writes before attaching: SETTINGS_FLAGS holds SETTING_* bits,
+/// SETTINGS_COOKIE_OFFSET the byte offset of `sk_cookie` in `struct sock` (from the
+/// kernel's BTF) for tracing programs on kernels whose tracing programs may not call
+/// bpf_get_socket_cookie (before 5.12).
 pub const MAP_SETTINGS: &str = "SETTINGS";
+pub const SETTINGS_FLAGS: u32 = 0;
+pub const SETTINGS_COOKIE_OFFSET: u32 = 1;
+pub const SETTINGS_COUNT: u32 = 4;
 /// Count unconnected UDP sockets per peer (flow records are on).
 pub const SETTING_PER_PEER: u32 = 1;
 pub const DEFAULT_MAX_PEERS: u32 = 65_536;

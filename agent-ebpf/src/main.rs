@@ -24,6 +24,7 @@ use aya_ebpf::{
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
+        bpf_probe_read_kernel,
         generated::{
             bpf_get_current_cgroup_id, bpf_get_netns_cookie, bpf_get_socket_cookie, bpf_sk_fullsock,
         },
@@ -74,9 +75,9 @@ static IFACES: PerCpuHashMap<u32, SlotCounters> =
 static PEERS: HashMap<PeerKey, Counters> =
     HashMap::with_max_entries(DEFAULT_MAX_PEERS, BPF_F_NO_PREALLOC);
 
-/// Written by the daemon before it attaches anything: SETTING_* bits at index 0.
+/// Written by the daemon before it attaches anything (SETTINGS_* indices).
 #[map]
-static SETTINGS: Array<u32> = Array::with_max_entries(1, 0);
+static SETTINGS: Array<u32> = Array::with_max_entries(SETTINGS_COUNT, 0);
 
 #[map]
 static FINALS: RingBuf = RingBuf::with_byte_size(FINALS_RINGBUF_BYTES, 0);
@@ -217,7 +218,9 @@ fn count_skb(ctx: &SkBuffContext, egress: bool) {
                     // An unconnected UDP socket talks to many peers: count it per peer too.
                     // The socket alone cannot name the peer; the packet headers can.
                     unsafe {
-                        let per_peer = SETTINGS.get(0).is_some_and(|v| *v & SETTING_PER_PEER != 0);
+                        let per_peer = SETTINGS
+                            .get(SETTINGS_FLAGS)
+                            .is_some_and(|v| *v & SETTING_PER_PEER != 0);
                         if per_peer && (*full).protocol == UDP && (*ctx.skb.skb).remote_port == 0 {
                             (*e).per_peer = 1;
                         }
@@ -398,6 +401,30 @@ pub fn sockacct_egress(ctx: SkBuffContext) -> i32 {
     1
 }
 
+// ------------------------------------------------------------------ cookies in tracing programs
+
+/// How a tracing program (tp_btf, fexit) learns a socket's cookie. Kernels from 5.12 on
+/// let it call bpf_get_socket_cookie; older ones refuse the helper there, so their
+/// `_compat` programs read `sk->sk_cookie` at the offset the daemon found in BTF. That
+/// reads 0 for a socket whose cookie was never handed out, which is harmless: every socket
+/// we account has had one since sock_create, its first counted packet, or (accepted
+/// sockets) the end of its handshake (sockacct_passive).
+type CookieOf = fn(*mut c_void) -> u64;
+
+#[inline(always)]
+fn cookie_by_helper(sk: *mut c_void) -> u64 {
+    unsafe { bpf_get_socket_cookie(sk) }
+}
+
+#[inline(always)]
+fn cookie_by_read(sk: *mut c_void) -> u64 {
+    let off = match SETTINGS.get(SETTINGS_COOKIE_OFFSET) {
+        Some(o) if *o != 0 => *o as usize,
+        _ => return 0,
+    };
+    unsafe { bpf_probe_read_kernel((sk as *const u8).add(off) as *const u64) }.unwrap_or(0)
+}
+
 // ------------------------------------------------------------------ owners
 
 #[inline(always)]
@@ -437,16 +464,35 @@ pub fn sockacct_sock_create(ctx: SockContext) -> i32 {
 }
 
 /// Server-side sockets never pass sock_create: take their owner from the task that
-/// accept()s them. The listener's owner supplies netns and socket kind.
+/// accept()s them. The listener's owner supplies netns and socket kind. fexit's context
+/// holds the arguments and then the return value, so where the new socket is depends on
+/// the kernel's signature: `inet_csk_accept(sk, arg)` from 6.10, `(sk, flags, err, kern)`
+/// before; the daemon picks the program from the function's BTF.
 #[fexit(function = "inet_csk_accept")]
 pub fn sockacct_accept(ctx: FExitContext) -> i32 {
-    let listener: *mut c_void = ctx.arg(0);
-    let newsk: *mut c_void = ctx.arg(2);
+    accepted(ctx.arg(0), ctx.arg(2), cookie_by_helper)
+}
+
+#[fexit(function = "inet_csk_accept")]
+pub fn sockacct_accept4(ctx: FExitContext) -> i32 {
+    accepted(ctx.arg(0), ctx.arg(4), cookie_by_helper)
+}
+
+#[fexit(function = "inet_csk_accept")]
+pub fn sockacct_accept4_compat(ctx: FExitContext) -> i32 {
+    accepted(ctx.arg(0), ctx.arg(4), cookie_by_read)
+}
+
+#[inline(always)]
+fn accepted(listener: *mut c_void, newsk: *mut c_void, cookie_of: CookieOf) -> i32 {
     if newsk.is_null() {
         return 0;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(newsk) };
-    let lcookie = unsafe { bpf_get_socket_cookie(listener) };
+    let cookie = cookie_of(newsk);
+    if cookie == 0 {
+        return 0;
+    }
+    let lcookie = cookie_of(listener);
     let mut owner = current_owner(ORIGIN_ACCEPT);
     if let Some(prev) = OWNERS.get_ptr_mut(cookie) {
         // Data may have arrived before accept(): keep the addresses recorded then.
@@ -497,12 +543,12 @@ fn adopt_current_task(o: *mut Owner, origin: u32) {
 }
 
 #[inline(always)]
-fn first_io(ctx: &BtfTracePointContext) -> i32 {
+fn first_io(ctx: &BtfTracePointContext, cookie_of: CookieOf) -> i32 {
     let sk: *mut c_void = ctx.arg(0);
     if sk.is_null() {
         return 0;
     }
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let cookie = cookie_of(sk);
     if let Some(o) = OWNERS.get_ptr_mut(cookie) {
         if unsafe { (*o).origin } == 0 {
             adopt_current_task(o, ORIGIN_FIRST_IO);
@@ -513,7 +559,12 @@ fn first_io(ctx: &BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "tcp_rcv_space_adjust")]
 pub fn sockacct_first_recv(ctx: BtfTracePointContext) -> i32 {
-    first_io(&ctx)
+    first_io(&ctx, cookie_by_helper)
+}
+
+#[btf_tracepoint(function = "tcp_rcv_space_adjust")]
+pub fn sockacct_first_recv_compat(ctx: BtfTracePointContext) -> i32 {
+    first_io(&ctx, cookie_by_read)
 }
 
 /// tcp_sendmsg_locked(sk, msg, skb, size_goal) fires once per chunk a send queues, with
@@ -525,18 +576,18 @@ pub fn sockacct_first_send(ctx: BtfTracePointContext) -> i32 {
     if !tail.is_null() {
         return 0;
     }
-    first_io(&ctx)
+    first_io(&ctx, cookie_by_helper)
 }
 
 /// Kernels without the TCP tracepoints: every send and receive of every socket.
 #[btf_tracepoint(function = "sock_recv_length")]
 pub fn sockacct_first_recv_any(ctx: BtfTracePointContext) -> i32 {
-    first_io(&ctx)
+    first_io(&ctx, cookie_by_helper)
 }
 
 #[btf_tracepoint(function = "sock_send_length")]
 pub fn sockacct_first_send_any(ctx: BtfTracePointContext) -> i32 {
-    first_io(&ctx)
+    first_io(&ctx, cookie_by_helper)
 }
 
 /// With the first-I/O fallback only: an accepted socket of the cgroup gets its (empty)
@@ -640,13 +691,26 @@ pub fn sockacct_sock_release(ctx: SockContext) -> i32 {
 
 #[btf_tracepoint(function = "inet_sock_set_state")]
 pub fn sockacct_tcp_state(ctx: BtfTracePointContext) -> i32 {
+    tcp_state(&ctx, cookie_by_helper)
+}
+
+#[btf_tracepoint(function = "inet_sock_set_state")]
+pub fn sockacct_tcp_state_compat(ctx: BtfTracePointContext) -> i32 {
+    tcp_state(&ctx, cookie_by_read)
+}
+
+#[inline(always)]
+fn tcp_state(ctx: &BtfTracePointContext, cookie_of: CookieOf) -> i32 {
     let newstate: i32 = ctx.arg(2);
     if newstate != TCP_CLOSE {
         return 0;
     }
     let sk: *mut c_void = ctx.arg(0);
     let oldstate: i32 = ctx.arg(1);
-    let cookie = unsafe { bpf_get_socket_cookie(sk) };
+    let cookie = cookie_of(sk);
+    if cookie == 0 {
+        return 0;
+    }
     match SOCKS.get_ptr_mut(cookie) {
         Some(entry) => {
             // Written before the flag: the final record copies the entry after seeing it.

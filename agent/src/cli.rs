@@ -23,11 +23,17 @@ pub struct Cli {
 pub enum Command {
     /// Run the agent until SIGINT or SIGTERM (then detach everything after a final poll).
     Run(RunArgs),
-    /// Check that this host can run the agent (privileges, BTF, cgroup v2) and exit.
+    /// Check that this host can run the agent and exit: privileges, BTF and cgroup v2, then
+    /// loads and attaches the real programs (and detaches them again) and lists, per
+    /// capability, which hook this kernel gives and what is lost without one. Exits 1
+    /// exactly when `run` would fail to start.
     Check {
         /// cgroup v2 directory to check, as for `run --cgroup`.
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
+        /// Also check counting per interface with tc, as for `run --iface`.
+        #[arg(long = "iface", value_name = "IFACE")]
+        interfaces: Vec<String>,
     },
     /// Ask the running agent to seal its spool and upload everything pending; prints a
     /// receipt and exits non-zero if anything failed.
@@ -145,7 +151,7 @@ pub fn main() {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Run(args) => crate::daemon::run(args),
-        Command::Check { cgroup } => check(cgroup),
+        Command::Check { cgroup, interfaces } => check(cgroup, interfaces),
         Command::Flush(c) => control(
             &c,
             serde_json::json!({"cmd": "flush"}),
@@ -197,12 +203,49 @@ fn control(c: &ControlArgs, req: serde_json::Value, timeout: Duration) -> anyhow
     Ok(())
 }
 
-fn check(cgroup: Option<PathBuf>) -> anyhow::Result<()> {
+fn check(cgroup: Option<PathBuf>, interfaces: Vec<String>) -> anyhow::Result<()> {
     let path = crate::loader::preflight(cgroup.as_deref())?;
+    println!("ok: privileges, BTF and cgroup v2 present");
+    let loaded = crate::loader::load(&crate::loader::LoadOptions {
+        cgroup: Some(path.clone()),
+        interfaces,
+        ..Default::default()
+    })?;
     println!(
-        "ok: privileges, BTF and cgroup v2 present; would attach to {}",
+        "ok: kernel {}: every required program loads and attaches to {}",
+        crate::procfs::kernel_release(),
         path.display()
     );
+    for h in &loaded.hooks {
+        match (h.program, h.lost) {
+            (Some(p), _) => println!(
+                "  {:<18} {p} ({})",
+                h.purpose,
+                h.target.as_deref().unwrap_or("")
+            ),
+            (None, lost) => println!(
+                "  {:<18} none: {}",
+                h.purpose,
+                lost.unwrap_or("not available")
+            ),
+        }
+        for why in &h.passed_over {
+            println!("  {:<18}   passed over {why}", "");
+        }
+    }
+    if !loaded.interfaces.is_empty() {
+        println!(
+            "  {:<18} tc on {}",
+            "interfaces",
+            loaded
+                .interfaces
+                .iter()
+                .map(|i| i.1.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    drop(loaded); // detaches everything again
     Ok(())
 }
 

@@ -619,6 +619,8 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         "cgroup": loaded.cgroup.display().to_string(),
         "interval_ms": s.interval.as_millis() as u64,
         "accept_hook": loaded.accept_hook,
+        "hooks": loaded.hooks,
+        "kernel": crate::procfs::kernel_release(),
         "map_capacity": s.config.max_sockets,
     });
     let shared = Arc::new(Shared {

@@ -10,6 +10,7 @@
 //! - [`bpfsys`]: the few bpf(2) calls aya lacks (batched map reads).
 //! - [`spool`]: crash-safe zstd segments on disk; [`upload`]: acknowledged HTTP upload.
 pub mod bpfsys;
+pub mod btf;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -294,6 +294,13 @@ pub fn netns_cookie_of_self() -> u64 {
 
 /// Mount point of the first cgroup2 file system in `/proc/self/mountinfo`
 /// (`/sys/fs/cgroup` on unified systems, `/sys/fs/cgroup/unified` in a hybrid layout).
+/// The running kernel's release string (`uname -r`).
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
 pub fn cgroup2_mount() -> Option<PathBuf> {
     let text = fs::read_to_string("/proc/self/mountinfo").ok()?;
     parse_mountinfo_cgroup2(&text)

@@ -21,6 +21,9 @@ use aya::{
 use log::{info, warn};
 use thiserror::Error;
 
+mod clsact;
+pub mod hooks;
+
 /// The compiled kernel programs (built by agent/build.rs).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SOCKACCT_BPF_OBJ"));
 
@@ -72,6 +75,8 @@ pub enum LoadError {
         target: String,
         detail: String,
     },
+    #[error("reading the kernel's BTF: {0}")]
+    BadBtf(String),
     #[error("map {0} is missing from the kernel object")]
     MissingMap(&'static str),
     #[error("map {name}: {source}")]
@@ -166,7 +171,7 @@ pub fn missing_capabilities() -> Vec<&'static str> {
     missing
 }
 
-enum Link {
+pub(crate) enum Link {
     Skb(&'static str, CgroupSkbLinkId),
     Sock(&'static str, CgroupSockLinkId),
     Tp(&'static str, BtfTracePointLinkId),
@@ -185,7 +190,11 @@ pub struct Loaded {
     /// owner of the first process that sends or receives on them, their listener's until
     /// then).
     pub accept_hook: bool,
+    /// The optional hooks chosen for this kernel, per purpose.
+    pub hooks: Vec<hooks::HookChoice>,
     links: Vec<Link>,
+    /// clsact qdiscs the agent added (ifindex, name): removed after the links.
+    qdiscs: Vec<(u32, String)>,
     _cgroup_fd: File,
 }
 
@@ -209,7 +218,7 @@ fn program_error(name: &'static str, e: ProgramError) -> LoadError {
     LoadError::Program { name, detail }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut src = e.source();
     while let Some(x) = src {
@@ -226,22 +235,6 @@ fn attach_error(name: &'static str, target: impl Into<String>, e: ProgramError) 
         target: target.into(),
         detail: chain(&e),
     }
-}
-
-fn attach_tp(
-    ebpf: &mut Ebpf,
-    btf: &Btf,
-    name: &'static str,
-    tp: &str,
-) -> Result<BtfTracePointLinkId, LoadError> {
-    let p: &mut BtfTracePoint = ebpf
-        .program_mut(name)
-        .unwrap()
-        .try_into()
-        .map_err(|e| program_error(name, e))?;
-    p.load(tp, btf).map_err(|e| program_error(name, e))?;
-    p.attach()
-        .map_err(|e| attach_error(name, format!("tp_btf/{tp}"), e))
 }
 
 pub fn ifindex(name: &str) -> Option<u32> {
@@ -270,21 +263,11 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         .map_max_entries(MAP_OWNERS, opts.max_sockets)
         .load(BPF_OBJECT)?;
     // Settings before any program is attached, so the first packet already sees them.
-    {
-        let mut a: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
-            ebpf.map_mut(MAP_SETTINGS)
-                .ok_or(LoadError::MissingMap(MAP_SETTINGS))?,
-        )
-        .map_err(|source| LoadError::Map {
-            name: MAP_SETTINGS,
-            source,
-        })?;
-        let bits = if opts.per_peer { SETTING_PER_PEER } else { 0 };
-        a.set(0, bits, 0).map_err(|source| LoadError::Map {
-            name: MAP_SETTINGS,
-            source,
-        })?;
-    }
+    set_setting(
+        &mut ebpf,
+        SETTINGS_FLAGS,
+        if opts.per_peer { SETTING_PER_PEER } else { 0 },
+    )?;
     let mut links = vec![];
 
     for (name, ty) in [
@@ -315,101 +298,66 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             .map_err(|e| attach_error(name, cgroup.display().to_string(), e))?;
         links.push(Link::Sock(name, id));
     }
-    let btf = Btf::from_sys_fs().map_err(|_| LoadError::NoBtf)?;
-    {
-        let name = "sockacct_tcp_state";
-        let p: &mut BtfTracePoint = ebpf
-            .program_mut(name)
-            .unwrap()
-            .try_into()
-            .map_err(|e| program_error(name, e))?;
-        p.load("inet_sock_set_state", &btf)
-            .map_err(|e| program_error(name, e))?;
-        let id = p
-            .attach()
-            .map_err(|e| attach_error(name, "tp_btf/inet_sock_set_state", e))?;
-        links.push(Link::Tp(name, id));
+
+    let aya_btf = Btf::from_sys_fs().map_err(|_| LoadError::NoBtf)?;
+    let kbtf = crate::btf::Btf::kernel().map_err(|e| LoadError::BadBtf(e.to_string()))?;
+    let cookie_offset = kbtf.member_offset("sock_common", "skc_cookie");
+    if let Some(off) = cookie_offset {
+        set_setting(&mut ebpf, SETTINGS_COOKIE_OFFSET, off)?;
     }
-    let accept_hook = {
-        let name = "sockacct_accept";
-        let r = (|| -> Result<FExitLinkId, LoadError> {
-            let p: &mut FExit = ebpf
-                .program_mut(name)
-                .unwrap()
-                .try_into()
-                .map_err(|e| program_error(name, e))?;
-            p.load("inet_csk_accept", &btf)
-                .map_err(|e| program_error(name, e))?;
-            p.attach()
-                .map_err(|e| attach_error(name, "fexit/inet_csk_accept", e))
-        })();
-        match r {
-            Ok(id) => {
-                links.push(Link::FExit(name, id));
-                true
-            }
-            Err(e) => {
-                warn!(
-                    "accept hook unavailable ({e}); server-side sockets take the owner of the first \
-                     process that sends or receives on them (or of their listener until then)"
-                );
-                false
-            }
-        }
+    let mut chooser = hooks::Chooser {
+        ebpf: &mut ebpf,
+        aya_btf: &aya_btf,
+        kbtf: &kbtf,
+        cookie_offset,
+        cgroup: &cg,
     };
+    let mut chosen = vec![];
+    let close = chooser.choose(&hooks::TCP_CLOSE, &mut links);
+    if close.program.is_none() {
+        return Err(LoadError::Program {
+            name: "sockacct_tcp_state",
+            detail: format!(
+                "no program this kernel accepts can see TCP sockets close, and without that \
+                 their entries are never finished ({}). sockacct needs Linux 5.10 or later \
+                 with BTF",
+                close.passed_over.join("; ")
+            ),
+        });
+    }
+    chosen.push(close);
+    let accept = chooser.choose(&hooks::ACCEPT, &mut links);
+    // The compat accept hook reads cookies instead of creating them: the end of the
+    // handshake (sock_ops) hands out the accepted socket's cookie before accept() runs.
+    let accept_compat = accept.program.is_some_and(|p| p.ends_with("_compat"));
+    let accept_hook = accept.program.is_some();
+    chosen.push(accept);
     if !accept_hook {
-        // TCP's own send and receive paths, not sock_send_length/sock_recv_length: those
-        // run for every send and receive of every socket on the machine (small UDP paid
-        // for them), while only accepted TCP sockets need an owner this way. Kernels
-        // without these tracepoints get the generic ones.
-        let tcp = [
-            ("sockacct_first_recv", "tcp_rcv_space_adjust"),
-            ("sockacct_first_send", "tcp_sendmsg_locked"),
-        ];
-        let any = [
-            ("sockacct_first_recv_any", "sock_recv_length"),
-            ("sockacct_first_send_any", "sock_send_length"),
-        ];
-        let mut attached = vec![];
-        let mut failed = None;
-        for (name, tp) in tcp {
-            match attach_tp(&mut ebpf, &btf, name, tp) {
-                Ok(id) => attached.push(Link::Tp(name, id)),
-                Err(e) => {
-                    failed = Some(e);
-                    break;
-                }
-            }
-        }
-        if let Some(e) = failed {
-            warn!(
-                "TCP send/receive tracepoints unavailable ({e}); watching every socket's send and receive instead"
-            );
-            for link in attached.drain(..) {
-                if let Link::Tp(n, id) = link {
-                    let _ = prog::<BtfTracePoint>(&mut ebpf, n).and_then(|p| p.detach(id));
-                }
-            }
-            for (name, tp) in any {
-                attached.push(Link::Tp(name, attach_tp(&mut ebpf, &btf, name, tp)?));
-            }
-        }
-        links.append(&mut attached);
+        // TCP's own send and receive paths first, not sock_send_length/sock_recv_length:
+        // those run for every send and receive of every socket on the machine.
+        chosen.push(chooser.choose(&hooks::FIRST_RECV, &mut links));
+        chosen.push(chooser.choose(&hooks::FIRST_SEND, &mut links));
+    }
+    if !accept_hook || accept_compat {
         // Accepted sockets get their owner entry at the end of the handshake, so the
         // hooks above find it even before the socket's first packet.
-        let name = "sockacct_passive";
-        let p: &mut SockOps = ebpf
-            .program_mut(name)
-            .unwrap()
-            .try_into()
-            .map_err(|e| program_error(name, e))?;
-        p.load().map_err(|e| program_error(name, e))?;
-        let id = p
-            .attach(cg.as_fd(), CgroupAttachMode::Single)
-            .map_err(|e| attach_error(name, cgroup.display().to_string(), e))?;
-        links.push(Link::SockOps(name, id));
+        chosen.push(chooser.choose(&hooks::PASSIVE, &mut links));
+    }
+    for c in &chosen {
+        match (c.program, c.lost) {
+            (Some(p), _) if !c.passed_over.is_empty() => {
+                info!("{}: using {p} ({})", c.purpose, c.passed_over.join("; "))
+            }
+            (None, Some(lost)) => warn!(
+                "{}: this kernel allows none of its hooks ({}); {lost}",
+                c.purpose,
+                c.passed_over.join("; ")
+            ),
+            _ => {}
+        }
     }
 
+    let mut qdiscs = vec![];
     if !ifaces.is_empty() {
         let mut m: PerCpuHashMap<&mut MapData, u32, SlotCounters> = PerCpuHashMap::try_from(
             ebpf.map_mut(MAP_IFACES)
@@ -436,51 +384,107 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
                 source,
             })?;
         }
-        for (name, ty) in [
-            ("sockacct_tc_ingress", TcAttachType::Ingress),
-            ("sockacct_tc_egress", TcAttachType::Egress),
-        ] {
-            let p: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .unwrap()
-                .try_into()
-                .map_err(|e| program_error(name, e))?;
-            p.load().map_err(|e| program_error(name, e))?;
-            for (_, iface) in &ifaces {
-                // tcx links on kernels >= 6.6: no clsact qdisc is created, nothing to clean up.
-                let id = p
-                    .attach(iface, ty)
-                    .map_err(|e| attach_error(name, iface.clone(), e))?;
-                links.push(Link::Tc(name, id));
+        // Kernels >= 6.6 attach tc programs as tcx links: no qdisc. Older ones attach
+        // netlink filters, which need a clsact qdisc (aya decides the same way).
+        use aya::util::KernelVersion;
+        let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
+        if !tcx {
+            for (idx, iface) in &ifaces {
+                match clsact::ensure(iface) {
+                    Ok(true) => qdiscs.push((*idx, iface.clone())),
+                    Ok(false) => {}
+                    Err(detail) => {
+                        remove_qdiscs(&mut qdiscs);
+                        return Err(LoadError::Attach {
+                            name: "sockacct_tc_ingress",
+                            target: iface.clone(),
+                            detail,
+                        });
+                    }
+                }
             }
+        }
+        let r = (|| {
+            for (name, ty) in [
+                ("sockacct_tc_ingress", TcAttachType::Ingress),
+                ("sockacct_tc_egress", TcAttachType::Egress),
+            ] {
+                let p: &mut SchedClassifier = ebpf
+                    .program_mut(name)
+                    .unwrap()
+                    .try_into()
+                    .map_err(|e| program_error(name, e))?;
+                p.load().map_err(|e| program_error(name, e))?;
+                for (_, iface) in &ifaces {
+                    let id = p
+                        .attach(iface, ty)
+                        .map_err(|e| attach_error(name, iface.clone(), e))?;
+                    links.push(Link::Tc(name, id));
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = r {
+            remove_qdiscs(&mut qdiscs);
+            return Err(e);
         }
     }
     info!(
-        "attached to cgroup {} (max {} sockets){}{}",
+        "attached to cgroup {} (max {} sockets){}; hooks: {}",
         cgroup.display(),
         opts.max_sockets,
         if ifaces.is_empty() {
             String::new()
         } else {
             format!(
-                ", tc on {:?}",
-                ifaces.iter().map(|i| &i.1).collect::<Vec<_>>()
+                ", tc on {:?}{}",
+                ifaces.iter().map(|i| &i.1).collect::<Vec<_>>(),
+                if qdiscs.is_empty() {
+                    ""
+                } else {
+                    " (clsact qdisc added, removed at exit)"
+                }
             )
         },
-        if accept_hook {
-            ""
-        } else {
-            ", without accept hook"
-        }
+        chosen
+            .iter()
+            .map(|c| format!("{}={}", c.purpose, c.program.unwrap_or("none")))
+            .collect::<Vec<_>>()
+            .join(" ")
     );
     Ok(Loaded {
         ebpf,
         cgroup,
         interfaces: ifaces,
         accept_hook,
+        hooks: chosen,
         links,
+        qdiscs,
         _cgroup_fd: cg,
     })
+}
+
+fn set_setting(ebpf: &mut Ebpf, index: u32, value: u32) -> Result<(), LoadError> {
+    let mut a: aya::maps::Array<&mut MapData, u32> = aya::maps::Array::try_from(
+        ebpf.map_mut(MAP_SETTINGS)
+            .ok_or(LoadError::MissingMap(MAP_SETTINGS))?,
+    )
+    .map_err(|source| LoadError::Map {
+        name: MAP_SETTINGS,
+        source,
+    })?;
+    a.set(index, value, 0).map_err(|source| LoadError::Map {
+        name: MAP_SETTINGS,
+        source,
+    })
+}
+
+fn remove_qdiscs(qdiscs: &mut Vec<(u32, String)>) {
+    for (idx, iface) in qdiscs.drain(..) {
+        if let Err(e) = clsact::remove(idx) {
+            warn!("removing the clsact qdisc the agent added to {iface}: {e}");
+        }
+    }
 }
 
 impl Loaded {
@@ -507,6 +511,7 @@ impl Loaded {
                 warn!("detach: {}", chain(&e));
             }
         }
+        remove_qdiscs(&mut self.qdiscs);
     }
 
     /// Takes a map out of the object (the poller owns the maps it reads).
