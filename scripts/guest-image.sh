@@ -16,7 +16,7 @@ CACHE="${SOCKACCT_GUEST_CACHE:-/var/cache/sockacct-guests}"
 MIRROR="${SOCKACCT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Bump when the guest's packages or its boot service change: rebuilds base and images.
-ROOTFS_REV=3
+ROOTFS_REV=4
 
 log() { echo "guest-image: $*" >&2; }
 
@@ -126,7 +126,7 @@ ConditionPathExists=/dev/vdb
 [Service]
 Type=oneshot
 ExecStart=/usr/local/sbin/sockacct-guest-run
-StandardOutput=journal+console
+StandardOutput=journal
 TimeoutStartSec=infinity
 
 [Install]

@@ -158,13 +158,25 @@ fn tcp_exact(tag: &str, addr: &str, hdr: u64) {
         lossy,
         cw.retrans,
     );
+    // Some kernels (seen on 6.1) never run the cgroup egress hook for an IPv6 SYN-ACK:
+    // ip6_xmit sends it on the listener while skb->sk is the request socket, and the hook
+    // runs only when the two match. The client still receives it, so then the client's rx
+    // has exactly that packet (headers + SYN options, no payload) more than the server's
+    // tx, and the kernel's total does not hold it either (conservation is unaffected).
+    let synack_unseen = hdr == V6_TCP_HDR
+        && !lossy
+        && c.rx_packets == sv.tx_packets + 1
+        && c.rx == sv.tx + hdr + SYN_EXTRA;
+    if synack_unseen {
+        eprintln!("{tag}: this kernel's egress hook does not see the IPv6 SYN-ACK");
+    }
     check_tcp(
         "server tx",
         sv.tx,
         sw.sent,
         hdr,
         sv.tx_packets,
-        SYN_EXTRA,
+        if synack_unseen { 0 } else { SYN_EXTRA },
         lossy,
         0,
     );
@@ -555,7 +567,8 @@ fn scoped_cgroup_counts_nothing_outside_and_detaches() {
     cli.finish();
     srv.finish();
     let events = d.stop();
-    for t in [0, 1, 2, 34] {
+    // ... and sock_ops (3), attached on kernels without a (cookie-creating) accept hook.
+    for t in [0, 1, 2, 3, 34] {
         assert_eq!(
             attached_programs(&inside.path, t),
             0,
@@ -616,6 +629,13 @@ fn veth_traffic_shows_up_per_interface() {
     cli.finish();
     srv.finish();
     let events = d.stop();
+    // Below 6.6 (no tcx) the agent added a clsact qdisc for its filters: gone again.
+    let o = Command::new("tc")
+        .args(["qdisc", "show", "dev", &net.host_if])
+        .output()
+        .unwrap();
+    let q = String::from_utf8_lossy(&o.stdout);
+    assert!(!q.contains("clsact"), "qdisc left on {}: {q}", net.host_if);
     check_events(&events);
     let s = sum(&events);
     eprintln!("veth: {:?}", s);

@@ -7,6 +7,9 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 
+mod package;
+mod vm;
+
 #[derive(Parser)]
 #[command(about = "sockacct project tasks")]
 struct Cli {
@@ -24,12 +27,22 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Unit tests, then the integration tests against the real kernel (needs root).
+    /// Unit tests, then the integration tests against the running kernel and, in QEMU
+    /// guests, against Debian's stock kernels 5.10, 6.1 and 6.12 (needs root).
     Test {
-        /// Extra arguments for the integration test binary (e.g. a test name filter).
+        /// Run only these kernels: `host` (the running kernel) or a guest series (5.10, 6.1,
+        /// 6.12). Repeatable. Default: the host and every guest.
+        #[arg(long = "kernel", value_name = "KERNEL")]
+        kernels: Vec<String>,
+        /// Skip the guests (the quick loop: unit tests and the host kernel only).
+        #[arg(long)]
+        no_vm: bool,
+        /// Extra arguments for the host's integration test binaries (e.g. a name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Build the Debian package (target/debian/sockacct_<version>_amd64.deb).
+    Package,
     /// Benchmarks: program run time, throughput ratios, poll tick times.
     Bench {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -94,6 +107,132 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Installs the Debian packages providing `cmds` that are missing (as root, via apt).
+fn ensure_debian_packages(cmds: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = cmds
+        .iter()
+        .filter(|(cmd, _)| {
+            !Command::new("sh")
+                .args(["-c", &format!("command -v {cmd}")])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .map(|(_, pkg)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!(
+            "missing Debian packages: {} (apt-get install them)",
+            missing.join(" ")
+        );
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+    };
+    let install = [&["install", "-y", "-qq"][..], &missing].concat();
+    // The machine's package index may be stale: update once when the install fails.
+    if !apt(&install)?.success() {
+        check(apt(&["update", "-qq"])?, "apt-get update")?;
+        check(apt(&install)?, "apt-get install")?;
+    }
+    Ok(())
+}
+
+fn test(kernels: Vec<String>, no_vm: bool, args: Vec<String>) -> anyhow::Result<()> {
+    let host = kernels.is_empty() || kernels.iter().any(|k| k == "host");
+    let mut guests = vec![];
+    if !no_vm {
+        for k in kernels.iter().filter(|k| *k != "host") {
+            guests.push(vm::MATRIX.iter().find(|g| g.series == k).with_context(|| {
+                format!(
+                    "unknown kernel {k:?}: known are host, {}",
+                    vm::MATRIX
+                        .iter()
+                        .map(|g| g.series)
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )
+            })?);
+        }
+        if kernels.is_empty() {
+            guests.extend(vm::MATRIX.iter());
+        }
+    }
+    build_ebpf()?;
+    cargo(&["test", "--workspace", "--exclude", "sockacct-tests"])?;
+    if !is_root() {
+        bail!(
+            "the integration tests load kernel programs: run `sudo -E cargo xtask test` (or as root)"
+        );
+    }
+    ensure_debian_packages(&[
+        ("ip", "iproute2"),
+        ("zstd", "zstd"),
+        ("jq", "jq"),
+        ("sysctl", "procps"),
+        ("setpriv", "util-linux"),
+    ])?;
+    let mut failed = vec![];
+    if host {
+        let mut a = vec!["test", "--release", "-p", "sockacct-tests", "--"];
+        a.extend(args.iter().map(String::as_str));
+        if let Err(e) = cargo(&a) {
+            eprintln!("xtask: host kernel: {e}");
+            failed.push("host".to_string());
+        }
+    }
+    if !guests.is_empty() {
+        ensure_debian_packages(&[
+            ("qemu-system-x86_64", "qemu-system-x86"),
+            ("debootstrap", "debootstrap"),
+            ("mkfs.ext4", "e2fsprogs"),
+            ("objdump", "binutils"),
+            ("dpkg-deb", "dpkg"),
+        ])?;
+        let tests = vm::build_test_binaries()?;
+        let deb = if guests.iter().any(|g| g.package) {
+            Some(package::build()?)
+        } else {
+            None
+        };
+        let mut outcomes = vec![];
+        for g in guests {
+            match vm::run_guest(g, &tests, deb.as_deref()) {
+                Ok(o) => outcomes.push(o),
+                Err(e) => {
+                    eprintln!("xtask: guest {}: {e:#}", g.series);
+                    failed.push(g.series.to_string());
+                }
+            }
+        }
+        eprintln!("\nxtask: kernel matrix");
+        for o in &outcomes {
+            eprintln!(
+                "  {:<5} {:<24} {:<6} {:>4}s  {}",
+                o.series,
+                o.kver,
+                if o.ok { "ok" } else { "FAILED" },
+                o.secs,
+                o.summary
+            );
+            if !o.ok {
+                failed.push(o.series.to_string());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("tests failed on: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
@@ -132,19 +271,12 @@ fn main() -> anyhow::Result<()> {
             };
             check(st, "sockacct")
         }
-        Cmd::Test { args } => {
-            build_ebpf()?;
-            cargo(&["test", "--workspace", "--exclude", "sockacct-tests"])?;
-            if !is_root() {
-                bail!(
-                    "the integration tests load kernel programs: run `sudo -E cargo xtask test` (or as root)"
-                );
-            }
-            let mut a = vec!["test", "--release", "-p", "sockacct-tests", "--"];
-            let extra: Vec<&str> = args.iter().map(String::as_str).collect();
-            a.extend(extra);
-            cargo(&a)
-        }
+        Cmd::Test {
+            kernels,
+            no_vm,
+            args,
+        } => test(kernels, no_vm, args),
+        Cmd::Package => package::build().map(|_| ()),
         Cmd::Bench { args } => {
             build_ebpf()?;
             if !is_root() {

@@ -258,6 +258,7 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         ));
     }
 
+    raise_memlock_limit();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_SOCKS, opts.max_sockets)
         .map_max_entries(MAP_OWNERS, opts.max_sockets)
@@ -462,6 +463,24 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         qdiscs,
         _cgroup_fd: cg,
     })
+}
+
+/// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK, often 8 MiB (systemd's default)
+/// or 64 KiB, less than our ring buffers alone. Later kernels charge the memory cgroup and
+/// ignore the limit. Best effort: a failure shows up as a map creation error naming it.
+fn raise_memlock_limit() {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        warn!(
+            "could not raise RLIMIT_MEMLOCK ({}); on kernels before 5.11 map creation may fail \
+             (systemd: LimitMEMLOCK=infinity)",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 fn set_setting(ebpf: &mut Ebpf, index: u32, value: u32) -> Result<(), LoadError> {
