@@ -16,7 +16,7 @@ CACHE="${SOCKACCT_GUEST_CACHE:-/var/cache/sockacct-guests}"
 MIRROR="${SOCKACCT_DEBIAN_MIRROR:-http://deb.debian.org/debian}"
 KEYRING=/usr/share/keyrings/debian-archive-keyring.gpg
 # Bump when the guest's packages or its boot service change: rebuilds base and images.
-ROOTFS_REV=4
+ROOTFS_REV=5
 
 log() { echo "guest-image: $*" >&2; }
 
@@ -135,6 +135,8 @@ EOF
     chroot "$BASE" systemctl enable sockacct-guest.service >/dev/null 2>&1
     # Nothing in the guest should wait for a network that does not exist.
     chroot "$BASE" systemctl mask systemd-networkd-wait-online.service >/dev/null 2>&1 || true
+    # The serial console is the payload's: no login prompt over its output.
+    chroot "$BASE" systemctl mask serial-getty@ttyS0.service >/dev/null 2>&1 || true
     printf 'MODULES=list\nCOMPRESS=zstd\n' >"$BASE/etc/initramfs-tools/conf.d/sockacct"
     printf 'virtio_pci\nvirtio_blk\next4\ncrc32c_generic\n' >>"$BASE/etc/initramfs-tools/modules"
     rm -rf "$BASE/var/cache/apt/archives"/*.deb "$BASE/var/lib/apt/lists"/*_Packages

@@ -28,6 +28,10 @@ pub enum Command {
     /// capability, which hook this kernel gives and what is lost without one. Exits 1
     /// exactly when `run` would fail to start.
     Check {
+        /// Configuration file, as for `run --config` (its cgroup, interfaces, map size and
+        /// flow settings decide what is loaded).
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
         /// cgroup v2 directory to check, as for `run --cgroup`.
         #[arg(long, value_name = "PATH")]
         cgroup: Option<PathBuf>,
@@ -151,7 +155,11 @@ pub fn main() {
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Run(args) => crate::daemon::run(args),
-        Command::Check { cgroup, interfaces } => check(cgroup, interfaces),
+        Command::Check {
+            config,
+            cgroup,
+            interfaces,
+        } => check(config, cgroup, interfaces),
         Command::Flush(c) => control(
             &c,
             serde_json::json!({"cmd": "flush"}),
@@ -203,14 +211,25 @@ fn control(c: &ControlArgs, req: serde_json::Value, timeout: Duration) -> anyhow
     Ok(())
 }
 
-fn check(cgroup: Option<PathBuf>, interfaces: Vec<String>) -> anyhow::Result<()> {
-    let path = crate::loader::preflight(cgroup.as_deref())?;
+fn check(
+    config: Option<PathBuf>,
+    cgroup: Option<PathBuf>,
+    interfaces: Vec<String>,
+) -> anyhow::Result<()> {
+    let mut cfg = match &config {
+        Some(p) => crate::config::Config::load(p)?,
+        None => crate::config::Config::parse("", "<defaults>")?,
+    };
+    if cgroup.is_some() {
+        cfg.cgroup = cgroup;
+    }
+    if !interfaces.is_empty() {
+        cfg.interfaces = interfaces;
+    }
+    cfg.validate()?;
+    let path = crate::loader::preflight(cfg.cgroup.as_deref())?;
     println!("ok: privileges, BTF and cgroup v2 present");
-    let loaded = crate::loader::load(&crate::loader::LoadOptions {
-        cgroup: Some(path.clone()),
-        interfaces,
-        ..Default::default()
-    })?;
+    let loaded = crate::loader::load(&crate::daemon::load_options(&cfg))?;
     println!(
         "ok: kernel {}: every required program loads and attaches to {}",
         crate::procfs::kernel_release(),

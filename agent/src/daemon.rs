@@ -540,16 +540,21 @@ impl Writer {
     }
 }
 
+/// What to load and attach for a configuration (`run` and `check` load the same).
+pub fn load_options(config: &Config) -> LoadOptions {
+    LoadOptions {
+        cgroup: config.cgroup.clone(),
+        interfaces: config.interfaces.clone(),
+        max_sockets: config.max_sockets,
+        per_peer: config.flows.enabled,
+    }
+}
+
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     let s = settings(&args)?;
     // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
     loader::preflight(s.config.cgroup.as_deref())?;
-    let opts = LoadOptions {
-        cgroup: s.config.cgroup.clone(),
-        interfaces: s.config.interfaces.clone(),
-        max_sockets: s.config.max_sockets,
-        per_peer: s.config.flows.enabled,
-    };
+    let opts = load_options(&s.config);
     let labeler = Arc::new(Labeler::new(&s.config, procfs::netns_cookie_of_self())?);
     std::fs::create_dir_all(&s.state_dir).with_context(|| {
         format!(

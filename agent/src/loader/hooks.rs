@@ -165,12 +165,19 @@ fn refusal(e: ProgramError) -> String {
             verifier_log,
         } => {
             let log = verifier_log.to_string();
+            // The verifier's last words before its statistics say why.
+            let stats = [
+                "processed ",
+                "stack depth",
+                "verification time",
+                "max_states",
+            ];
             let last = log
                 .lines()
                 .rev()
-                .find(|l| !l.trim().is_empty() && !l.starts_with("processed "))
+                .map(str::trim)
+                .find(|l| !l.is_empty() && !stats.iter().any(|s| l.starts_with(s)))
                 .unwrap_or("")
-                .trim()
                 .to_string();
             if last.is_empty() {
                 format!("refused: {io_error}")
