@@ -239,8 +239,20 @@ pub fn run_guest(
         "flows.log",
     ] {
         if let Ok(t) = fs::read_to_string(out.join(f)) {
+            // "test result: ok. 9 passed; 0 failed; ..." -> "accounting 9/9"
             if let Some(l) = t.lines().rev().find(|l| l.starts_with("test result:")) {
-                summary.push_str(&format!("{}: {l}; ", f.trim_end_matches(".log")));
+                let num = |what: &str| -> u64 {
+                    l.split(';')
+                        .find_map(|p| p.trim().strip_suffix(what))
+                        .and_then(|n| n.trim().rsplit(' ').next()?.parse().ok())
+                        .unwrap_or(0)
+                };
+                let (pass, fail) = (num(" passed"), num(" failed"));
+                summary.push_str(&format!(
+                    "{} {pass}/{}  ",
+                    f.trim_end_matches(".log"),
+                    pass + fail
+                ));
             }
         }
     }

@@ -321,7 +321,8 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
             detail: format!(
                 "no program this kernel accepts can see TCP sockets close, and without that \
                  their entries are never finished ({}). sockacct needs Linux 5.10 or later \
-                 with BTF",
+                 with BTF; before 5.12 it reads socket cookies with bpf_probe_read_kernel, \
+                 which lockdown=confidentiality forbids",
                 close.passed_over.join("; ")
             ),
         });
