@@ -87,7 +87,8 @@ fn build_ebpf() -> anyhow::Result<()> {
     check(
         Command::new("cargo")
             .current_dir(r.join("agent-ebpf"))
-            .args(["+nightly", "build", "--release"])
+            .args(["+nightly", "build", "--release", "--target-dir"])
+            .arg(r.join("target/bpf"))
             .env("PATH", path)
             .env_remove("RUSTUP_TOOLCHAIN")
             .env_remove("CARGO")
@@ -234,6 +235,9 @@ fn test(kernels: Vec<String>, no_vm: bool, args: Vec<String>) -> anyhow::Result<
 }
 
 fn main() -> anyhow::Result<()> {
+    // Every build xtask runs embeds the real kernel programs (agent/build.rs).
+    // SAFETY: single-threaded here, before any child process or thread exists.
+    unsafe { std::env::set_var("SOCKACCT_BUILD_EBPF", "1") };
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::BuildEbpf => build_ebpf(),

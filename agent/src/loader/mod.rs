@@ -24,7 +24,7 @@ use thiserror::Error;
 mod clsact;
 pub mod hooks;
 
-/// The compiled kernel programs (built by agent/build.rs).
+/// The compiled kernel programs (built by agent/build.rs; empty unless it was asked to).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SOCKACCT_BPF_OBJ"));
 
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -75,6 +75,12 @@ pub enum LoadError {
         target: String,
         detail: String,
     },
+    #[error(
+        "this sockacct binary was built without its kernel programs (SOCKACCT_BUILD_EBPF was not \
+         set). Build it with `cargo xtask run` or `cargo xtask package`, or \
+         `SOCKACCT_BUILD_EBPF=1 cargo build --release -p sockacct`"
+    )]
+    NoKernelObject,
     #[error("reading the kernel's BTF: {0}")]
     BadBtf(String),
     #[error("map {0} is missing from the kernel object")]
@@ -258,6 +264,9 @@ pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
         ));
     }
 
+    if BPF_OBJECT.is_empty() {
+        return Err(LoadError::NoKernelObject);
+    }
     raise_memlock_limit();
     let mut ebpf = EbpfLoader::new()
         .map_max_entries(MAP_SOCKS, opts.max_sockets)
