@@ -16,10 +16,16 @@ use std::{
 
 pub use sockacct::event::{DeltaEvent, Traffic};
 
-/// True when running as root; otherwise prints why the test is skipped.
+/// True when running as root; otherwise says the test is skipped, visibly: straight to
+/// stderr, which the test harness does not capture (eprintln! output of a passing test
+/// would never be seen).
 pub fn require_root(test: &str) -> bool {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("skipping {test}: needs root (run `cargo xtask test` as root)");
+        use std::io::Write as _;
+        let _ = writeln!(
+            std::io::stderr(),
+            "skipping {test}: needs root (run `cargo xtask test` as root)"
+        );
         return false;
     }
     true
@@ -267,7 +273,11 @@ impl Peer {
         args: &[&str],
         user: Option<(u32, u32)>,
     ) -> Peer {
-        let exe = sibling_exe("sockacct-peer");
+        let exe = if user.is_some() {
+            world_exe("sockacct-peer")
+        } else {
+            sibling_exe("sockacct-peer")
+        };
         let mut cmd = match ns {
             Some(ns) => {
                 let mut c = Command::new("ip");
@@ -432,6 +442,41 @@ pub fn sibling_exe(name: &str) -> String {
     )
 }
 
+/// A copy of this package's binary `name` that any user may execute, for tests that run
+/// it unprivileged: the checkout (and so target/) may sit under a 0700 directory such as
+/// root's home, where an unprivileged process cannot reach it. One per test process, in
+/// /tmp; those of test processes that are gone are removed.
+pub fn world_exe(name: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    static DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().to_string();
+            if let Some(pid) = n.strip_prefix("sockacct-exe-")
+                && !Path::new(&format!("/proc/{pid}")).exists()
+            {
+                let _ = fs::remove_dir_all(e.path());
+            }
+        }
+        let d = tmp.join(format!("sockacct-exe-{}", std::process::id()));
+        fs::create_dir_all(&d).unwrap();
+        fs::set_permissions(&d, fs::Permissions::from_mode(0o755)).unwrap();
+        d
+    });
+    static COPYING: Mutex<()> = Mutex::new(());
+    let _one_at_a_time = COPYING.lock().unwrap_or_else(|p| p.into_inner());
+    let to = dir.join(name);
+    if !to.exists() {
+        let from = sibling_exe(name);
+        let part = dir.join(format!(".{name}.part"));
+        fs::copy(&from, &part).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+        fs::set_permissions(&part, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::rename(&part, &to).unwrap();
+    }
+    to.display().to_string()
+}
+
 pub fn agent_exe() -> String {
     sibling_exe("sockacct-agent")
 }
@@ -495,17 +540,18 @@ impl Daemon {
             dir: dir.to_path_buf(),
             _state: None,
         };
-        wait_for("the agent to run", Duration::from_secs(30), || {
-            if let Ok(Some(st)) = d.child.try_wait() {
-                panic!("agent exited early ({st}): {:?}", d.stderr.lock().unwrap());
-            }
-            d.stderr
-                .lock()
-                .unwrap()
-                .iter()
-                .any(|l| l.contains("running: one event per"))
-                .then_some(())
-        });
+        // Ready when the control socket answers `status`: it is bound only after every
+        // program is attached, so traffic from here on is counted.
+        wait_for(
+            "the agent to answer status",
+            Duration::from_secs(60),
+            || {
+                if let Ok(Some(st)) = d.child.try_wait() {
+                    panic!("agent exited early ({st}): {:?}", d.stderr.lock().unwrap());
+                }
+                d.status_if_up().filter(|v| v["ok"] == true).map(|_| ())
+            },
+        );
         d
     }
 
@@ -531,6 +577,16 @@ impl Daemon {
     }
 
     /// Sends one raw request line on the control socket and returns the reply line.
+    /// `status` if the control socket accepts a connection yet.
+    fn status_if_up(&self) -> Option<serde_json::Value> {
+        let mut s = std::os::unix::net::UnixStream::connect(self.control_socket()).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(b"{\"cmd\":\"status\"}\n").ok()?;
+        let mut line = String::new();
+        BufReader::new(s).read_line(&mut line).ok()?;
+        serde_json::from_str(&line).ok()
+    }
+
     pub fn control_raw(&self, line: &[u8]) -> String {
         let mut s = std::os::unix::net::UnixStream::connect(self.control_socket())
             .expect("connect control socket");

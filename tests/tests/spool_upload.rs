@@ -380,7 +380,7 @@ fn the_control_socket_refuses_what_it_must() {
                 "--clear-groups",
                 "--",
             ])
-            .arg(agent_exe())
+            .arg(world_exe("sockacct-agent"))
             .args(args)
             .arg("--control-socket")
             .arg(&sock)
