@@ -3,6 +3,11 @@ use std::{path::PathBuf, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::{
+    daemon::RunOptions,
+    settings::{Overrides, Settings},
+};
+
 #[derive(Debug, Parser)]
 #[command(
     name = "sockacct",
@@ -65,7 +70,7 @@ pub enum Command {
         #[arg(
             long,
             value_name = "DIR",
-            default_value = "/var/lib/sockacct/spool",
+            default_value = crate::config::DEFAULT_SPOOL_DIR,
             global = true
         )]
         spool_dir: PathBuf,
@@ -112,7 +117,7 @@ pub struct RunArgs {
     pub ifaces: Vec<String>,
 
     /// Directory for state that must survive restarts (the sequence-number reservation).
-    #[arg(long, value_name = "DIR", default_value = "/var/lib/sockacct")]
+    #[arg(long, value_name = "DIR", default_value = crate::config::DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
 
     /// Capacity of the per-socket maps; sockets beyond it are counted as unattributed
@@ -147,6 +152,31 @@ pub struct RunArgs {
     pub control_group: Option<String>,
 }
 
+impl RunArgs {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            config: self.config.clone(),
+            cgroup: self.cgroup.clone(),
+            interval_ms: self.interval,
+            interfaces: self.ifaces.clone(),
+            max_sockets: self.max_sockets,
+            agent_id: self.agent_id.clone(),
+            spool_dir: self.spool_dir.clone(),
+            upload_url: self.upload_url.clone(),
+            control_socket: self.control_socket.clone(),
+            control_group: self.control_group.clone(),
+        }
+    }
+
+    fn run_options(&self) -> RunOptions {
+        RunOptions {
+            stdout: self.stdout,
+            state_dir: self.state_dir.clone(),
+            spool: !self.no_spool,
+        }
+    }
+}
+
 /// Entry point of the `sockacct` binary (in the library so test binaries can embed it).
 pub fn main() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
@@ -154,7 +184,9 @@ pub fn main() {
         .init();
     let cli = Cli::parse();
     let r = match cli.command {
-        Command::Run(args) => crate::daemon::run(args),
+        Command::Run(args) => Settings::build(&args.overrides())
+            .map_err(anyhow::Error::from)
+            .and_then(|s| crate::daemon::run(s, args.run_options())),
         Command::Check {
             config,
             cgroup,
@@ -216,20 +248,15 @@ fn check(
     cgroup: Option<PathBuf>,
     interfaces: Vec<String>,
 ) -> anyhow::Result<()> {
-    let mut cfg = match &config {
-        Some(p) => crate::config::Config::load(p)?,
-        None => crate::config::Config::parse("", "<defaults>")?,
-    };
-    if cgroup.is_some() {
-        cfg.cgroup = cgroup;
-    }
-    if !interfaces.is_empty() {
-        cfg.interfaces = interfaces;
-    }
-    cfg.validate()?;
-    let path = crate::loader::preflight(cfg.cgroup.as_deref())?;
+    let s = Settings::build(&Overrides {
+        config,
+        cgroup,
+        interfaces,
+        ..Overrides::default()
+    })?;
+    let path = crate::loader::preflight(s.config.cgroup.as_deref())?;
     println!("ok: privileges, BTF and cgroup v2 present");
-    let loaded = crate::loader::load(&crate::daemon::load_options(&cfg))?;
+    let loaded = crate::loader::load(&s.load_options())?;
     println!(
         "ok: kernel {}: every required program loads and attaches to {}",
         crate::procfs::kernel_release(),

@@ -23,74 +23,17 @@ use serde_json::{Value, json};
 
 use crate::{
     bpfsys,
-    cli::RunArgs,
     config::{Config, FsyncSetting},
     control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Peer},
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
-    flows::{FlowConfig, FlowRecord, FlowStats, FlowTable},
-    labels::Labeler,
-    loader::{self, LoadOptions},
+    flows::{FlowRecord, FlowStats, FlowTable},
+    loader,
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
-    procfs,
+    settings::Settings,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
     upload::{self, UploadConfig, Uploader},
 };
-
-/// Settings after merging the config file and flags.
-#[derive(Debug, Clone)]
-pub struct Settings {
-    pub config: Config,
-    pub interval: Duration,
-    pub stdout: bool,
-    pub state_dir: PathBuf,
-    pub spool: bool,
-}
-
-pub fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
-    let mut config = match &args.config {
-        Some(p) => Config::load(p)?,
-        None => Config::parse("", "<defaults>")?,
-    };
-    if let Some(c) = &args.cgroup {
-        config.cgroup = Some(c.clone());
-    }
-    if let Some(i) = args.interval {
-        config.interval_ms = i;
-    }
-    if !args.ifaces.is_empty() {
-        config.interfaces = args.ifaces.clone();
-    }
-    if let Some(m) = args.max_sockets {
-        config.max_sockets = m;
-    }
-    if let Some(a) = &args.agent_id {
-        config.agent_id = Some(a.clone());
-    }
-    if let Some(d) = &args.spool_dir {
-        config.spool.dir = d.clone();
-    }
-    if let Some(u) = &args.upload_url {
-        config.upload.url = Some(u.clone());
-    }
-    if let Some(s) = &args.control_socket {
-        config.control.socket = s.clone();
-    }
-    if let Some(g) = &args.control_group {
-        config.control.group = Some(g.clone());
-    }
-    // Flags go through the same checks as the file (ranges, URL scheme, ...).
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e} (after applying the command-line flags)"))?;
-    Ok(Settings {
-        interval: Duration::from_millis(config.interval_ms),
-        config,
-        stdout: args.stdout,
-        state_dir: args.state_dir.clone(),
-        spool: !args.no_spool,
-    })
-}
 
 /// Upload bookkeeping for `status`.
 #[derive(Debug, Default)]
@@ -368,6 +311,8 @@ fn status_snapshot(base: &Value, st: &PollStats) -> Value {
             "events": st.events,
             "last_tick_work_ms": st.last_tick_work.as_secs_f64() * 1e3,
             "last_tick_wait_ms": st.last_tick_wait.as_secs_f64() * 1e3,
+            "tick_failures": st.tick_failures,
+            "last_tick_error": st.last_tick_error,
             "finished_sockets_folded_in": st.finals_received,
             "kernel_total": st.kernel_total,
             "drops": {
@@ -408,6 +353,10 @@ struct Writer {
     held_flows: Vec<FlowRecord>,
     spool_failing: bool,
 }
+
+/// Consecutive failed ticks (10 s at the default interval) after which the agent stops:
+/// it then detaches, polls a last time and fsyncs its spool like at SIGTERM.
+const MAX_FAILING_TICKS: u32 = 100;
 
 /// Flow records per spool frame (keeps frames, and so upload bodies, small).
 const FLOW_RECORDS_PER_FRAME: usize = 512;
@@ -540,29 +489,29 @@ impl Writer {
     }
 }
 
-/// What to load and attach for a configuration (`run` and `check` load the same).
-pub fn load_options(config: &Config) -> LoadOptions {
-    LoadOptions {
-        cgroup: config.cgroup.clone(),
-        interfaces: config.interfaces.clone(),
-        max_sockets: config.max_sockets,
-        per_peer: config.flows.enabled,
-    }
+/// How to run, beyond the configuration: flags of `sockacct run` only.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Also write every record as a JSON line to stdout.
+    pub stdout: bool,
+    /// State that must survive restarts (the sequence-number reservation).
+    pub state_dir: PathBuf,
+    /// Keep records in the spool (false: stdout only).
+    pub spool: bool,
 }
 
-pub fn run(args: RunArgs) -> anyhow::Result<()> {
-    let s = settings(&args)?;
+pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
     loader::preflight(s.config.cgroup.as_deref())?;
-    let opts = load_options(&s.config);
-    let labeler = Arc::new(Labeler::new(&s.config, procfs::netns_cookie_of_self())?);
-    std::fs::create_dir_all(&s.state_dir).with_context(|| {
+    let opts = s.load_options();
+    let labeler = s.labeler.clone();
+    std::fs::create_dir_all(&o.state_dir).with_context(|| {
         format!(
             "creating state directory {} (set --state-dir)",
-            s.state_dir.display()
+            o.state_dir.display()
         )
     })?;
-    let seq_path = s.state_dir.join("seq");
+    let seq_path = o.state_dir.join("seq");
     let seq =
         SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
     let uploader = match &s.config.upload.url {
@@ -584,7 +533,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         install_flag(sig, &stop)?;
     }
     let identity = Identity::detect(s.config.agent_id.as_deref());
-    let (spool, poller_seq, writer_seq) = if s.spool {
+    let (spool, poller_seq, writer_seq) = if o.spool {
         let (sp, report) = Spool::open_dir(spool_config(&s.config), identity.clone(), seq)
             .with_context(|| {
                 format!(
@@ -679,17 +628,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
         });
     }
 
-    let mut flow_table = if s.config.flows.enabled {
-        let cfg = FlowConfig::from_section(&s.config.flows)
-            .map_err(|e| anyhow::anyhow!("config: {e}"))?;
+    let mut flow_table = s.flows.clone().map(|cfg| {
         poller.enable_flow_views(true);
-        Some(FlowTable::new(cfg, &shared.identity))
-    } else {
-        None
-    };
+        FlowTable::new(cfg, &shared.identity)
+    });
     let mut writer = Writer {
         shared: shared.clone(),
-        stdout: s.stdout,
+        stdout: o.stdout,
         seq: writer_seq,
         held: None,
         held_flows: vec![],
@@ -698,6 +643,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     let mut result = Ok(());
+    let mut failing = 0u32;
     while !stop.load(Ordering::Relaxed) {
         let now = Instant::now();
         if now < next {
@@ -709,7 +655,31 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
             // Fell behind (suspended?): do not burst, realign.
             next = Instant::now() + s.interval;
         }
-        let ev = poller.tick()?;
+        let ev = match poller.tick() {
+            Ok(ev) => {
+                failing = 0;
+                ev
+            }
+            Err(e) => {
+                // Nothing of the interval is lost: the tick changed no state before it
+                // failed, so the next one reads the slot again and covers both intervals.
+                failing += 1;
+                poller.stats.tick_failures += 1;
+                let msg = e.to_string();
+                if failing == 1 || poller.stats.last_tick_error.as_deref() != Some(&msg) {
+                    warn!("tick failed, retrying at the next one: {msg}");
+                }
+                poller.stats.last_tick_error = Some(msg);
+                lock(&shared.poll_stats).clone_from(&poller.stats);
+                if failing >= MAX_FAILING_TICKS {
+                    result = Err(anyhow::anyhow!(
+                        "{failing} ticks in a row failed, giving up: {e}"
+                    ));
+                    break;
+                }
+                continue;
+            }
+        };
         lock(&shared.poll_stats).clone_from(&poller.stats);
         if let Err(e) = writer.write(ev) {
             result = Err(e);
@@ -738,14 +708,24 @@ pub fn run(args: RunArgs) -> anyhow::Result<()> {
     loaded.detach();
     // Whatever was held during a pause is written now: nothing counted is dropped.
     shared.paused.store(false, Ordering::SeqCst);
-    let ev = poller.tick()?;
-    writer.write(ev)?;
+    // Whatever fails here, the spool is still fsynced below.
+    let last = poller
+        .tick()
+        .map_err(anyhow::Error::from)
+        .and_then(|ev| writer.write(ev));
+    if let Err(e) = last {
+        warn!("final poll: {e:#}");
+        result = result.and(Err(e));
+    }
     if let Some(ft) = &mut flow_table {
         let (socks, peers) = poller.take_flow_views();
         let now = crate::poller::unix_ms();
         let mut recs = ft.observe(now, &socks, &peers);
         recs.extend(ft.finish_all(now));
-        writer.write_flows(recs)?;
+        if let Err(e) = writer.write_flows(recs) {
+            warn!("final flow records: {e:#}");
+            result = result.and(Err(e));
+        }
     }
     if let Some(sp) = &shared.spool {
         if let Err(e) = lock(sp).flush() {

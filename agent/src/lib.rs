@@ -22,5 +22,6 @@ pub mod labels;
 pub mod loader;
 pub mod poller;
 pub mod procfs;
+pub mod settings;
 pub mod spool;
 pub mod upload;

@@ -186,6 +186,9 @@ pub struct PollStats {
     pub last_tick_work: std::time::Duration,
     pub last_tick_wait: std::time::Duration,
     pub kernel_total: Traffic,
+    /// Ticks that failed (a map read, the barrier); the next tick covers their interval.
+    pub tick_failures: u64,
+    pub last_tick_error: Option<String>,
 }
 
 pub struct Maps {

@@ -2,8 +2,10 @@
 //!
 //! Parsing has two stages: serde turns the text into [`Config`] (type errors, unknown keys,
 //! bad ports/CIDRs/protocols/netns values are caught here, since those are plain value
-//! types), then [`Config::validate`] checks ranges and builds a [`Labeler`] once so bad globs
-//! and label templates are reported at load time rather than at the first socket.
+//! types), then [`Config::validate`] checks ranges. Globs and label templates are compiled
+//! (and so checked) once by [`crate::settings`], before the agent attaches anything, with
+//! errors located in the file through [`Config::locate`]. This module is a leaf: plain
+//! types, imported by everything that reads the configuration, importing none of them.
 //!
 //! Every error is a [`ConfigError`] that names the file, the line, the rule (1-based) and the
 //! field, and says what would be valid. Lines come from the spans toml keeps for each key and
@@ -19,11 +21,15 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
-use crate::labels::Labeler;
+pub mod flows;
+pub use flows::FlowsSection;
 
 pub const DEFAULT_INTERVAL_MS: u64 = 100;
 pub const INTERVAL_MS_RANGE: RangeInclusive<u64> = 10..=60_000;
-pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
+pub const DEFAULT_MAX_SOCKETS: u32 = agent_common::DEFAULT_MAX_SOCKETS;
+/// State that must survive restarts (sequence numbers); the spool is below it by default.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/sockacct";
+pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/sockacct/spool";
 pub const MIN_MAX_SOCKETS: u32 = 1024;
 /// Longest label kept, in bytes; longer ones are cut at a char boundary.
 pub const MAX_LABEL_BYTES: usize = 128;
@@ -53,7 +59,25 @@ pub struct Config {
     /// `[control]`: the admin socket.
     pub control: ControlSection,
     /// `[flows]`: per-connection records (docs/flows.md).
-    pub flows: crate::flows::FlowsSection,
+    pub flows: FlowsSection,
+    /// Where the text came from, so errors found later (when the rules are compiled) can
+    /// still name the file and line.
+    #[serde(skip)]
+    pub source: Source,
+}
+
+/// The origin and key positions of a parsed file. Not part of the configuration's value:
+/// two configs with the same settings are equal wherever they came from.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    origin: Option<String>,
+    map: Option<std::sync::Arc<SourceMap>>,
+}
+
+impl PartialEq for Source {
+    fn eq(&self, _: &Source) -> bool {
+        true
+    }
 }
 
 /// `[spool]`
@@ -77,7 +101,7 @@ pub struct SpoolSection {
 impl Default for SpoolSection {
     fn default() -> Self {
         SpoolSection {
-            dir: PathBuf::from("/var/lib/sockacct/spool"),
+            dir: PathBuf::from(DEFAULT_SPOOL_DIR),
             segment_max_bytes: 8 << 20,
             segment_max_age_secs: 600,
             max_bytes: 1 << 30,
@@ -97,20 +121,34 @@ pub enum FsyncSetting {
 
 impl<'de> Deserialize<'de> for FsyncSetting {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            N(u64),
-            S(String),
+        const EXPECTED: &str = r#""always", "never" or milliseconds such as 1000"#;
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = FsyncSetting;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str(EXPECTED)
+            }
+            fn visit_u64<E: de::Error>(self, ms: u64) -> Result<FsyncSetting, E> {
+                Ok(FsyncSetting::IntervalMs(ms))
+            }
+            fn visit_i64<E: de::Error>(self, ms: i64) -> Result<FsyncSetting, E> {
+                u64::try_from(ms)
+                    .map(FsyncSetting::IntervalMs)
+                    .map_err(|_| {
+                        E::custom(format!("{ms} is not an fsync policy (expected {EXPECTED})"))
+                    })
+            }
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<FsyncSetting, E> {
+                match s {
+                    "always" => Ok(FsyncSetting::Always),
+                    "never" => Ok(FsyncSetting::Never),
+                    _ => Err(E::custom(format!(
+                        "{s:?} is not an fsync policy (expected {EXPECTED})"
+                    ))),
+                }
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::N(ms) => Ok(FsyncSetting::IntervalMs(ms)),
-            Raw::S(s) if s == "always" => Ok(FsyncSetting::Always),
-            Raw::S(s) if s == "never" => Ok(FsyncSetting::Never),
-            Raw::S(s) => Err(de::Error::custom(format!(
-                r#"{s:?} is not an fsync policy (expected "always", "never" or milliseconds such as 1000)"#
-            ))),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -178,7 +216,8 @@ impl Default for Config {
             spool: SpoolSection::default(),
             upload: UploadSection::default(),
             control: ControlSection::default(),
-            flows: crate::flows::FlowsSection::default(),
+            flows: FlowsSection::default(),
+            source: Source::default(),
         }
     }
 }
@@ -545,6 +584,37 @@ impl ConfigError {
         }
     }
 
+    /// A problem whose message names the key itself (`flows.udp_idle_ms: ...`).
+    pub fn message(message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            origin: None,
+            line: None,
+            rule: None,
+            field: None,
+            message: message.into(),
+        }
+    }
+
+    /// The same error with `note` appended to its message.
+    pub fn noted(self, note: &str) -> ConfigError {
+        match self {
+            ConfigError::Invalid {
+                origin,
+                line,
+                rule,
+                field,
+                message,
+            } => ConfigError::Invalid {
+                origin,
+                line,
+                rule,
+                field,
+                message: format!("{message} ({note})"),
+            },
+            read => read,
+        }
+    }
+
     /// A problem with `field` of the rule at 0-based `index` (shown 1-based).
     pub fn rule_field(index: usize, field: &str, message: impl Into<String>) -> ConfigError {
         ConfigError::Invalid {
@@ -665,6 +735,9 @@ impl Config {
             };
             // toml messages may span lines ("invalid array\nexpected `]`"); keep ours on one.
             let message = e.message().trim().replace('\n', "; ");
+            // Values the schema-free parse could not read either (an integer beyond i64)
+            // leave no map: the key is then the one on the error's line.
+            let field = field.or_else(|| key_on_line(text, e.span()?.start));
             // "unknown field `x`" already names the key; don't repeat it as the field.
             let field = field.filter(|_| !message.starts_with("unknown field"));
             ConfigError::Invalid {
@@ -675,15 +748,28 @@ impl Config {
                 message,
             }
         })?;
-        cfg.validate()
-            .map_err(|e| e.located(origin, map.as_ref()))?;
+        let mut cfg = cfg;
+        cfg.source = Source {
+            origin: Some(origin.to_string()),
+            map: map.map(std::sync::Arc::new),
+        };
+        cfg.validate().map_err(|e| cfg.locate(e))?;
         Ok(cfg)
+    }
+
+    /// Puts the file and line into an error about this config (for errors found after
+    /// parsing, e.g. by compiling its rules).
+    pub fn locate(&self, e: ConfigError) -> ConfigError {
+        match &self.source.origin {
+            Some(origin) => e.located(origin, self.source.map.as_deref()),
+            None => e,
+        }
     }
 
     /// Checks ranges and compiles the rules once. `parse` calls this; call it yourself on a
     /// `Config` built in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Err(e) = crate::flows::FlowConfig::from_section(&self.flows) {
+        if let Err(e) = self.flows.check() {
             // The message starts with the key already ("flows.udp_idle_ms: ...").
             return Err(ConfigError::Invalid {
                 origin: None,
@@ -790,8 +876,9 @@ impl Config {
                 pos + 2
             );
         }
-        // Globs, templates and the rest are checked by compiling them exactly as the agent will.
-        Labeler::new(self, 0).map(|_| ())
+        // Globs and label templates are checked where they are compiled, exactly as the
+        // agent uses them: crate::settings.
+        Ok(())
     }
 }
 
@@ -808,6 +895,20 @@ fn valid_ifname(name: &str) -> bool {
 }
 
 /// 1-based line of a byte offset.
+/// The key of a `key = value` line containing `offset`.
+fn key_on_line(text: &str, offset: usize) -> Option<String> {
+    let offset = offset.min(text.len());
+    let start = text[..offset].rfind('\n').map_or(0, |i| i + 1);
+    let line = text[start..].lines().next()?;
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    (!key.is_empty()
+        && key
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)))
+    .then(|| key.to_string())
+}
+
 fn line_at(text: &str, offset: usize) -> usize {
     let mut end = offset.min(text.len());
     // "unexpected end of file" points past the final newline; report the last line instead.
@@ -928,14 +1029,13 @@ impl SourceMap {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn err(text: &str) -> ConfigError {
         Config::parse(text, "test.toml").expect_err("config should be rejected")
     }
 
-    /// Asserts the error's structured location and that its message mentions every `needle`.
     #[track_caller]
     fn assert_err(
         text: &str,
@@ -944,7 +1044,19 @@ mod tests {
         field: Option<&str>,
         needles: &[&str],
     ) {
-        let e = err(text);
+        check_err(err(text), line, rule, field, needles)
+    }
+
+    /// Asserts the error's structured location (in test.toml) and that its message
+    /// mentions every `needle`.
+    #[track_caller]
+    pub(crate) fn check_err(
+        e: ConfigError,
+        line: usize,
+        rule: Option<usize>,
+        field: Option<&str>,
+        needles: &[&str],
+    ) {
         let msg = e.to_string();
         assert_eq!(e.line(), Some(line), "line in {msg}");
         assert_eq!(e.rule(), rule, "rule in {msg}");
@@ -963,6 +1075,34 @@ mod tests {
             assert!(msg.contains(n), "{msg:?} should contain {n:?}");
         }
         assert!(!msg.contains('\n'), "one line: {msg:?}");
+    }
+
+    #[test]
+    fn errors_name_the_key_and_what_is_allowed() {
+        assert_err(
+            "[spool]\nfsync = -5\n",
+            2,
+            None,
+            Some("spool"),
+            &[
+                "-5 is not an fsync policy",
+                r#""always", "never" or milliseconds"#,
+            ],
+        );
+        assert_err(
+            "[spool]\nfsync = [1]\n",
+            2,
+            None,
+            Some("spool"),
+            &[r#"expected "always", "never" or milliseconds"#],
+        );
+        assert_err(
+            "interval_ms = 99999999999999999999999\n",
+            1,
+            None,
+            Some("interval_ms"),
+            &["too large"],
+        );
     }
 
     #[test]
@@ -1066,7 +1206,7 @@ protocol = "ICMP"
     #[test]
     fn example_config_parses() {
         let c = Config::parse(
-            include_str!("../../docs/config.example.toml"),
+            include_str!("../../../docs/config.example.toml"),
             "config.example.toml",
         )
         .unwrap_or_else(|e| panic!("{e}"));
@@ -1236,41 +1376,6 @@ protocol = "ICMP"
     }
 
     #[test]
-    fn bad_cidr() {
-        let text =
-            "[[rule]]\nlabel = \"a\"\n\n[[rule]]\nlabel = \"b\"\nremote_cidr = \"10.0.0.0/33\"\n";
-        assert_err(
-            text,
-            6,
-            Some(2),
-            Some("remote_cidr"),
-            &[r#""10.0.0.0/33" is not a valid CIDR (expected e.g. "10.0.0.0/8" or "fd00::/8")"#],
-        );
-        // A bad entry in a multi-line list is reported on its own line.
-        assert_err(
-            "[[rule]]\nlabel = \"a\"\nremote_cidr = [\n  \"10.0.0.0/8\",\n  \"fd00::/129\",\n]\n",
-            5,
-            Some(1),
-            Some("remote_cidr"),
-            &["\"fd00::/129\" is not a valid CIDR"],
-        );
-        assert_err(
-            "[[rule]]\nlabel = \"a\"\nremote_cidr = 10\n",
-            3,
-            Some(1),
-            Some("remote_cidr"),
-            &["expected a CIDR string"],
-        );
-        assert_err(
-            "[[rule]]\nlabel = \"a\"\nremote_cidr = []\n",
-            3,
-            Some(1),
-            Some("remote_cidr"),
-            &["empty list"],
-        );
-    }
-
-    #[test]
     fn bad_ports() {
         let cases = [
             ("\"8100-8000\"", "start is greater than end"),
@@ -1368,80 +1473,6 @@ protocol = "ICMP"
             Protocol::Icmp.matches(1) && Protocol::Icmp.matches(58) && !Protocol::Icmp.matches(6)
         );
         assert!(Protocol::Number(132).matches(132) && !Protocol::Number(132).matches(6));
-    }
-
-    #[test]
-    fn bad_globs() {
-        for field in ["process", "exe", "cgroup"] {
-            let text = format!(
-                "[[rule]]\nlabel = \"a\"\n\n[[rule]]\nlabel = \"b\"\n{field} = \"/x/[a\"\n"
-            );
-            assert_err(
-                &text,
-                6,
-                Some(2),
-                Some(field),
-                &[
-                    "\"/x/[a\" is not a valid glob",
-                    "unclosed character class",
-                    "expected e.g.",
-                ],
-            );
-        }
-        assert_err(
-            "[[rule]]\nlabel = \"a\"\nexe = \"nginx\"\n",
-            3,
-            Some(1),
-            Some("exe"),
-            &["cannot match a full executable path", "*/nginx"],
-        );
-    }
-
-    #[test]
-    fn bad_labels() {
-        assert_err(
-            "[[rule]]\nprocess = \"x\"\nlabel = \"\"\n",
-            3,
-            Some(1),
-            Some("label"),
-            &["label is empty", "expected"],
-        );
-        assert_err(
-            "[[rule]]\nlabel = \"   \"\n",
-            2,
-            Some(1),
-            Some("label"),
-            &["label is empty"],
-        );
-        assert_err(
-            "[[rule]]\nlabel = \"a\"\n[[rule]]\nlabel = \"x-{pid}\"\n",
-            4,
-            Some(2),
-            Some("label"),
-            &["unknown placeholder {pid}", "{process}", "{remote_port}"],
-        );
-        assert_err(
-            "[[rule]]\nlabel = \"x-{process\"\n",
-            2,
-            Some(1),
-            Some("label"),
-            &["unclosed"],
-        );
-        assert_err(
-            "[[rule]]\nlabel = \"x}\"\n",
-            2,
-            Some(1),
-            Some("label"),
-            &["'}}'"],
-        );
-        let long = "x".repeat(200);
-        assert_err(
-            &format!("[[rule]]\nlabel = \"{long}\"\n"),
-            2,
-            Some(1),
-            Some("label"),
-            &["at most 128"],
-        );
     }
 
     #[test]

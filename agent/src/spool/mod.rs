@@ -77,7 +77,7 @@ pub struct SpoolConfig {
     pub memory_backlog_records: usize,
 }
 
-pub const DEFAULT_DIR: &str = "/var/lib/sockacct/spool";
+pub const DEFAULT_DIR: &str = crate::config::DEFAULT_SPOOL_DIR;
 
 /// At most this many bytes of bodies per [`Spool::bodies`] call (but always one segment).
 pub const BODIES_BUDGET: u64 = 64 << 20;
