@@ -590,6 +590,11 @@ pub struct Poller {
     missing: Vec<u64>,
     /// The owner map read in one walk, while a tick labels many sockets at once.
     owner_prefetch: Option<IntMap<u64, Owner>>,
+    /// Final records drained after this tick's own drain, to find the owner of a socket
+    /// that closed between the harvest and its owner lookup (the kernel submits the
+    /// record before it removes the owner entry). The next tick processes them first,
+    /// as if they had arrived then.
+    late_finals: Vec<FinalRecord>,
     pub stats: PollStats,
 }
 
@@ -632,6 +637,7 @@ impl Poller {
             batch: Vec::with_capacity(4096),
             missing: vec![],
             owner_prefetch: None,
+            late_finals: Vec::new(),
             stats: PollStats::default(),
         };
         // Programs may have counted since attach: treat everything so far as this
@@ -938,6 +944,21 @@ impl Poller {
         self.table.socks.get(&cookie)?.label
     }
 
+    /// The owner in a final record the kernel submitted since this tick drained the ring:
+    /// drains it again into `late_finals` (processed next tick) and looks there.
+    fn late_final_owner(&mut self, cookie: u64) -> Option<Owner> {
+        while let Some(item) = self.maps.finals.next() {
+            if item.len() >= size_of::<FinalRecord>() {
+                self.late_finals
+                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FinalRecord) });
+            }
+        }
+        self.late_finals
+            .iter()
+            .find(|r| r.cookie == cookie && r.has_owner != 0)
+            .map(|r| r.owner)
+    }
+
     /// Collects the flow table's view of the sockets that moved or finished this tick.
     fn collect_flow_views(
         &mut self,
@@ -1110,7 +1131,7 @@ impl Poller {
             }
         };
         self.stats.last_entries_read = self.batch.len();
-        let mut records: Vec<FinalRecord> = vec![];
+        let mut records: Vec<FinalRecord> = std::mem::take(&mut self.late_finals);
         while let Some(item) = self.maps.finals.next() {
             if item.len() >= size_of::<FinalRecord>() {
                 records
@@ -1180,13 +1201,21 @@ impl Poller {
             if let Some(st) = self.table.socks.get_mut(&cookie) {
                 st.owner_attempts = st.owner_attempts.saturating_sub(1);
             }
-            match self.label_of(cookie, record_owner.get(&cookie)) {
+            let label = self
+                .label_of(cookie, record_owner.get(&cookie))
+                .or_else(|| {
+                    let o = self.late_final_owner(cookie)?;
+                    self.label_of(cookie, Some(&o))
+                });
+            match label {
                 Some(l) => by_label.entry(l).or_default().add(&d),
                 None => {
                     debug!(
-                        "no owner for socket {cookie:#x} (record: {:?}, state: {:?})",
+                        "no owner for socket {cookie:#x} (record: {:?}, state: {:?}, owner map: {:?}, prefetch: {:?})",
                         record_owner.get(&cookie),
-                        self.table.socks.get(&cookie)
+                        self.table.socks.get(&cookie),
+                        bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie),
+                        self.owner_prefetch.as_ref().map(|m| m.get(&cookie))
                     );
                     self.stats.no_owner_bytes += d.tx + d.rx;
                     unattributed.add(&d);

@@ -504,7 +504,10 @@ impl Daemon {
             .arg("--control-socket")
             .arg(dir.join("control.sock"))
             .args(args)
-            .env("RUST_LOG", "info")
+            .env(
+                "RUST_LOG",
+                std::env::var("SOCKACCT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         let mut child = cmd.spawn().expect("spawn agent");
