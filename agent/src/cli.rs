@@ -4,6 +4,7 @@ use std::{path::PathBuf, time::Duration};
 use clap::{Args, Parser, Subcommand};
 
 use crate::{
+    control::Request,
     daemon::RunOptions,
     settings::{Overrides, Settings},
 };
@@ -192,33 +193,17 @@ pub fn main() {
             cgroup,
             interfaces,
         } => check(config, cgroup, interfaces),
-        Command::Flush(c) => control(
-            &c,
-            serde_json::json!({"cmd": "flush"}),
-            Duration::from_secs(3600),
-        ),
-        Command::Status(c) => control(
-            &c,
-            serde_json::json!({"cmd": "status"}),
-            Duration::from_secs(10),
-        ),
-        Command::Pause(c) => control(
-            &c,
-            serde_json::json!({"cmd": "pause"}),
-            Duration::from_secs(10),
-        ),
-        Command::Resume(c) => control(
-            &c,
-            serde_json::json!({"cmd": "resume"}),
-            Duration::from_secs(10),
-        ),
+        Command::Flush(c) => control(&c, Request::Flush, Duration::from_secs(3600)),
+        Command::Status(c) => control(&c, Request::Status, Duration::from_secs(10)),
+        Command::Pause(c) => control(&c, Request::Pause, Duration::from_secs(10)),
+        Command::Resume(c) => control(&c, Request::Resume, Duration::from_secs(10)),
         Command::Label {
             cookie,
             label,
             control: c,
         } => control(
             &c,
-            serde_json::json!({"cmd": "label", "cookie": cookie, "label": label}),
+            Request::Label { cookie, label },
             Duration::from_secs(10),
         ),
         Command::Spool { cmd, spool_dir } => spool(cmd, &spool_dir),
@@ -230,7 +215,7 @@ pub fn main() {
 }
 
 /// Sends one control request, prints the reply (pretty JSON), exits 1 when it failed.
-fn control(c: &ControlArgs, req: serde_json::Value, timeout: Duration) -> anyhow::Result<()> {
+fn control(c: &ControlArgs, req: Request, timeout: Duration) -> anyhow::Result<()> {
     let reply = crate::control::request(&c.control_socket, &req, timeout)?;
     println!("{}", serde_json::to_string_pretty(&reply)?);
     if reply.get("ok").and_then(|v| v.as_bool()) != Some(true) {

@@ -56,8 +56,8 @@ impl Peer {
     }
 }
 
-/// A parsed request.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// A request, as the CLI sends it and the server parses it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Request {
     Status,
@@ -102,14 +102,62 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
 /// Boxed future, so the handler trait needs no proc-macro crate.
 pub type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
 
-/// What the daemon does for each request. Implemented by the daemon; tests use fakes.
+/// What the daemon does for each request, with typed replies. The server adds `"ok"`
+/// (true unless the reply says otherwise, as a failed flush receipt does) and turns an
+/// `Err` into `{"ok":false,"error":...}`.
 pub trait Handler: Send + Sync + 'static {
-    fn status(&self) -> Value;
-    fn flush(&self) -> BoxFuture<'_, Result<Value, String>>;
-    fn pause(&self) -> Value;
-    fn resume(&self) -> Value;
-    /// `peer` asks to label socket `cookie`; the handler checks ownership.
-    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Value, String>;
+    type Status: Serialize;
+    type Receipt: Serialize;
+    fn status(&self) -> Self::Status;
+    fn flush(&self) -> BoxFuture<'_, Self::Receipt>;
+    fn pause(&self) -> Paused;
+    fn resume(&self) -> Paused;
+    /// `peer` asks to label socket `cookie`; the handler checks ownership
+    /// ([`peer_owns_socket`]).
+    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Labelled, String>;
+}
+
+/// Reply to `pause` and `resume`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paused {
+    pub paused: bool,
+    pub was_paused: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// Reply to `label`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Labelled {
+    pub cookie: u64,
+    pub label: String,
+}
+
+/// Whether `peer` may name socket `cookie`: root may; anyone else must own it, by the
+/// kernel's owner record (the process that created or accepted it) or by holding it now.
+pub fn peer_owns_socket(owners: std::os::fd::BorrowedFd<'_>, peer: &Peer, cookie: u64) -> bool {
+    if peer.is_root() {
+        return true;
+    }
+    let owner = crate::bpfsys::lookup::<u64, agent_common::Owner>(owners, &cookie)
+        .ok()
+        .flatten();
+    owner.is_some_and(|o| o.origin != 0 && o.tgid as i32 == peer.pid)
+        || process_holds_socket(peer.pid, cookie)
+}
+
+fn reply_of<T: Serialize>(r: Result<T, String>) -> Value {
+    match r.map(|t| serde_json::to_value(t).map_err(|e| e.to_string())) {
+        Ok(Ok(mut v)) => {
+            if let Some(o) = v.as_object_mut() {
+                o.entry("ok").or_insert(Value::Bool(true));
+                v
+            } else {
+                json!({"ok": true, "result": v})
+            }
+        }
+        Ok(Err(e)) | Err(e) => json!({"ok": false, "error": e}),
+    }
 }
 
 /// Access settings for the socket file and the peers.
@@ -226,7 +274,7 @@ impl ControlServer {
     }
 
     /// Serves until the task is dropped. Each connection may send several requests.
-    pub async fn serve(self, handler: Arc<dyn Handler>) {
+    pub async fn serve<H: Handler>(self, handler: Arc<H>) {
         let me = Arc::new(self);
         loop {
             let (stream, _) = match me.listener.accept().await {
@@ -246,7 +294,7 @@ impl ControlServer {
         }
     }
 
-    async fn session(&self, stream: UnixStream, handler: Arc<dyn Handler>) -> io::Result<()> {
+    async fn session<H: Handler>(&self, stream: UnixStream, handler: Arc<H>) -> io::Result<()> {
         let peer = peer_of(&stream)?;
         let (r, mut w) = stream.into_split();
         let mut r = TokioBufReader::new(r);
@@ -270,27 +318,15 @@ impl ControlServer {
                 Err(e) => json!({"ok": false, "error": e}),
                 Ok(req) => match self.allowed(&peer, &req) {
                     Err(e) => json!({"ok": false, "error": e}),
-                    Ok(()) => {
-                        let r = match &req {
-                            Request::Status => Ok(handler.status()),
-                            Request::Flush => handler.flush().await,
-                            Request::Pause => Ok(handler.pause()),
-                            Request::Resume => Ok(handler.resume()),
-                            Request::Label { cookie, label } => handler.label(peer, *cookie, label),
-                        };
-                        match r {
-                            Ok(mut v) => {
-                                if let Some(o) = v.as_object_mut() {
-                                    // A handler may report failure itself (a flush receipt).
-                                    o.entry("ok").or_insert(Value::Bool(true));
-                                    v
-                                } else {
-                                    json!({"ok": true, "result": v})
-                                }
-                            }
-                            Err(e) => json!({"ok": false, "error": e}),
+                    Ok(()) => match &req {
+                        Request::Status => reply_of(Ok(handler.status())),
+                        Request::Flush => reply_of(Ok(handler.flush().await)),
+                        Request::Pause => reply_of(Ok(handler.pause())),
+                        Request::Resume => reply_of(Ok(handler.resume())),
+                        Request::Label { cookie, label } => {
+                            reply_of(handler.label(peer, *cookie, label))
                         }
-                    }
+                    },
                 },
             };
             w.write_all(format!("{reply}\n").as_bytes()).await?;
@@ -352,7 +388,8 @@ pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
 }
 
 /// Sends one request and returns the reply object (blocking; used by the CLI).
-pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, ControlError> {
+pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Value, ControlError> {
+    let req = serde_json::to_string(req).expect("requests serialize");
     let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
         path: path.to_owned(),
         source,
@@ -373,14 +410,6 @@ pub fn request(path: &Path, req: &Value, timeout: Duration) -> Result<Value, Con
         })?;
     let _ = s.as_raw_fd();
     serde_json::from_str(&line).map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))
-}
-
-/// Reply shape, for callers that want types.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Reply {
-    pub ok: bool,
-    #[serde(default)]
-    pub error: Option<String>,
 }
 
 #[cfg(test)]

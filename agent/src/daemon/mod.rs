@@ -6,7 +6,6 @@
 //! [`Shared`]: the spool behind a mutex, the pause flag, label overrides and a status
 //! snapshot the poller refreshes every tick.
 use std::{
-    collections::BTreeMap,
     io::Write as _,
     os::fd::{AsFd, OwnedFd},
     path::PathBuf,
@@ -19,12 +18,10 @@ use std::{
 
 use anyhow::Context as _;
 use log::{info, warn};
-use serde_json::{Value, json};
 
 use crate::{
-    bpfsys,
     config::{Config, FsyncSetting},
-    control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Peer},
+    control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Labelled, Paused, Peer},
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
     flows::{FlowRecord, FlowStats, FlowTable},
@@ -32,21 +29,24 @@ use crate::{
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
-    upload::{self, UploadConfig, Uploader},
+    upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
+
+mod status;
+use status::{FlowsStatus, Status, UploadStatus};
 
 /// Upload bookkeeping for `status`.
 #[derive(Debug, Default)]
 struct UploadState {
     flushes: u64,
     failures: u64,
-    last: Option<Value>,
+    last: Option<FlushReceipt>,
 }
 
 /// State shared by the poller thread, the control socket and uploads.
 pub struct Shared {
     identity: Identity,
-    spool: Option<Mutex<Spool>>,
+    spool: Option<Arc<Mutex<Spool>>>,
     uploader: Option<Uploader>,
     max_body: u64,
     paused: AtomicBool,
@@ -57,8 +57,8 @@ pub struct Shared {
     /// Refreshed by the flow table each tick (None when flow records are off).
     flow_stats: Mutex<Option<FlowStats>>,
     /// What does not change while running, and the poller's counters of the last tick:
-    /// `status` builds its JSON from them only when asked.
-    status_base: Value,
+    /// `status` builds its reply from them only when asked.
+    fixed: status::Fixed,
     poll_stats: Mutex<PollStats>,
     started: Instant,
     overrides: LabelOverrides,
@@ -76,122 +76,20 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Shared {
     /// Seals the spool and uploads every pending body, oldest first, stopping at the
     /// first failure. Returns the receipt.
-    async fn flush_now(self: &Arc<Self>) -> Value {
+    async fn flush_now(self: &Arc<Self>) -> FlushReceipt {
         let Some(up) = &self.uploader else {
-            return json!({"ok": false, "error": "no upload URL configured: set [upload] url in the config, or run with --upload-url"});
+            return FlushReceipt::failed(
+                "no upload URL configured: set [upload] url in the config, or run with --upload-url",
+            );
         };
-        if self.spool.is_none() {
-            return json!({"ok": false, "error": "the agent runs with --no-spool: nothing to upload"});
-        }
+        let Some(spool) = &self.spool else {
+            return FlushReceipt::failed("the agent runs with --no-spool: nothing to upload");
+        };
         let _one_at_a_time = self.flush_lock.lock().await;
-        let max_body = self.max_body;
-        // Seal first so everything written so far is uploadable. A failed seal does not
-        // stop older sealed segments from going out.
-        let me = self.clone();
-        let seal_error =
-            tokio::task::spawn_blocking(move || lock(me.spool.as_ref().unwrap()).seal())
-                .await
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .err();
-        let deadline = up.flush_deadline();
-        let (mut records, mut bytes, mut sent_bodies) = (0u64, 0u64, 0u64);
-        let mut segments: Vec<String> = vec![];
-        let (mut first, mut last): (Option<u64>, Option<u64>) = (None, None);
-        let mut server: Vec<Value> = vec![];
-        let mut error: Option<String> = None;
-        let mut unsent = 0u64;
-        // The spool hands out a bounded batch of bodies per call: loop until done.
-        'batches: loop {
-            let me = self.clone();
-            let bodies = match tokio::task::spawn_blocking(move || {
-                lock(me.spool.as_ref().unwrap()).bodies(max_body)
-            })
-            .await
-            {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    error = Some(format!("reading the spool: {e}"));
-                    break;
-                }
-                Err(e) => {
-                    error = Some(format!("reading the spool: {e}"));
-                    break;
-                }
-            };
-            if bodies.is_empty() {
-                break;
-            }
-            for (i, b) in bodies.iter().enumerate() {
-                let body = upload::Body {
-                    bytes: b.data.clone(),
-                    first_seq: b.first_seq,
-                    last_seq: b.last_seq,
-                    records: b.records,
-                    agent: self.identity.agent.clone(),
-                    boot: self.identity.boot.clone(),
-                };
-                match up.send(&body, deadline).await {
-                    Ok(r) => {
-                        let me = self.clone();
-                        let pos = b.pos.clone();
-                        let acked = tokio::task::spawn_blocking(move || {
-                            lock(me.spool.as_ref().unwrap()).acknowledge(pos)
-                        })
-                        .await;
-                        if let Err(e) = acked
-                            .map_err(|e| e.to_string())
-                            .and_then(|r| r.map_err(|e| e.to_string()))
-                        {
-                            // The server has it; we could not record that. A retry sends it
-                            // again with the same idempotency key.
-                            error = Some(format!(
-                                "the server stored seq {}..={} but recording that failed: {e}",
-                                b.first_seq, b.last_seq
-                            ));
-                            unsent = (bodies.len() - i - 1) as u64;
-                            break 'batches;
-                        }
-                        sent_bodies += 1;
-                        records += b.records;
-                        bytes += b.data.len() as u64;
-                        if !segments.contains(&b.segment) {
-                            segments.push(b.segment.clone());
-                        }
-                        first.get_or_insert(b.first_seq);
-                        last = Some(b.last_seq);
-                        server.push(json!({"status": r.status, "attempts": r.attempts, "said": r.server_said, "ms": r.elapsed.as_millis() as u64, "idempotency_key": body.idempotency_key()}));
-                    }
-                    Err(e) => {
-                        error = Some(e.to_string());
-                        unsent = (bodies.len() - i) as u64;
-                        break 'batches;
-                    }
-                }
-            }
-        }
-        if error.is_none() {
-            error = seal_error.map(|e| {
-                format!("sealing the active segment failed ({e}); older segments were sent")
-            });
-        }
-        let pending_after = self
-            .spool
-            .as_ref()
-            .map(|s| lock(s).pending().len())
-            .unwrap_or(0);
-        let receipt = json!({
-            "ok": error.is_none(),
-            "error": error,
-            "sent": {"bodies": sent_bodies, "segments": segments.len(), "records": records, "bytes": bytes,
-                     "first_seq": first, "last_seq": last},
-            "server": server,
-            "bodies_unsent_in_batch": unsent,
-            "segments_pending": pending_after,
-        });
+        let receipt = upload::flush::flush(spool, up, &self.identity, self.max_body).await;
         let mut st = lock(&self.upload_state);
         st.flushes += 1;
-        if error.is_some() {
+        if !receipt.ok {
             st.failures += 1;
         }
         st.last = Some(receipt.clone());
@@ -200,61 +98,56 @@ impl Shared {
 }
 
 impl Handler for Arc<Shared> {
-    fn status(&self) -> Value {
-        let mut v = status_snapshot(&self.status_base, &lock(&self.poll_stats));
-        if let Some(o) = v.as_object_mut() {
-            o.insert("uptime_s".into(), json!(self.started.elapsed().as_secs()));
-            o.insert("paused".into(), json!(self.paused.load(Ordering::Relaxed)));
-            o.insert(
-                "paused_bytes".into(),
-                json!(self.paused_bytes.load(Ordering::Relaxed)),
-            );
-            o.insert(
-                "spool".into(),
-                match &self.spool {
-                    Some(s) => serde_json::to_value(lock(s).stats()).unwrap_or(Value::Null),
-                    None => Value::Null,
-                },
-            );
-            let up = lock(&self.upload_state);
-            o.insert(
-                "upload".into(),
-                json!({
-                    "configured": self.uploader.is_some(),
-                    "flushes": up.flushes,
-                    "failures": up.failures,
-                    "last": up.last,
-                }),
-            );
-            o.insert("labels_named".into(), json!(lock(&self.overrides).len()));
-            let mut f = serde_json::to_value(lock(&self.flow_stats).clone()).unwrap_or(Value::Null);
-            if let Some(fo) = f.as_object_mut() {
-                fo.insert(
-                    "dropped_while_paused".into(),
-                    json!(self.flows_dropped_paused.load(Ordering::Relaxed)),
-                );
-            }
-            o.insert("flows".into(), f);
-        }
-        v
+    type Status = Status;
+    type Receipt = FlushReceipt;
+
+    fn status(&self) -> Status {
+        let mut st = Status::new(&self.fixed, &lock(&self.poll_stats));
+        st.uptime_s = self.started.elapsed().as_secs();
+        st.paused = self.paused.load(Ordering::Relaxed);
+        st.paused_bytes = self.paused_bytes.load(Ordering::Relaxed);
+        st.spool = self.spool.as_ref().map(|s| lock(s).stats());
+        let up = lock(&self.upload_state);
+        st.upload = UploadStatus {
+            configured: self.uploader.is_some(),
+            flushes: up.flushes,
+            failures: up.failures,
+            last: up.last.clone(),
+        };
+        st.labels_named = lock(&self.overrides).len();
+        st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
+            table,
+            dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
+        });
+        st
     }
 
-    fn flush(&self) -> BoxFuture<'_, Result<Value, String>> {
-        Box::pin(async move { Ok(self.flush_now().await) })
+    fn flush(&self) -> BoxFuture<'_, FlushReceipt> {
+        Box::pin(self.flush_now())
     }
 
-    fn pause(&self) -> Value {
+    fn pause(&self) -> Paused {
         let was = self.paused.swap(true, Ordering::SeqCst);
-        json!({"paused": true, "was_paused": was,
-               "note": "counting continues; what is counted while paused is written as one event at resume"})
+        Paused {
+            paused: true,
+            was_paused: was,
+            note: Some(
+                "counting continues; what is counted while paused is written as one event at resume"
+                    .into(),
+            ),
+        }
     }
 
-    fn resume(&self) -> Value {
+    fn resume(&self) -> Paused {
         let was = self.paused.swap(false, Ordering::SeqCst);
-        json!({"paused": false, "was_paused": was})
+        Paused {
+            paused: false,
+            was_paused: was,
+            note: None,
+        }
     }
 
-    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Value, String> {
+    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Labelled, String> {
         if label.is_empty()
             || label.len() > crate::config::MAX_LABEL_BYTES
             || label.chars().any(char::is_control)
@@ -264,18 +157,11 @@ impl Handler for Arc<Shared> {
                 crate::config::MAX_LABEL_BYTES
             ));
         }
-        if !peer.is_root() {
-            let owner = bpfsys::lookup::<u64, agent_common::Owner>(self.owners.as_fd(), &cookie)
-                .ok()
-                .flatten();
-            let owns = owner.is_some_and(|o| o.origin != 0 && o.tgid as i32 == peer.pid)
-                || control::process_holds_socket(peer.pid, cookie);
-            if !owns {
-                return Err(format!(
-                    "socket {cookie} is not yours: process {} neither created it nor holds it (get your socket's cookie with getsockopt SO_COOKIE)",
-                    peer.pid
-                ));
-            }
+        if !control::peer_owns_socket(self.owners.as_fd(), &peer, cookie) {
+            return Err(format!(
+                "socket {cookie} is not yours: process {} neither created it nor holds it (get your socket's cookie with getsockopt SO_COOKIE)",
+                peer.pid
+            ));
         }
         let mut o = lock(&self.overrides);
         if !peer.is_root() && !o.contains_key(&cookie) {
@@ -294,37 +180,11 @@ impl Handler for Arc<Shared> {
                 uid: peer.uid,
             },
         );
-        Ok(json!({"cookie": cookie, "label": label}))
+        Ok(Labelled {
+            cookie,
+            label: label.to_string(),
+        })
     }
-}
-
-/// The `status` reply's poller part: `base` (fixed facts) plus the last tick's counters.
-fn status_snapshot(base: &Value, st: &PollStats) -> Value {
-    let mut v = base.clone();
-    let capacity = base["map_capacity"].as_f64().unwrap_or(1.0);
-    if let Some(o) = v.as_object_mut() {
-        let more = json!({
-            "sockets_tracked": st.sockets_tracked,
-            "map_entries": st.map_entries,
-            "map_fill": st.map_entries as f64 / capacity,
-            "ticks": st.ticks,
-            "events": st.events,
-            "last_tick_work_ms": st.last_tick_work.as_secs_f64() * 1e3,
-            "last_tick_wait_ms": st.last_tick_wait.as_secs_f64() * 1e3,
-            "tick_failures": st.tick_failures,
-            "last_tick_error": st.last_tick_error,
-            "finished_sockets_folded_in": st.finals_received,
-            "kernel_total": st.kernel_total,
-            "drops": {
-                "kernel": st.kernel_drops.iter().map(|(k, v)| (k.to_string(), *v)).collect::<BTreeMap<_, _>>(),
-                "no_owner_bytes": st.no_owner_bytes,
-            },
-        });
-        if let Value::Object(m) = more {
-            o.extend(m);
-        }
-    }
-    v
 }
 
 fn spool_config(c: &Config) -> SpoolConfig {
@@ -542,7 +402,11 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 )
             })?;
         info!("spool {}: {report:?}", s.config.spool.dir.display());
-        (Some(Mutex::new(sp)), SeqAllocator::ephemeral(), None)
+        (
+            Some(Arc::new(Mutex::new(sp))),
+            SeqAllocator::ephemeral(),
+            None,
+        )
     } else {
         (None, SeqAllocator::ephemeral(), Some(seq))
     };
@@ -567,16 +431,16 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         discovered,
     )?;
 
-    let status_base = json!({
-        "agent": poller.identity().agent,
-        "boot": poller.identity().boot,
-        "cgroup": loaded.cgroup.display().to_string(),
-        "interval_ms": s.interval.as_millis() as u64,
-        "accept_hook": loaded.accept_hook,
-        "hooks": loaded.hooks,
-        "kernel": crate::procfs::kernel_release(),
-        "map_capacity": s.config.max_sockets,
-    });
+    let fixed = status::Fixed {
+        agent: poller.identity().agent.clone(),
+        boot: poller.identity().boot.clone(),
+        cgroup: loaded.cgroup.display().to_string(),
+        interval_ms: s.interval.as_millis() as u64,
+        accept_hook: loaded.accept_hook,
+        hooks: loaded.hooks.clone(),
+        kernel: crate::procfs::kernel_release(),
+        map_capacity: s.config.max_sockets,
+    };
     let shared = Arc::new(Shared {
         identity,
         spool,
@@ -586,7 +450,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         paused_bytes: AtomicU64::new(0),
         flows_dropped_paused: AtomicU64::new(0),
         flow_stats: Mutex::new(None),
-        status_base,
+        fixed,
         poll_stats: Mutex::new(poller.stats.clone()),
         started: Instant::now(),
         overrides: poller.overrides(),
@@ -618,11 +482,8 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             loop {
                 tokio::time::sleep(every).await;
                 let r = sh.flush_now().await;
-                if r.get("ok") != Some(&Value::Bool(true)) {
-                    warn!(
-                        "periodic upload: {}",
-                        r.get("error").cloned().unwrap_or(Value::Null)
-                    );
+                if !r.ok {
+                    warn!("periodic upload: {}", r.error.unwrap_or_default());
                 }
             }
         });

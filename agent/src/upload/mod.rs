@@ -56,6 +56,8 @@ use reqwest::{
         RETRY_AFTER,
     },
 };
+
+pub mod flush;
 pub use tokio::time::Instant;
 
 /// `User-Agent` of every request.

@@ -1,0 +1,108 @@
+//! The `status` reply, typed: what does not change while the agent runs, the poller's
+//! counters of the last tick, and the state of spool, upload, labels and flow records.
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::{
+    event::Traffic, flows::FlowStats, loader::hooks::HookChoice, poller::PollStats,
+    spool::SpoolStats, upload::flush::FlushReceipt,
+};
+
+/// Facts fixed at start.
+#[derive(Debug, Clone, Serialize)]
+pub struct Fixed {
+    pub agent: String,
+    pub boot: String,
+    pub cgroup: String,
+    pub interval_ms: u64,
+    /// The exact owner of accepted sockets is known (an accept hook is attached).
+    pub accept_hook: bool,
+    /// The hook chosen per purpose on this kernel.
+    pub hooks: Vec<HookChoice>,
+    pub kernel: String,
+    pub map_capacity: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    #[serde(flatten)]
+    pub fixed: Fixed,
+    pub uptime_s: u64,
+    pub sockets_tracked: usize,
+    pub map_entries: usize,
+    pub map_fill: f64,
+    pub ticks: u64,
+    pub events: u64,
+    pub last_tick_work_ms: f64,
+    pub last_tick_wait_ms: f64,
+    /// Ticks that failed and were retried by the next one.
+    pub tick_failures: u64,
+    pub last_tick_error: Option<String>,
+    pub finished_sockets_folded_in: u64,
+    pub kernel_total: Traffic,
+    pub drops: Drops,
+    pub paused: bool,
+    /// Bytes counted while paused (written as one event at resume).
+    pub paused_bytes: u64,
+    /// None with --no-spool.
+    pub spool: Option<SpoolStats>,
+    pub upload: UploadStatus,
+    /// Sockets named through the control socket.
+    pub labels_named: usize,
+    /// None when flow records are off.
+    pub flows: Option<FlowsStatus>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Drops {
+    /// Kernel-side failure counters by reason (cumulative).
+    pub kernel: BTreeMap<&'static str, u64>,
+    /// Bytes of sockets whose owner could not be found (they went to `unattributed`).
+    pub no_owner_bytes: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct UploadStatus {
+    pub configured: bool,
+    pub flushes: u64,
+    pub failures: u64,
+    pub last: Option<FlushReceipt>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct FlowsStatus {
+    #[serde(flatten)]
+    pub table: FlowStats,
+    pub dropped_while_paused: u64,
+}
+
+impl Status {
+    pub fn new(fixed: &Fixed, st: &PollStats) -> Status {
+        Status {
+            map_fill: st.map_entries as f64 / f64::from(fixed.map_capacity.max(1)),
+            fixed: fixed.clone(),
+            uptime_s: 0,
+            sockets_tracked: st.sockets_tracked,
+            map_entries: st.map_entries,
+            ticks: st.ticks,
+            events: st.events,
+            last_tick_work_ms: st.last_tick_work.as_secs_f64() * 1e3,
+            last_tick_wait_ms: st.last_tick_wait.as_secs_f64() * 1e3,
+            tick_failures: st.tick_failures,
+            last_tick_error: st.last_tick_error.clone(),
+            finished_sockets_folded_in: st.finals_received,
+            kernel_total: st.kernel_total,
+            drops: Drops {
+                kernel: st.kernel_drops.clone(),
+                no_owner_bytes: st.no_owner_bytes,
+            },
+            paused: false,
+            paused_bytes: 0,
+            spool: None,
+            upload: UploadStatus::default(),
+            labels_named: 0,
+            flows: None,
+        }
+    }
+}
