@@ -1,0 +1,129 @@
+//! The flow record (`type: "flow"`) and its field values.
+use super::*;
+
+/// Why a `close` was written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// The socket is gone.
+    Closed,
+    /// A peer of an unconnected socket sent and received nothing for `udp_idle_ms`.
+    Idle,
+    /// The socket connected to another peer, or disconnected (UDP `connect()`).
+    Reconnected,
+    /// The agent stopped while the flow was alive.
+    AgentStopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Ipv4,
+    Ipv6,
+}
+
+/// One flow record; serialized with its fields in this order, absent options omitted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FlowRecord {
+    pub v: u32,
+    /// Always "flow".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub agent: String,
+    pub boot: String,
+    pub seq: u64,
+    pub event: FlowEvent,
+    /// "tcp", "udp" or the protocol number as a string.
+    pub proto: String,
+    pub family: Family,
+    pub local: IpAddr,
+    /// Omitted on a session whose connections had different source ports (outbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_port: Option<u16>,
+    pub remote: IpAddr,
+    /// Omitted on a session whose connections had different source ports (inbound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_port: Option<u16>,
+    pub direction: Direction,
+    /// Owner fields are omitted on a session whose connections disagree on them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub netns: Option<u64>,
+    pub label: String,
+    /// Unix ms, first seen.
+    pub start: u64,
+    /// Unix ms: the end for `close`, the time of the record for `open`/`update`.
+    pub end: u64,
+    pub tx: u64,
+    pub rx: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    /// Last TCP state name (`close` of TCP flows only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_state: Option<String>,
+    /// `close` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub end_reason: Option<EndReason>,
+    /// Number of connections merged into this session; only present when ≥ 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+}
+
+impl FlowRecord {
+    pub fn traffic(&self) -> Traffic {
+        Traffic {
+            tx: self.tx,
+            rx: self.rx,
+            tx_packets: self.tx_packets,
+            rx_packets: self.rx_packets,
+        }
+    }
+}
+
+impl crate::spool::SpoolRecord for FlowRecord {
+    fn set_seq(&mut self, seq: u64) {
+        self.seq = seq;
+    }
+    fn to_json_line(&self) -> Vec<u8> {
+        // Plain fields only: serialization cannot fail; an empty line would be refused by
+        // the spool (counted) rather than panicking here.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// "tcp", "udp", else the number.
+pub fn proto_name(proto: u8) -> String {
+    match proto {
+        IPPROTO_TCP => "tcp".into(),
+        IPPROTO_UDP => "udp".into(),
+        n => n.to_string(),
+    }
+}
+
+/// Kernel TCP state names (include/net/tcp_states.h); unknown numbers as the number.
+pub fn tcp_state_name(state: u8) -> String {
+    let name = match state {
+        1 => "ESTABLISHED",
+        2 => "SYN_SENT",
+        3 => "SYN_RECV",
+        4 => "FIN_WAIT1",
+        5 => "FIN_WAIT2",
+        6 => "TIME_WAIT",
+        7 => "CLOSE",
+        8 => "CLOSE_WAIT",
+        9 => "LAST_ACK",
+        10 => "LISTEN",
+        11 => "CLOSING",
+        12 => "NEW_SYN_RECV",
+        13 => "BOUND_INACTIVE",
+        n => return n.to_string(),
+    };
+    name.into()
+}
