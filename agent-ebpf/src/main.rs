@@ -20,7 +20,7 @@ use aya_ebpf::{
     EbpfContext,
     bindings::{
         BPF_F_NO_PREALLOC, BPF_NOEXIST, BPF_RB_NO_WAKEUP, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        TC_ACT_OK,
+        TC_ACT_UNSPEC,
     },
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns,
@@ -762,16 +762,19 @@ fn count_iface(ctx: &TcContext, egress: bool) {
     }
 }
 
+// TC_ACT_UNSPEC (TCX_NEXT): we only count, so the next program or filter on the
+// interface still runs. TC_ACT_OK would be a verdict that ends the chain: a program
+// attached after ours (another agent, a second sockacct) would never see the packet.
 #[classifier]
 pub fn sockacct_tc_ingress(ctx: TcContext) -> i32 {
     count_iface(&ctx, false);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[classifier]
 pub fn sockacct_tc_egress(ctx: TcContext) -> i32 {
     count_iface(&ctx, true);
-    TC_ACT_OK
+    TC_ACT_UNSPEC
 }
 
 #[cfg(not(test))]

@@ -67,6 +67,10 @@ fn status_names_the_hooks_and_iface_lo_counts_then_detaches() {
     }
     let cg = TestCgroup::new("hooks");
     let lo_before = qdiscs("lo");
+    // A second agent counting lo as well: tc programs only count, so each must let the
+    // packet on to the next program (whichever of the two runs first).
+    let other_cg = TestCgroup::new("hooks2");
+    let other = Daemon::start(&other_cg, &["--interval", "100", "--iface", "lo"]);
     let d = Daemon::start(&cg, &["--interval", "100", "--iface", "lo"]);
     let st = d.control(serde_json::json!({"cmd": "status"}));
     let hooks = st["hooks"]
@@ -104,7 +108,20 @@ fn status_names_the_hooks_and_iface_lo_counts_then_detaches() {
     rcv.value("datagrams");
     rcv.finish();
     let events = d.stop();
+    let other_events = other.stop();
     check_events(&events);
+    check_events(&other_events);
+    let lo_of = |evs: &[DeltaEvent]| -> Traffic {
+        let s = sum(evs);
+        *s.ifaces
+            .get("lo")
+            .unwrap_or_else(|| panic!("no iface lo in {:?}", s.ifaces))
+    };
+    let o = lo_of(&other_events);
+    assert!(
+        o.tx >= 100 * (300 + 8 + 20 + 14) && o.rx >= 100 * (300 + 8 + 20 + 14),
+        "the other agent's tc on lo saw the traffic too: {o:?}"
+    );
     let s = sum(&events);
     let c = label(&s, "lo-sender");
     assert_eq!(c.tx, 100 * (300 + 8 + 20), "UDP over lo, socket side");
