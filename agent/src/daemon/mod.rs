@@ -278,19 +278,7 @@ impl Writer {
                 self.print(&out.lines)?;
                 self.print(&out.gaps)?;
             }
-            None => {
-                let mut lines = Vec::new();
-                let seq = self
-                    .seq
-                    .as_mut()
-                    .expect("no spool means a sequence allocator");
-                for ev in &mut batch {
-                    ev.seq = seq.next().context("allocating a sequence number")?;
-                    serde_json::to_writer(&mut lines, ev)?;
-                    lines.push(b'\n');
-                }
-                self.print(&lines)?;
-            }
+            None => self.stamp_and_print(&mut batch)?,
         }
         self.tick_spool()
     }
@@ -318,22 +306,29 @@ impl Writer {
                     self.print(&out.lines)?;
                     self.print(&out.gaps)?;
                 }
-                None => {
-                    let mut lines = Vec::new();
-                    let seq = self
-                        .seq
-                        .as_mut()
-                        .expect("no spool means a sequence allocator");
-                    for r in chunk.iter_mut() {
-                        r.set_seq(seq.next().context("allocating a sequence number")?);
-                        lines.extend_from_slice(&r.to_json_line());
-                        lines.push(b'\n');
-                    }
-                    self.print(&lines)?;
-                }
+                None => self.stamp_and_print(chunk)?,
             }
         }
         Ok(())
+    }
+
+    /// Without a spool: stamps the envelope (the sequence from the writer's own
+    /// allocator) and prints.
+    fn stamp_and_print<R: SpoolRecord>(&mut self, recs: &mut [R]) -> anyhow::Result<()> {
+        let seq = self
+            .seq
+            .as_mut()
+            .expect("no spool means a sequence allocator");
+        let mut lines = Vec::new();
+        for r in recs.iter_mut() {
+            r.stamp(
+                &self.shared.identity,
+                seq.next().context("allocating a sequence number")?,
+            );
+            lines.extend_from_slice(&r.to_json_line());
+            lines.push(b'\n');
+        }
+        self.print(&lines)
     }
 
     fn tick_spool(&mut self) -> anyhow::Result<()> {
@@ -393,7 +388,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         install_flag(sig, &stop)?;
     }
     let identity = Identity::detect(s.config.agent_id.as_deref());
-    let (spool, poller_seq, writer_seq) = if o.spool {
+    let (spool, writer_seq) = if o.spool {
         let (sp, report) = Spool::open_dir(spool_config(&s.config), identity.clone(), seq)
             .with_context(|| {
                 format!(
@@ -402,13 +397,9 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 )
             })?;
         info!("spool {}: {report:?}", s.config.spool.dir.display());
-        (
-            Some(Arc::new(Mutex::new(sp))),
-            SeqAllocator::ephemeral(),
-            None,
-        )
+        (Some(Arc::new(Mutex::new(sp))), None)
     } else {
-        (None, SeqAllocator::ephemeral(), Some(seq))
+        (None, Some(seq))
     };
 
     let mut loaded = loader::load(&opts)?;
@@ -423,17 +414,11 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         }
     };
     info!("{} existing sockets discovered", discovered.len());
-    let mut poller = Poller::new(
-        &mut loaded,
-        identity.clone(),
-        poller_seq,
-        labeler,
-        discovered,
-    )?;
+    let mut poller = Poller::new(&mut loaded, labeler, discovered)?;
 
     let fixed = status::Fixed {
-        agent: poller.identity().agent.clone(),
-        boot: poller.identity().boot.clone(),
+        agent: identity.agent.clone(),
+        boot: identity.boot.clone(),
         cgroup: loaded.cgroup.display().to_string(),
         interval_ms: s.interval.as_millis() as u64,
         accept_hook: loaded.accept_hook,
@@ -491,7 +476,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
 
     let mut flow_table = s.flows.clone().map(|cfg| {
         poller.enable_flow_views(true);
-        FlowTable::new(cfg, &shared.identity)
+        FlowTable::new(cfg)
     });
     let mut writer = Writer {
         shared: shared.clone(),

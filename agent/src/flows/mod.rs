@@ -168,18 +168,14 @@ struct Counters {
 /// Turns per-interval socket observations into flow records.
 #[derive(Debug)]
 pub struct FlowTable {
-    agent: String,
-    boot: String,
     flows: Flows,
     out: Out,
     next_serial: u64,
 }
 
 impl FlowTable {
-    pub fn new(cfg: FlowConfig, identity: &Identity) -> FlowTable {
+    pub fn new(cfg: FlowConfig) -> FlowTable {
         FlowTable {
-            agent: identity.agent.clone(),
-            boot: identity.boot.clone(),
             flows: Flows::default(),
             out: Out {
                 cfg,
@@ -566,9 +562,7 @@ impl FlowTable {
     fn drain(&mut self, limit: usize) -> Vec<FlowRecord> {
         let n = limit.min(self.out.outbox.len());
         let mut v = Vec::with_capacity(n);
-        for mut r in self.out.outbox.drain(..n) {
-            r.agent.clone_from(&self.agent);
-            r.boot.clone_from(&self.boot);
+        for r in self.out.outbox.drain(..n) {
             match r.event {
                 FlowEvent::Open => self.out.c.opens += 1,
                 FlowEvent::Update => self.out.c.updates += 1,

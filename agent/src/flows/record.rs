@@ -87,8 +87,10 @@ impl FlowRecord {
     }
 }
 
-impl crate::spool::SpoolRecord for FlowRecord {
-    fn set_seq(&mut self, seq: u64) {
+impl crate::event::SpoolRecord for FlowRecord {
+    fn stamp(&mut self, id: &Identity, seq: u64) {
+        self.agent.clone_from(&id.agent);
+        self.boot.clone_from(&id.boot);
         self.seq = seq;
     }
     fn to_json_line(&self) -> Vec<u8> {

@@ -1,5 +1,5 @@
 use super::*;
-use crate::spool::SpoolRecord;
+use crate::event::SpoolRecord;
 
 const T0: u64 = 1_795_443_814_000;
 
@@ -85,7 +85,7 @@ fn peer(cookie: u64, remote: &str, counters: Traffic) -> PeerView {
     }
 }
 fn table(cfg: FlowConfig) -> FlowTable {
-    FlowTable::new(cfg, &ident())
+    FlowTable::new(cfg)
 }
 fn no_gap() -> FlowConfig {
     FlowConfig {
@@ -124,9 +124,16 @@ fn flows_lifecycle_open_update_close_exact_counts() {
     assert_eq!((r[0].start, r[0].end), (T0, T0 + 1000));
     assert_eq!(r[0].traffic(), tr(200, 100, 3, 2));
     assert_eq!((r[0].tcp_state.as_deref(), r[0].end_reason), (None, None));
+    // The envelope is stamped where the record is written, not here.
     assert_eq!(
         (r[0].agent.as_str(), r[0].boot.as_str(), r[0].kind.as_str()),
-        ("a", "b", "flow")
+        ("", "", "flow")
+    );
+    let mut stamped = r[0].clone();
+    stamped.stamp(&ident(), 7);
+    assert_eq!(
+        (stamped.agent.as_str(), stamped.boot.as_str(), stamped.seq),
+        ("a", "b", 7)
     );
 
     let mut s3 = s.clone();
@@ -664,7 +671,7 @@ fn flows_json_field_names_and_order() {
     assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
     assert_eq!((r[0].tx, r[0].end), (0, T0));
     let mut r = vec![r.pop().unwrap()];
-    r[0].set_seq(42);
+    r[0].stamp(&ident(), 42);
     let j = json(&r[0]);
     assert_eq!(
         j,
@@ -683,7 +690,7 @@ fn flows_json_field_names_and_order() {
         &[sock],
         &[peer(5, "[2001:db8::53]:53", tr(80, 0, 1, 0))],
     );
-    r[0].set_seq(43);
+    r[0].stamp(&ident(), 43);
     assert_eq!(
         json(&r[0]),
         r#"{"v":1,"type":"flow","agent":"a","boot":"b","seq":43,"event":"open","proto":"132","family":"ipv6","local":"10.0.0.2","local_port":5300,"remote":"2001:db8::53","remote_port":53,"direction":"unknown","pid":77,"process":"resolver","uid":0,"netns":1,"label":"resolver","start":1795443814000,"end":1795443814000,"tx":80,"rx":0,"tx_packets":1,"rx_packets":0}"#

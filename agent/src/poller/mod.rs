@@ -37,7 +37,7 @@ use thiserror::Error;
 use crate::{
     bpfsys,
     discover::DiscoveredSocket,
-    event::{DeltaEvent, FORMAT_VERSION, Identity, SeqAllocator, Traffic},
+    event::{DeltaEvent, FORMAT_VERSION, Traffic},
     labels::{Labeler, SocketFacts},
     loader::{LoadError, Loaded},
     procfs::{self, CgroupPaths, UserNames},
@@ -106,8 +106,6 @@ pub enum PollError {
     },
     #[error("waiting for running programs (membarrier): {0}")]
     Barrier(std::io::Error),
-    #[error("allocating a sequence number: {0}")]
-    Seq(std::io::Error),
     #[error(transparent)]
     Load(#[from] LoadError),
 }
@@ -354,8 +352,6 @@ pub struct Poller {
     resolved_flow: Option<Box<FlowFacts>>,
     overrides: LabelOverrides,
     maps: Maps,
-    identity: Identity,
-    seq: SeqAllocator,
     labeler: Arc<Labeler>,
     epoch: u32,
     tick_no: u64,
@@ -388,8 +384,6 @@ pub struct Poller {
 impl Poller {
     pub fn new(
         loaded: &mut Loaded,
-        identity: Identity,
-        seq: SeqAllocator,
         labeler: Arc<Labeler>,
         discovered: Vec<DiscoveredSocket>,
     ) -> Result<Poller, PollError> {
@@ -403,8 +397,6 @@ impl Poller {
             resolved_flow: None,
             overrides: LabelOverrides::default(),
             maps,
-            identity,
-            seq,
             labeler,
             epoch: 0,
             tick_no: 0,
@@ -458,10 +450,6 @@ impl Poller {
             p.note_listener(&o);
         }
         Ok(p)
-    }
-
-    pub fn identity(&self) -> &Identity {
-        &self.identity
     }
 
     /// Labels applications asked for; entries are removed when their socket is gone.
@@ -737,9 +725,10 @@ impl Poller {
         let ev = DeltaEvent {
             v: FORMAT_VERSION,
             kind: "delta".into(),
-            agent: self.identity.agent.clone(),
-            boot: self.identity.boot.clone(),
-            seq: self.seq.next().map_err(PollError::Seq)?,
+            // The envelope (agent, boot, seq) is stamped where the event is written.
+            agent: String::new(),
+            boot: String::new(),
+            seq: 0,
             t: start,
             d: end_ms.saturating_sub(start),
             labels,

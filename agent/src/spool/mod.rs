@@ -20,7 +20,7 @@ use std::{
 use log::{info, warn};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{DeltaEvent, FORMAT_VERSION, Identity, SeqAllocator};
+use crate::event::{FORMAT_VERSION, Identity, SeqAllocator};
 
 mod fault;
 mod frame;
@@ -39,23 +39,7 @@ pub use fault::{FaultOp, FaultStorage};
 pub use frame::Damage;
 pub use storage::{FsStorage, LOCK_FILE, Storage};
 
-/// A record the spool can number and write.
-pub trait SpoolRecord {
-    fn set_seq(&mut self, seq: u64);
-    /// One JSON object, no trailing newline, with the `seq` last given to `set_seq`.
-    fn to_json_line(&self) -> Vec<u8>;
-}
-
-impl SpoolRecord for DeltaEvent {
-    fn set_seq(&mut self, seq: u64) {
-        self.seq = seq;
-    }
-    fn to_json_line(&self) -> Vec<u8> {
-        // Serializing plain structs and string-keyed maps cannot fail; an empty line is
-        // refused by `append` (counted as invalid_record) rather than panicking here.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
-}
+pub use crate::event::SpoolRecord;
 
 /// When segment data is fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -641,7 +625,7 @@ impl<S: Storage> Spool<S> {
                 }
             };
             numbered += 1;
-            r.set_seq(seq);
+            r.stamp(&self.id, seq);
             let line = r.to_json_line();
             out.first_seq.get_or_insert(seq);
             out.last_seq = Some(seq);

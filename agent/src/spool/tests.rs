@@ -10,6 +10,7 @@ use std::{
 };
 
 use super::*;
+use crate::event::DeltaEvent;
 use crate::event::Traffic;
 
 // ---------------------------------------------------------------------------------------

@@ -914,17 +914,7 @@ fn tick_size(n: usize, ticks: usize, stats: bool) -> anyhow::Result<TickResult> 
         ..Default::default()
     })?;
     let labeler = Arc::new(Labeler::new(&Config::parse("", "bench")?, 0)?);
-    let identity = Identity {
-        agent: "bench".into(),
-        boot: "bench".into(),
-    };
-    let mut poller = Poller::new(
-        &mut loaded,
-        identity,
-        SeqAllocator::ephemeral(),
-        labeler,
-        vec![],
-    )?;
+    let mut poller = Poller::new(&mut loaded, labeler, vec![])?;
 
     let me = std::process::id() as i32;
     let stats_fd = if stats {
