@@ -205,10 +205,10 @@ impl Btf {
                 continue;
             }
             let inner = self.resolve(mtype)?;
-            if matches!(inner.kind, KIND_STRUCT | KIND_UNION) {
-                if let Some(b) = self.find_member(inner, member, base_bits + bits) {
-                    return Some(b);
-                }
+            if matches!(inner.kind, KIND_STRUCT | KIND_UNION)
+                && let Some(b) = self.find_member(inner, member, base_bits + bits)
+            {
+                return Some(b);
             }
         }
         None

@@ -89,12 +89,12 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             "unknown command {cmd:?}; valid: status, flush, pause, resume, label"
         ));
     }
-    if cmd != "label" {
-        if let Some(extra) = v.as_object().and_then(|o| o.keys().find(|k| *k != "cmd")) {
-            return Err(format!(
-                "bad {cmd} request: unexpected field {extra:?} ({cmd} takes no arguments)"
-            ));
-        }
+    if cmd != "label"
+        && let Some(extra) = v.as_object().and_then(|o| o.keys().find(|k| *k != "cmd"))
+    {
+        return Err(format!(
+            "bad {cmd} request: unexpected field {extra:?} ({cmd} takes no arguments)"
+        ));
     }
     serde_json::from_value(v).map_err(|e| format!("bad {cmd} request: {e}"))
 }

@@ -779,15 +779,15 @@ impl Config {
                 message: e,
             });
         }
-        if let Some(url) = &self.upload.url {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(ConfigError::field(
-                    "upload.url",
-                    format!(
-                        r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#
-                    ),
-                ));
-            }
+        if let Some(url) = &self.upload.url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(ConfigError::field(
+                "upload.url",
+                format!(
+                    r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#
+                ),
+            ));
         }
         if self.upload.max_body_bytes < 4096 {
             return Err(ConfigError::field(

@@ -573,10 +573,10 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             result = result.and(Err(e));
         }
     }
-    if let Some(sp) = &shared.spool {
-        if let Err(e) = lock(sp).flush() {
-            warn!("spool: final fsync: {e}");
-        }
+    if let Some(sp) = &shared.spool
+        && let Err(e) = lock(sp).flush()
+    {
+        warn!("spool: final fsync: {e}");
     }
     let st = &poller.stats;
     info!(

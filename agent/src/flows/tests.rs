@@ -670,7 +670,7 @@ fn flows_json_field_names_and_order() {
     // Begun and ended between two polls, opens wanted at once: open (as it started), close.
     assert_eq!(kinds(&r), [FlowEvent::Open, FlowEvent::Close]);
     assert_eq!((r[0].tx, r[0].end), (0, T0));
-    let mut r = vec![r.pop().unwrap()];
+    let mut r = [r.pop().unwrap()];
     r[0].stamp(&ident(), 42);
     let j = json(&r[0]);
     assert_eq!(

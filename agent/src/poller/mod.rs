@@ -695,13 +695,12 @@ impl Poller {
             self.collect_flow_views(&deltas, &finished, &end_states, &done);
         }
         self.table.forget(&done);
-        if !done.is_empty() {
-            if let Ok(mut o) = self.overrides.lock() {
-                if !o.is_empty() {
-                    for (cookie, _) in &done {
-                        o.remove(cookie);
-                    }
-                }
+        if !done.is_empty()
+            && let Ok(mut o) = self.overrides.lock()
+            && !o.is_empty()
+        {
+            for (cookie, _) in &done {
+                o.remove(cookie);
             }
         }
         for (cookie, kernel_entry_left) in done {

@@ -145,60 +145,60 @@ impl Poller {
             self.resolved_flow = self.owner_flow_facts(&o, OwnerSource::Kernel, f.process.clone());
             return Some((self.label_facts(&f), OwnerSource::Kernel));
         }
-        if let Some(d) = self.discovered.get(&cookie) {
-            if let Some(p) = &d.owner {
-                let f = OwnerFacts {
-                    process: p.comm.clone(),
-                    exe: p.exe.clone(),
-                    cgroup: p.cgroup.clone(),
-                    uid: p.uid,
-                    protocol: d.protocol,
-                    local_port: d.local.port(),
-                    remote_port: d.remote.port(),
-                    remote: Some(d.remote.ip()).filter(|ip| !ip.is_unspecified()),
-                    netns: procfs::netns_cookie_of_self(),
-                };
-                self.resolved_flow = if self.flow_views_on {
-                    let inbound = d.protocol == 6 && self.listeners.contains_key(&d.local.port());
-                    Some(Box::new(FlowFacts {
-                        proto: d.protocol,
-                        local: d.local,
-                        remote: Some(d.remote).filter(|r| r.port() != 0),
-                        direction: if inbound {
-                            crate::flows::Direction::Inbound
-                        } else {
-                            crate::flows::Direction::Outbound
-                        },
-                        owner: crate::flows::OwnerView {
-                            pid: p.tgid,
-                            process: p.comm.clone(),
-                            uid: p.uid,
-                            cgroup: p.cgroup.clone(),
-                            netns: f.netns,
-                        },
-                        first_seen_ms: unix_ms(),
-                    }))
-                } else {
-                    None
-                };
-                return Some((self.label_facts(&f), OwnerSource::Discovered));
-            }
+        if let Some(d) = self.discovered.get(&cookie)
+            && let Some(p) = &d.owner
+        {
+            let f = OwnerFacts {
+                process: p.comm.clone(),
+                exe: p.exe.clone(),
+                cgroup: p.cgroup.clone(),
+                uid: p.uid,
+                protocol: d.protocol,
+                local_port: d.local.port(),
+                remote_port: d.remote.port(),
+                remote: Some(d.remote.ip()).filter(|ip| !ip.is_unspecified()),
+                netns: procfs::netns_cookie_of_self(),
+            };
+            self.resolved_flow = if self.flow_views_on {
+                let inbound = d.protocol == 6 && self.listeners.contains_key(&d.local.port());
+                Some(Box::new(FlowFacts {
+                    proto: d.protocol,
+                    local: d.local,
+                    remote: Some(d.remote).filter(|r| r.port() != 0),
+                    direction: if inbound {
+                        crate::flows::Direction::Inbound
+                    } else {
+                        crate::flows::Direction::Outbound
+                    },
+                    owner: crate::flows::OwnerView {
+                        pid: p.tgid,
+                        process: p.comm.clone(),
+                        uid: p.uid,
+                        cgroup: p.cgroup.clone(),
+                        netns: f.netns,
+                    },
+                    first_seen_ms: unix_ms(),
+                }))
+            } else {
+                None
+            };
+            return Some((self.label_facts(&f), OwnerSource::Discovered));
         }
         // Addresses only (the kernel saw packets, no owner yet): a TCP socket on a port
         // we know a listener for is a server-side socket awaiting accept().
-        if let Some(o) = kernel.filter(|o| o.addr_family != 0 && o.remote_port != 0) {
-            if let Some(l) = self.listeners.get(&(o.local_port as u16)).copied() {
-                let mut merged = l;
-                merged.local_port = o.local_port;
-                merged.remote_port = o.remote_port;
-                merged.remote_ip = o.remote_ip;
-                merged.local_ip = o.local_ip;
-                merged.addr_family = o.addr_family;
-                let f = self.facts_from_owner(&merged);
-                self.resolved_flow =
-                    self.owner_flow_facts(&merged, OwnerSource::Listener, f.process.clone());
-                return Some((self.label_facts(&f), OwnerSource::Listener));
-            }
+        if let Some(o) = kernel.filter(|o| o.addr_family != 0 && o.remote_port != 0)
+            && let Some(l) = self.listeners.get(&(o.local_port as u16)).copied()
+        {
+            let mut merged = l;
+            merged.local_port = o.local_port;
+            merged.remote_port = o.remote_port;
+            merged.remote_ip = o.remote_ip;
+            merged.local_ip = o.local_ip;
+            merged.addr_family = o.addr_family;
+            let f = self.facts_from_owner(&merged);
+            self.resolved_flow =
+                self.owner_flow_facts(&merged, OwnerSource::Listener, f.process.clone());
+            return Some((self.label_facts(&f), OwnerSource::Listener));
         }
         None
     }
