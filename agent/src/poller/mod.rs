@@ -498,57 +498,10 @@ impl Poller {
 
         // 1. The sockets that moved in the slot (or the whole map), then 2. the finished
         // sockets (their entries are gone).
-        let mut active: Vec<u64> = Vec::new();
-        while let Some(item) = self.maps.active[slot].next() {
-            if item.len() >= 8 {
-                active.push(u64::from_ne_bytes(item[..8].try_into().unwrap()));
-            }
-        }
-        let lost = self.lost_notes(slot)?;
-        let read = self.reads.plan(slot, active, lost, self.table.live());
-        self.batch.clear();
-        self.missing.clear();
-        let socks = self.maps.socks.fd().as_fd();
-        let full = match read {
-            Read::All(why) => {
-                bpfsys::lookup_batch(socks, 8192, &mut self.batch).map_err(|source| {
-                    PollError::Map {
-                        map: MAP_SOCKS,
-                        source,
-                    }
-                })?;
-                self.stats.full_reads += 1;
-                if why == WhyAll::NotesLost {
-                    self.stats.full_reads_lost += 1;
-                    debug!(
-                        "tick {tick}: active ring of slot {slot} overflowed, reading the whole socket map"
-                    );
-                }
-                true
-            }
-            Read::Keys(keys) => {
-                for cookie in keys {
-                    match bpfsys::lookup::<u64, SockCounters>(socks, &cookie).map_err(|source| {
-                        PollError::Map {
-                            map: MAP_SOCKS,
-                            source,
-                        }
-                    })? {
-                        Some(v) => self.batch.push((cookie, v)),
-                        None => self.missing.push(cookie),
-                    }
-                }
-                false
-            }
-        };
+        let full = self.read_slot(slot, tick)?;
         self.stats.last_entries_read = self.batch.len();
         let mut records: Vec<FinalRecord> = std::mem::take(&mut self.late_finals);
-        while let Some(item) = self.maps.finals.next() {
-            if item.len() >= size_of::<FinalRecord>() {
-                records
-                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FinalRecord) });
-            }
-        }
+        self.read_finals(&mut records);
         self.stats.finals_received += records.len() as u64;
         let batch = std::mem::take(&mut self.batch);
         let missing = std::mem::take(&mut self.missing);
@@ -579,8 +532,121 @@ impl Poller {
         let mut unattributed: Traffic = sub(&unattr_now, &self.last_unattr[slot]).into();
         self.last_unattr[slot] = unattr_now;
 
-        // 4. Labels. Many sockets to resolve at once (the first tick, a burst of new
-        // connections): one walk of the owner map instead of a lookup each.
+        // 4. Labels, 5. interfaces, 6. housekeeping.
+        let labels = self.label_deltas(&deltas, &record_owner, &mut unattributed);
+        let ifaces = self.iface_deltas(slot);
+        self.housekeeping(&records, &deltas, done);
+        self.stats.sockets_tracked = self.table.socks.len();
+        self.stats.ticks += 1;
+        let total_t: Traffic = total.into();
+        self.stats.kernel_total.add(&total_t);
+
+        let start = self.interval_start_ms;
+        self.interval_start_ms = end_ms;
+        self.stats.last_tick_work = work.elapsed();
+        if total_t.is_zero() && ifaces.is_empty() {
+            return Ok(None);
+        }
+        let ev = DeltaEvent {
+            v: FORMAT_VERSION,
+            kind: "delta".into(),
+            // The envelope (agent, boot, seq) is stamped where the event is written.
+            agent: String::new(),
+            boot: String::new(),
+            seq: 0,
+            t: start,
+            d: end_ms.saturating_sub(start),
+            labels,
+            unattributed,
+            total: total_t,
+            ifaces,
+        };
+        if !ev.conserves() {
+            // Would mean a bug in the harvest; say so loudly rather than hide it.
+            warn!(
+                "event at {} does not conserve: attributed {:?} vs total {:?}",
+                ev.t,
+                ev.attributed_sum(),
+                ev.total
+            );
+        }
+        self.stats.events += 1;
+        debug!(
+            "tick {tick}: {} entries read{}, {} finals",
+            self.batch.len(),
+            if full { " (whole map)" } else { "" },
+            records.len()
+        );
+        Ok(Some(ev))
+    }
+
+    /// Phase 1: reads the entries of the sockets noted as moved in `slot` (or the whole
+    /// map, when the plan says so) into `self.batch`, the vanished ones into
+    /// `self.missing`. True when the whole map was read.
+    fn read_slot(&mut self, slot: usize, tick: u64) -> Result<bool, PollError> {
+        let mut active: Vec<u64> = Vec::new();
+        while let Some(item) = self.maps.active[slot].next() {
+            if item.len() >= 8 {
+                active.push(u64::from_ne_bytes(item[..8].try_into().unwrap()));
+            }
+        }
+        let lost = self.lost_notes(slot)?;
+        let read = self.reads.plan(slot, active, lost, self.table.live());
+        self.batch.clear();
+        self.missing.clear();
+        let socks = self.maps.socks.fd().as_fd();
+        Ok(match read {
+            Read::All(why) => {
+                bpfsys::lookup_batch(socks, 8192, &mut self.batch).map_err(|source| {
+                    PollError::Map {
+                        map: MAP_SOCKS,
+                        source,
+                    }
+                })?;
+                self.stats.full_reads += 1;
+                if why == WhyAll::NotesLost {
+                    self.stats.full_reads_lost += 1;
+                    debug!(
+                        "tick {tick}: active ring of slot {slot} overflowed, reading the whole socket map"
+                    );
+                }
+                true
+            }
+            Read::Keys(keys) => {
+                for cookie in keys {
+                    match bpfsys::lookup::<u64, SockCounters>(socks, &cookie).map_err(|source| {
+                        PollError::Map {
+                            map: MAP_SOCKS,
+                            source,
+                        }
+                    })? {
+                        Some(v) => self.batch.push((cookie, v)),
+                        None => self.missing.push(cookie),
+                    }
+                }
+                false
+            }
+        })
+    }
+
+    /// Phase 2: appends the final records in the ring to `into`.
+    fn read_finals(&mut self, into: &mut Vec<FinalRecord>) {
+        while let Some(item) = self.maps.finals.next() {
+            if item.len() >= size_of::<FinalRecord>() {
+                into.push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FinalRecord) });
+            }
+        }
+    }
+
+    /// Phase 4: sums the sockets' deltas per label; what has no owner goes to
+    /// `unattributed`. Many sockets to resolve at once (the first tick, a burst of new
+    /// connections): one walk of the owner map instead of a lookup each.
+    fn label_deltas(
+        &mut self,
+        deltas: &[(u64, Counters)],
+        record_owner: &IntMap<u64, Owner>,
+        unattributed: &mut Traffic,
+    ) -> BTreeMap<String, Traffic> {
         let unresolved = deltas
             .iter()
             .filter(|(c, _)| {
@@ -601,7 +667,7 @@ impl Poller {
         // Two passes: sockets with a kernel owner first, so listeners seen in this very
         // interval can lend their owner to server-side sockets in the second pass.
         let mut second = vec![];
-        for &(cookie, d) in &deltas {
+        for &(cookie, d) in deltas {
             let d: Traffic = d.into();
             match self.label_of(cookie, record_owner.get(&cookie)) {
                 Some(l) => by_label.entry(l).or_default().add(&d),
@@ -635,7 +701,7 @@ impl Poller {
         }
         // Sockets finishing without having moved still deserve their owner noted
         // (listeners are learned from them).
-        for (cookie, o) in &record_owner {
+        for (cookie, o) in record_owner {
             if deltas.binary_search_by_key(cookie, |(c, _)| *c).is_err() {
                 self.note_listener(o);
             }
@@ -647,8 +713,11 @@ impl Poller {
                 .or_default()
                 .add(&t);
         }
+        labels
+    }
 
-        // 5. Interfaces.
+    /// Phase 5: per-interface deltas of `slot` (tc).
+    fn iface_deltas(&mut self, slot: usize) -> BTreeMap<String, Traffic> {
         let mut ifaces = BTreeMap::new();
         let iface_entries: Vec<(u32, Counters)> = self
             .maps
@@ -679,9 +748,17 @@ impl Poller {
                 ifaces.insert(name, Traffic::from(d));
             }
         }
+        ifaces
+    }
 
-        // 6. Housekeeping: forget finished sockets, delete entries the kernel left us,
-        // forget sockets gone from the map without a record.
+    /// Phase 6: flow views, then forget finished sockets, delete entries the kernel left
+    /// us, forget sockets gone from the map without a record, read the drop counters.
+    fn housekeeping(
+        &mut self,
+        records: &[FinalRecord],
+        deltas: &[(u64, Counters)],
+        done: Vec<(u64, bool)>,
+    ) {
         if self.flow_views_on {
             let finished: Vec<u64> = records
                 .iter()
@@ -692,7 +769,7 @@ impl Poller {
                 .iter()
                 .map(|r| (r.cookie, r.counters.end_state))
                 .collect();
-            self.collect_flow_views(&deltas, &finished, &end_states, &done);
+            self.collect_flow_views(deltas, &finished, &end_states, &done);
         }
         self.table.forget(&done);
         if !done.is_empty()
@@ -710,48 +787,6 @@ impl Poller {
             }
         }
         self.read_drops();
-        self.stats.sockets_tracked = self.table.socks.len();
-        self.stats.ticks += 1;
-        let total_t: Traffic = total.into();
-        self.stats.kernel_total.add(&total_t);
-
-        let start = self.interval_start_ms;
-        self.interval_start_ms = end_ms;
-        self.stats.last_tick_work = work.elapsed();
-        if total_t.is_zero() && ifaces.is_empty() {
-            return Ok(None);
-        }
-        let ev = DeltaEvent {
-            v: FORMAT_VERSION,
-            kind: "delta".into(),
-            // The envelope (agent, boot, seq) is stamped where the event is written.
-            agent: String::new(),
-            boot: String::new(),
-            seq: 0,
-            t: start,
-            d: end_ms.saturating_sub(start),
-            labels,
-            unattributed,
-            total: total_t,
-            ifaces,
-        };
-        if !ev.conserves() {
-            // Would mean a bug in the harvest; say so loudly rather than hide it.
-            warn!(
-                "event seq {} does not conserve: attributed {:?} vs total {:?}",
-                ev.seq,
-                ev.attributed_sum(),
-                ev.total
-            );
-        }
-        self.stats.events += 1;
-        debug!(
-            "tick {tick}: {} entries read{}, {} finals",
-            self.batch.len(),
-            if full { " (whole map)" } else { "" },
-            records.len()
-        );
-        Ok(Some(ev))
     }
 
     fn read_drops(&mut self) {

@@ -245,12 +245,9 @@ impl Poller {
     /// The owner in a final record the kernel submitted since this tick drained the ring:
     /// drains it again into `late_finals` (processed next tick) and looks there.
     pub(super) fn late_final_owner(&mut self, cookie: u64) -> Option<Owner> {
-        while let Some(item) = self.maps.finals.next() {
-            if item.len() >= size_of::<FinalRecord>() {
-                self.late_finals
-                    .push(unsafe { std::ptr::read_unaligned(item.as_ptr() as *const FinalRecord) });
-            }
-        }
+        let mut late = std::mem::take(&mut self.late_finals);
+        self.read_finals(&mut late);
+        self.late_finals = late;
         self.late_finals
             .iter()
             .find(|r| r.cookie == cookie && r.has_owner != 0)
