@@ -86,7 +86,7 @@ impl Shared {
             return FlushReceipt::failed("the agent runs with --no-spool: nothing to upload");
         };
         let _one_at_a_time = self.flush_lock.lock().await;
-        let receipt = upload::flush::flush(spool, up, &self.identity, self.max_body).await;
+        let receipt = upload::flush::flush(spool, up, self.max_body).await;
         let mut st = lock(&self.upload_state);
         st.flushes += 1;
         if !receipt.ok {

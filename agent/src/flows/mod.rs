@@ -148,8 +148,9 @@ pub struct FlowStats {
     pub orphan_peers: u64,
 }
 
+/// Records written and observations refused, since start (the totals of [`FlowStats`]).
 #[derive(Debug, Default)]
-struct Counters {
+struct RecordTotals {
     opens: u64,
     updates: u64,
     closes: u64,
@@ -184,7 +185,7 @@ impl FlowTable {
                 session_index: HashMap::new(),
                 session_timers: BinaryHeap::new(),
                 next_session: 0,
-                c: Counters::default(),
+                c: RecordTotals::default(),
             },
             next_serial: 0,
         }

@@ -295,7 +295,7 @@ pub(super) struct Out {
     /// (deadline, session id); re-pushed lazily when a session was joined since.
     pub(super) session_timers: BinaryHeap<Reverse<(u64, u64)>>,
     pub(super) next_session: u64,
-    pub(super) c: Counters,
+    pub(super) c: RecordTotals,
 }
 
 impl Out {

@@ -192,7 +192,8 @@ pub struct SegmentInfo {
     pub bytes: u64,
 }
 
-/// One upload body: whole frames of one sealed segment.
+/// One upload body: whole frames of one sealed segment, with the envelope its records
+/// carry (the uploader sends it as it is; its idempotency key is the same on every retry).
 #[derive(Debug, Clone)]
 pub struct Body {
     pub segment: String,
@@ -206,6 +207,19 @@ pub struct Body {
     pub oversize: bool,
     /// Acknowledge this once the server has stored the body.
     pub pos: CursorPos,
+    /// The records' `agent` and `boot`.
+    pub agent: String,
+    pub boot: String,
+}
+
+impl Body {
+    /// `<agent>:<boot>:<first_seq>-<last_seq>`: the same for every retry of this body.
+    pub fn idempotency_key(&self) -> String {
+        format!(
+            "{}:{}:{}-{}",
+            self.agent, self.boot, self.first_seq, self.last_seq
+        )
+    }
 }
 
 /// Records and bytes dropped for one reason.

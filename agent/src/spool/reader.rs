@@ -147,6 +147,8 @@ impl<S: Storage> Spool<S> {
                     offset: f.end(),
                     last_seq: f.last_seq,
                 },
+                agent: self.id.agent.clone(),
+                boot: self.id.boot.clone(),
             });
         }
         out.extend(cur);

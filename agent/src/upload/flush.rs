@@ -5,8 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
-use super::{Body, Uploader};
-use crate::{event::Identity, spool::Spool};
+use super::Uploader;
+use crate::spool::Spool;
 
 /// What a flush did. `ok` is false when anything failed; what was sent before the failure
 /// stays acknowledged.
@@ -70,12 +70,7 @@ async fn blocking<T: Send + 'static, E: std::fmt::Display>(
 }
 
 /// Seals and uploads everything pending, in bodies of at most `max_body` bytes.
-pub async fn flush(
-    spool: &Arc<Mutex<Spool>>,
-    up: &Uploader,
-    identity: &Identity,
-    max_body: u64,
-) -> FlushReceipt {
+pub async fn flush(spool: &Arc<Mutex<Spool>>, up: &Uploader, max_body: u64) -> FlushReceipt {
     // Seal first so everything written so far is uploadable. A failed seal does not stop
     // older sealed segments from going out.
     let seal_error = blocking(spool, |s| s.seal()).await.err();
@@ -95,15 +90,7 @@ pub async fn flush(
             break;
         }
         for (i, b) in bodies.iter().enumerate() {
-            let body = Body {
-                bytes: b.data.clone(),
-                first_seq: b.first_seq,
-                last_seq: b.last_seq,
-                records: b.records,
-                agent: identity.agent.clone(),
-                boot: identity.boot.clone(),
-            };
-            match up.send(&body, deadline).await {
+            match up.send(b, deadline).await {
                 Ok(answer) => {
                     let pos = b.pos.clone();
                     if let Err(e) = blocking(spool, move |s| s.acknowledge(pos)).await {
@@ -129,7 +116,7 @@ pub async fn flush(
                         attempts: answer.attempts,
                         said: answer.server_said,
                         ms: answer.elapsed.as_millis() as u64,
-                        idempotency_key: body.idempotency_key(),
+                        idempotency_key: b.idempotency_key(),
                     });
                 }
                 Err(e) => {

@@ -76,32 +76,9 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// How many bytes of a response body are kept for receipts and errors.
 const SERVER_SAID_MAX: usize = 512;
 
-/// One upload: whole zstd frames of JSON lines, with what they hold.
-#[derive(Debug, Clone)]
-pub struct Body {
-    /// Whole zstd frames, sent as they are (`Content-Encoding: zstd`).
-    pub bytes: Vec<u8>,
-    /// `seq` of the first record in the body.
-    pub first_seq: u64,
-    /// `seq` of the last record in the body.
-    pub last_seq: u64,
-    /// Number of records (lines) in the body.
-    pub records: u64,
-    /// The records' `agent`.
-    pub agent: String,
-    /// The records' `boot`.
-    pub boot: String,
-}
-
-impl Body {
-    /// `<agent>:<boot>:<first_seq>-<last_seq>`: the same for every retry of this body.
-    pub fn idempotency_key(&self) -> String {
-        format!(
-            "{}:{}:{}-{}",
-            self.agent, self.boot, self.first_seq, self.last_seq
-        )
-    }
-}
+/// What is uploaded: one body the spool hands out (whole zstd frames of JSON lines, with
+/// their seq range and envelope).
+pub use crate::spool::Body;
 
 /// Where and how to upload.
 #[derive(Debug, Clone)]
@@ -327,7 +304,7 @@ impl Uploader {
                 "upload {} to {}: attempt {attempts} ({} bytes, limit {limit:?})",
                 body.idempotency_key(),
                 self.shown_url,
-                body.bytes.len()
+                body.data.len()
             );
             let mut retry_after = None;
             match self.attempt(request, limit).await {
@@ -441,7 +418,7 @@ impl Uploader {
         let mut request = self
             .client
             .post(self.cfg.url.clone())
-            .body(body.bytes.clone())
+            .body(body.data.clone())
             .build()
             .map_err(|e| UploadError::Client {
                 url: self.shown_url.clone(),
@@ -928,10 +905,18 @@ mod tests {
         let mut bytes = zstd::encode_all(a.as_bytes(), 3).unwrap();
         bytes.extend(zstd::encode_all(b.as_bytes(), 3).unwrap());
         Body {
-            bytes,
+            segment: "seg-00000000000000000041.zst".into(),
+            data: bytes,
             first_seq: 41,
             last_seq: 43,
             records: 3,
+            frames: 2,
+            oversize: false,
+            pos: crate::spool::CursorPos {
+                segment: "seg-00000000000000000041.zst".into(),
+                offset: 0,
+                last_seq: 43,
+            },
             agent: "host-a".into(),
             boot: "b00t".into(),
         }
@@ -981,7 +966,7 @@ mod tests {
         assert_eq!(r.header("content-encoding"), Some("zstd"));
         assert_eq!(
             r.header("content-length"),
-            Some(b.bytes.len().to_string().as_str())
+            Some(b.data.len().to_string().as_str())
         );
         assert_eq!(r.header("user-agent"), Some(USER_AGENT));
         assert!(USER_AGENT.starts_with("sockacct/"));
@@ -993,7 +978,7 @@ mod tests {
         assert_eq!(r.header("idempotency-key"), Some("host-a:b00t:41-43"));
         assert_eq!(r.header("authorization"), None);
         assert_eq!(r.header("transfer-encoding"), None);
-        assert_eq!(r.body, b.bytes);
+        assert_eq!(r.body, b.data);
         let decoded = zstd::decode_all(&r.body[..]).unwrap();
         assert_eq!(String::from_utf8(decoded).unwrap(), LINES);
     }
