@@ -241,7 +241,7 @@ fn check(
     })?;
     let path = crate::loader::preflight(s.config.cgroup.as_deref())?;
     println!("ok: privileges, BTF and cgroup v2 present");
-    let loaded = crate::loader::load(&s.load_options())?;
+    let loaded = crate::loader::load_checked(path.clone(), &s.load_options())?;
     println!(
         "ok: kernel {}: every required program loads and attaches to {}",
         crate::procfs::kernel_release(),

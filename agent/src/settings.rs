@@ -47,15 +47,13 @@ impl Settings {
             Some(p) => Config::load(p)?,
             None => Config::parse("", "<defaults>")?,
         };
-        let flags = apply(&mut config, o);
-        // Flags go through the same checks as the file (ranges, URL scheme, ...).
-        config.validate().map_err(|e| {
-            if flags {
-                e.noted("after applying the command-line flags")
-            } else {
-                config.locate(e)
-            }
-        })?;
+        // The file was checked as it was parsed; flags go through the same checks
+        // (ranges, URL scheme, ...) once they are applied.
+        if apply(&mut config, o) {
+            config
+                .validate()
+                .map_err(|e| e.noted("after applying the command-line flags"))?;
+        }
         Settings::compile(config)
     }
 

@@ -357,7 +357,7 @@ pub struct RunOptions {
 
 pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
-    loader::preflight(s.config.cgroup.as_deref())?;
+    let cgroup = loader::preflight(s.config.cgroup.as_deref())?;
     let opts = s.load_options();
     let labeler = s.labeler.clone();
     std::fs::create_dir_all(&o.state_dir).with_context(|| {
@@ -402,7 +402,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         (None, Some(seq))
     };
 
-    let mut loaded = loader::load(&opts)?;
+    let mut loaded = loader::load_checked(cgroup, &opts)?;
     // Sockets that existed before we attached: find their owners now. Anything created
     // from here on is seen by sock_create.
     let discovered = match discover::discover_existing() {

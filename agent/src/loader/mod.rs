@@ -249,9 +249,13 @@ pub fn ifindex(name: &str) -> Option<u32> {
     (i != 0).then_some(i)
 }
 
-/// Loads and attaches everything. The caller should have run [`preflight`].
+/// Checks the host ([`preflight`]), then loads and attaches everything.
 pub fn load(opts: &LoadOptions) -> Result<Loaded, LoadError> {
-    let cgroup = preflight(opts.cgroup.as_deref())?;
+    load_checked(preflight(opts.cgroup.as_deref())?, opts)
+}
+
+/// Loads and attaches everything to `cgroup`, the directory [`preflight`] returned.
+pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadError> {
     let cg = File::open(&cgroup).map_err(|source| LoadError::CgroupMissing {
         path: cgroup.clone(),
         source,
