@@ -11,7 +11,7 @@ use aya::{
 };
 use serde::Serialize;
 
-use super::{Link, chain};
+use super::{Link, chain, prog};
 use crate::btf::Btf as KernelBtf;
 
 #[derive(Debug, Clone, Copy)]
@@ -226,7 +226,7 @@ impl Chooser<'_> {
                 if !self.kbtf.has_tracepoint(tp) {
                     return Err(format!("this kernel has no tracepoint {tp}"));
                 }
-                let p: &mut BtfTracePoint = program(self.ebpf, c.program)?;
+                let p: &mut BtfTracePoint = prog(self.ebpf, c.program).map_err(|e| chain(&e))?;
                 p.load(tp, self.aya_btf).map_err(refusal)?;
                 match p.attach() {
                     Ok(id) => Ok(Link::Tp(c.program, id)),
@@ -246,7 +246,7 @@ impl Chooser<'_> {
                         None => return Err(format!("this kernel's BTF does not describe {func}")),
                     }
                 }
-                let p: &mut FExit = program(self.ebpf, c.program)?;
+                let p: &mut FExit = prog(self.ebpf, c.program).map_err(|e| chain(&e))?;
                 p.load(func, self.aya_btf).map_err(refusal)?;
                 match p.attach() {
                     Ok(id) => Ok(Link::FExit(c.program, id)),
@@ -257,7 +257,7 @@ impl Chooser<'_> {
                 }
             }
             Attach::SockOps => {
-                let p: &mut SockOps = program(self.ebpf, c.program)?;
+                let p: &mut SockOps = prog(self.ebpf, c.program).map_err(|e| chain(&e))?;
                 p.load().map_err(refusal)?;
                 match p.attach(self.cgroup.as_fd(), CgroupAttachMode::Single) {
                     Ok(id) => Ok(Link::SockOps(c.program, id)),
@@ -269,14 +269,4 @@ impl Chooser<'_> {
             }
         }
     }
-}
-
-fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
-where
-    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
-{
-    ebpf.program_mut(name)
-        .ok_or_else(|| format!("program {name} is missing from the kernel object"))?
-        .try_into()
-        .map_err(|e: ProgramError| chain(&e))
 }

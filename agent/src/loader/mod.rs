@@ -288,11 +288,7 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         ("sockacct_ingress", CgroupSkbAttachType::Ingress),
         ("sockacct_egress", CgroupSkbAttachType::Egress),
     ] {
-        let p: &mut CgroupSkb = ebpf
-            .program_mut(name)
-            .unwrap()
-            .try_into()
-            .map_err(|e| program_error(name, e))?;
+        let p: &mut CgroupSkb = prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
         p.load().map_err(|e| program_error(name, e))?;
         // Single: links already let several programs share a cgroup; AllowMultiple is EINVAL.
         let id = p
@@ -301,11 +297,7 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         links.push(Link::Skb(name, id));
     }
     for name in ["sockacct_sock_create", "sockacct_sock_release"] {
-        let p: &mut CgroupSock = ebpf
-            .program_mut(name)
-            .unwrap()
-            .try_into()
-            .map_err(|e| program_error(name, e))?;
+        let p: &mut CgroupSock = prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
         p.load().map_err(|e| program_error(name, e))?;
         let id = p
             .attach(cg.as_fd(), CgroupAttachMode::Single)
@@ -424,11 +416,8 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
                 ("sockacct_tc_ingress", TcAttachType::Ingress),
                 ("sockacct_tc_egress", TcAttachType::Egress),
             ] {
-                let p: &mut SchedClassifier = ebpf
-                    .program_mut(name)
-                    .unwrap()
-                    .try_into()
-                    .map_err(|e| program_error(name, e))?;
+                let p: &mut SchedClassifier =
+                    prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
                 p.load().map_err(|e| program_error(name, e))?;
                 for (_, iface) in &ifaces {
                     let id = p
@@ -553,7 +542,8 @@ impl Loaded {
     }
 }
 
-fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProgramError>
+/// Program `name` of the object as type `T` (a missing one is an error, never a panic).
+pub(crate) fn prog<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, ProgramError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
 {
