@@ -5,8 +5,12 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::{
-    event::Traffic, flows::FlowStats, loader::hooks::HookChoice, poller::PollStats,
-    spool::SpoolStats, upload::flush::FlushReceipt,
+    event::Traffic,
+    flows::FlowStats,
+    loader::hooks::HookChoice,
+    poller::{PollStats, TickTimes},
+    spool::SpoolStats,
+    upload::flush::FlushReceipt,
 };
 
 /// Facts fixed at start.
@@ -36,6 +40,10 @@ pub struct Status {
     pub events: u64,
     pub last_tick_work_ms: f64,
     pub last_tick_wait_ms: f64,
+    /// Work of every tick so far (histogram, max, max over the latest 100 ticks).
+    pub tick_work: TickTimes,
+    /// Grace-period wait of every tick so far.
+    pub tick_wait: TickTimes,
     /// Ticks that failed and were retried by the next one.
     pub tick_failures: u64,
     pub last_tick_error: Option<String>,
@@ -89,6 +97,8 @@ impl Status {
             events: st.events,
             last_tick_work_ms: st.last_tick_work.as_secs_f64() * 1e3,
             last_tick_wait_ms: st.last_tick_wait.as_secs_f64() * 1e3,
+            tick_work: st.work.clone(),
+            tick_wait: st.wait.clone(),
             tick_failures: st.tick_failures,
             last_tick_error: st.last_tick_error.clone(),
             finished_sockets_folded_in: st.finals_received,

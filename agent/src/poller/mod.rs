@@ -46,9 +46,11 @@ use crate::{
 #[cfg(test)]
 mod model;
 mod owners;
+mod stats;
 mod table;
 mod views;
 
+pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
 pub use table::{ActiveReads, Harvested, Read, Scope, SockTable, WhyAll};
 
 /// From this many sockets to label in one tick on, the owner map is read in one walk.
@@ -169,35 +171,6 @@ impl SockState {
             flow_closed: false,
         }
     }
-}
-
-/// Counters about the poller itself, for status and tests.
-#[derive(Debug, Clone, Default)]
-pub struct PollStats {
-    pub ticks: u64,
-    pub events: u64,
-    pub sockets_tracked: usize,
-    /// Entries in the socket map: counted exactly by whole-map reads, estimated in
-    /// between from the sockets tracked that are not finished.
-    pub map_entries: usize,
-    /// Ticks that read the whole socket map (first tick, lost notes, many sockets moved).
-    pub full_reads: u64,
-    /// Of those, the ones forced by a full active ring (notes lost).
-    pub full_reads_lost: u64,
-    /// Socket entries read by the last tick (looked up, or walked).
-    pub last_entries_read: usize,
-    pub finals_received: u64,
-    /// Kernel-side failure counters by name (cumulative).
-    pub kernel_drops: BTreeMap<&'static str, u64>,
-    /// Bytes of sockets whose owner could not be found (they went to `unattributed`).
-    pub no_owner_bytes: u64,
-    /// Wall time of the last tick's work, excluding the grace-period wait.
-    pub last_tick_work: std::time::Duration,
-    pub last_tick_wait: std::time::Duration,
-    pub kernel_total: Traffic,
-    /// Ticks that failed (a map read, the barrier); the next tick covers their interval.
-    pub tick_failures: u64,
-    pub last_tick_error: Option<String>,
 }
 
 pub struct Maps {
@@ -544,6 +517,8 @@ impl Poller {
         let start = self.interval_start_ms;
         self.interval_start_ms = end_ms;
         self.stats.last_tick_work = work.elapsed();
+        self.stats.work.record(self.stats.last_tick_work);
+        self.stats.wait.record(self.stats.last_tick_wait);
         if total_t.is_zero() && ifaces.is_empty() {
             return Ok(None);
         }

@@ -292,6 +292,7 @@ fn main() {
         ["udp-count", listen, secs] => bench_udp_count(listen, secs),
         ["udp-blast", addr, port, secs, size] => bench_udp_blast(addr, port, secs, size),
         ["udp-blast-to", addr, port, secs, size] => bench_udp_blast_to(addr, port, secs, size),
+        ["udp-many", n, size, net] => bench_udp_many(n, size, net),
         ["hold-many", pairs, active] => bench_hold_many(pairs, active, "2"),
         ["hold-many", pairs, active, first_ip] => bench_hold_many(pairs, active, first_ip),
         ["tcp-serve-fork", listen, worker_name, greeting, reply] => {
@@ -551,19 +552,9 @@ fn bench_linger0(s: &TcpStream) {
 /// created in this process's cgroup), each carrying one byte so it has a map entry. The
 /// destinations are spread over several 127.0.0.x listeners so ephemeral ports never run
 /// out. Sockets close with RST (linger 0): no TIME_WAIT left behind.
-fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
-    let (pairs, active, first): (usize, usize, usize) = (
-        pairs.parse().unwrap(),
-        active.parse().unwrap(),
-        first_ip.parse().unwrap(),
-    );
-    let per_listener = 10_000;
-    let nl = pairs.div_ceil(per_listener).max(1);
-    assert!(
-        first >= 1 && first + nl < 255,
-        "listener addresses beyond 127.0.0.254"
-    );
-    let want = (2 * pairs + nl + 512) as libc::rlim_t;
+/// Raises RLIMIT_NOFILE to `want` (the soft limit never needs a capability; the hard one
+/// needs CAP_SYS_RESOURCE).
+fn raise_nofile(want: libc::rlim_t) {
     let mut rl = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -583,6 +574,53 @@ fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
             );
         }
     }
+}
+
+/// `n` connected UDP sockets, one datagram of `size` bytes each to a receiver of this
+/// process on loopback (which never reads: the sender's counts are what the bench wants),
+/// held until a line on stdin, then closed at once. Bound to 127.0.NET.1, so processes
+/// with different NETs do not share one address's ephemeral ports.
+fn bench_udp_many(n: &str, size: &str, net: &str) {
+    let (n, size, net): (usize, usize, u8) = (
+        n.parse().unwrap(),
+        size.parse().unwrap(),
+        net.parse().unwrap(),
+    );
+    raise_nofile((n + 512) as libc::rlim_t);
+    let ip = std::net::Ipv4Addr::new(127, 0, net, 1);
+    let rcv = UdpSocket::bind((ip, 0)).unwrap();
+    let to = rcv.local_addr().unwrap();
+    let buf = vec![0x5au8; size];
+    let socks: Vec<UdpSocket> = (0..n)
+        .map(|i| {
+            let s = UdpSocket::bind((ip, 0)).unwrap_or_else(|e| panic!("socket {i}: {e}"));
+            s.connect(to).unwrap();
+            s.send(&buf).unwrap();
+            s
+        })
+        .collect();
+    out(format!("sockets {}", socks.len()));
+    let mut line = String::new();
+    let _ = std::io::stdin().lock().read_line(&mut line);
+    out("closing".into());
+    drop(socks);
+    drop(rcv);
+    std::process::exit(0);
+}
+
+fn bench_hold_many(pairs: &str, active: &str, first_ip: &str) {
+    let (pairs, active, first): (usize, usize, usize) = (
+        pairs.parse().unwrap(),
+        active.parse().unwrap(),
+        first_ip.parse().unwrap(),
+    );
+    let per_listener = 10_000;
+    let nl = pairs.div_ceil(per_listener).max(1);
+    assert!(
+        first >= 1 && first + nl < 255,
+        "listener addresses beyond 127.0.0.254"
+    );
+    raise_nofile((2 * pairs + nl + 512) as libc::rlim_t);
     let listeners: Vec<TcpListener> = (0..nl)
         .map(|i| {
             TcpListener::bind((std::net::Ipv4Addr::new(127, 0, 0, (first + i) as u8), 0)).unwrap()

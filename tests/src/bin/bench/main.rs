@@ -1,5 +1,5 @@
 //! sockacct-bench: what the agent costs, measured on the real kernel (run as root through
-//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs|spool|flows]…`).
+//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs|spool|flows|memory]…`).
 //!
 //! Figures, printed as one table on stdout and written to target/bench/last.json:
 //! - per-program average run time (kernel bpf_stats: run_time_ns / run_cnt), taken in one
@@ -48,6 +48,10 @@ use sockacct::{
 use sockacct_tests::*;
 
 // ---- bpf(2) -------------------------------------------------------------------------------
+
+mod floor;
+mod memory;
+mod throughput;
 
 mod bpf {
     use super::*;
@@ -273,7 +277,7 @@ fn fdinfo_values(pid: i32, key: &str) -> Vec<(u64, BTreeMap<String, u64>)> {
 }
 
 /// Known programs, in display order (the kernel keeps only 15 characters of a name).
-const PROGRAMS: [&str; 10] = [
+const PROGRAMS: [&str; 14] = [
     "sockacct_ingress",
     "sockacct_egress",
     "sockacct_sock_create",
@@ -284,6 +288,10 @@ const PROGRAMS: [&str; 10] = [
     "sockacct_first_send",
     "sockacct_tc_ingress",
     "sockacct_tc_egress",
+    "sockacct_floor_ingress",
+    "sockacct_floor_egress",
+    "sockacct_floor_tc_ingress",
+    "sockacct_floor_tc_egress",
 ];
 
 /// Full names of JITed sockacct programs by address: /proc/kallsyms lists each one as
@@ -311,6 +319,18 @@ fn kallsyms_names() -> BTreeMap<u64, String> {
         m.insert(a, rest[17..].to_string());
     }
     m
+}
+
+/// Target ns per run: the per-packet programs have the 60 ns, per-socket ones
+/// 100 ns; the floor has none.
+fn prog_target(name: &str) -> Option<f64> {
+    if name.starts_with("sockacct_floor") {
+        None
+    } else if name.starts_with("sockacct_ingress") || name.starts_with("sockacct_egress") {
+        Some(60.0)
+    } else {
+        Some(100.0)
+    }
 }
 
 fn full_name(kernel: &str, addr: u64, syms: &BTreeMap<u64, String>) -> String {
@@ -457,6 +477,7 @@ enum Section {
     Progs,
     Spool,
     Flows,
+    Memory,
 }
 
 #[derive(Debug, Clone)]
@@ -469,7 +490,7 @@ struct Opts {
     sizes: Vec<usize>,
 }
 
-const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs|spool|flows]… [--rounds N] [--seconds S] [--ticks N]";
+const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs|spool|flows|memory]… [--rounds N] [--seconds S] [--ticks N]";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut quick = false;
@@ -490,7 +511,8 @@ fn parse_args() -> anyhow::Result<Opts> {
                         "progs" => Section::Progs,
                         "spool" => Section::Spool,
                         "flows" => Section::Flows,
-                        other => bail!("--only {other}: expected tcp, veth, udp, ticks, progs, spool or flows\n{USAGE}"),
+                        "memory" => Section::Memory,
+                        other => bail!("--only {other}: expected tcp, veth, udp, ticks, progs, spool, flows or memory\n{USAGE}"),
                     });
                 }
             }
@@ -537,6 +559,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             Section::Progs,
             Section::Spool,
             Section::Flows,
+            Section::Memory,
         ]
         .into();
     }
@@ -669,12 +692,6 @@ impl Scenario {
             }
         }
     }
-    fn target(self) -> f64 {
-        match self {
-            Scenario::TcpLo | Scenario::TcpVeth => 0.98,
-            Scenario::UdpVeth | Scenario::UdpVethTo => 0.95,
-        }
-    }
 }
 
 struct Env<'a> {
@@ -748,9 +765,37 @@ fn run_once(sc: Scenario, env: &Env) -> Vec<f64> {
     }
 }
 
+/// What runs while traffic flows: nothing, the empty hooks (the floor), or the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Cond {
+    Baseline,
+    Floor,
+    Agent,
+}
+
+impl Cond {
+    const ALL: [Cond; 3] = [Cond::Baseline, Cond::Floor, Cond::Agent];
+
+    /// `rounds` rounds of all three conditions, rotated each round (B F A, F A B, A B F, …),
+    /// so no condition always runs first or last.
+    fn order(rounds: usize) -> Vec<Cond> {
+        (0..rounds)
+            .flat_map(|r| (0..3).map(move |i| Cond::ALL[(r + i) % 3]))
+            .collect()
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Cond::Baseline => "baseline",
+            Cond::Floor => "empty hooks",
+            Cond::Agent => "agent",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct RunRec {
-    agent: bool,
+    cond: Cond,
     values: Vec<f64>,
     events: usize,
     /// Other sockacct programs loaded (max of before and after the run).
@@ -765,6 +810,8 @@ struct ScenarioResult {
     /// The stats run: throughput with bpf_stats on, and the per-program deltas.
     stats_values: Option<Vec<f64>>,
     progs: Option<ProgDelta>,
+    /// The empty hooks' run times, in a run of their own with bpf_stats on.
+    floor_progs: Option<ProgDelta>,
     offsets_check: Option<(usize, usize)>,
 }
 
@@ -789,18 +836,26 @@ fn run_scenario(
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut res = ScenarioResult::default();
     if ratio {
-        let total = 2 * rounds;
-        for k in 0..total {
-            // B A A B B A A B …: each condition gets as many early as late slots.
-            let agent = matches!(k % 4, 1 | 2);
+        let order = Cond::order(rounds);
+        let total = order.len();
+        for (k, &cond) in order.iter().enumerate() {
             let (busy_before, foreign) = wait_quiet(budget);
-            let (values, events) = if agent {
-                let d = Daemon::start(env.cg, &args);
-                let v = run_once(sc, env);
-                let ev = d.stop();
-                (v, ev.len())
-            } else {
-                (run_once(sc, env), 0)
+            let (values, events) = match cond {
+                Cond::Agent => {
+                    let d = Daemon::start(env.cg, &args);
+                    let v = run_once(sc, env);
+                    let ev = d.stop();
+                    (v, ev.len())
+                }
+                Cond::Floor => {
+                    let iface = env.net.filter(|_| sc != Scenario::TcpLo);
+                    let f = floor::Floor::attach(env.cg, iface.map(|n| n.host_if.as_str()))
+                        .expect("attaching the empty hooks");
+                    let v = run_once(sc, env);
+                    drop(f);
+                    (v, 0)
+                }
+                Cond::Baseline => (run_once(sc, env), 0),
             };
             let foreign = foreign.max(prog_snapshot(&[]).foreign);
             progress(format!(
@@ -808,7 +863,7 @@ fn run_scenario(
                 sc.short(),
                 k + 1,
                 total,
-                if agent { "agent   " } else { "baseline" },
+                cond.name(),
                 values
                     .iter()
                     .zip(sc.metrics())
@@ -825,7 +880,7 @@ fn run_scenario(
                 }
             ));
             res.runs.push(RunRec {
-                agent,
+                cond,
                 values,
                 events,
                 foreign_progs: foreign,
@@ -846,6 +901,23 @@ fn run_scenario(
         drop(stats_fd);
         res.progs = Some(prog_delta(&before, &after));
         res.stats_values = Some(v);
+
+        progress(format!(
+            "{}: stats run (empty hooks, bpf_stats on)",
+            sc.short()
+        ));
+        wait_quiet(budget);
+        let stats_fd = bpf::enable_stats().expect("BPF_ENABLE_STATS");
+        let me = std::process::id() as i32;
+        let iface = env.net.filter(|_| sc != Scenario::TcpLo);
+        let f = floor::Floor::attach(env.cg, iface.map(|n| n.host_if.as_str()))
+            .expect("attaching the empty hooks");
+        let before = prog_snapshot(&[me]);
+        run_once(sc, env);
+        let after = prog_snapshot(&[me]);
+        drop(f);
+        drop(stats_fd);
+        res.floor_progs = Some(prog_delta(&before, &after));
     }
     res
 }
@@ -1728,129 +1800,28 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // Memory, idle to 100k sockets, and the mass close (the real agent process).
+    let mut mem_runs = vec![];
+    if has(Section::Memory) {
+        wait_quiet(&mut budget);
+        for r in memory::section() {
+            match r {
+                Ok(r) => mem_runs.push(r),
+                Err(e) => failures.push(format!("memory: {e}")),
+            }
+        }
+    }
+
     let ratio_results: Vec<&(Scenario, ScenarioResult)> =
         results.iter().filter(|(_, r)| !r.runs.is_empty()).collect();
     let mut js_traffic = serde_json::Map::new();
     if !ratio_results.is_empty() {
-        line(&mut out, String::new());
-        line(
-            &mut out,
-            format!(
-                "== Throughput: agent vs baseline ({} runs each, {:.1} s per run, order B A A B …, medians; bpf_stats off) ==",
-                opts.rounds, opts.secs
-            ),
-        );
-        line(
-            &mut out,
-            format!(
-                "{:<26} {:>10} {:>10} {:>7} {:>8}  {}",
-                "scenario", "baseline", "agent", "ratio", "target", "runs baseline | agent"
-            ),
-        );
-        for (sc, r) in &ratio_results {
-            let mut jm = serde_json::Map::new();
-            for (i, (key, unit)) in sc.metrics().iter().enumerate() {
-                let b: Vec<f64> = r
-                    .runs
-                    .iter()
-                    .filter(|x| !x.agent)
-                    .map(|x| x.values[i])
-                    .collect();
-                let a: Vec<f64> = r
-                    .runs
-                    .iter()
-                    .filter(|x| x.agent)
-                    .map(|x| x.values[i])
-                    .collect();
-                let (mb, ma) = (median(&b), median(&a));
-                let ratio = ma / mb;
-                let target = if i == 0 {
-                    format!(">= {:.2} {}", sc.target(), mark(ratio >= sc.target()))
-                } else {
-                    "(info)".into()
-                };
-                let list = |v: &[f64]| {
-                    v.iter()
-                        .map(|x| format!("{x:.2}"))
-                        .collect::<Vec<_>>()
-                        .join(" ")
-                };
-                line(
-                    &mut out,
-                    format!(
-                        "{:<26} {:>10.2} {:>10.2} {:>7.3} {:>8}  {} | {}",
-                        format!("{} ({unit})", sc.short()),
-                        mb,
-                        ma,
-                        ratio,
-                        target,
-                        list(&b),
-                        list(&a)
-                    ),
-                );
-                jm.insert(
-                    key.to_string(),
-                    json!({"unit": unit, "baseline_runs": b, "agent_runs": a, "baseline_median": mb, "agent_median": ma,
-                           "ratio_of_medians": ratio, "target_ratio": if i == 0 { json!(sc.target()) } else { Value::Null }}),
-                );
-            }
-            jm.insert(
-                "order".into(),
-                json!(
-                    r.runs
-                        .iter()
-                        .map(|x| if x.agent { "agent" } else { "baseline" })
-                        .collect::<Vec<_>>()
-                ),
-            );
-            jm.insert(
-                "agent_events_per_run".into(),
-                json!(
-                    r.runs
-                        .iter()
-                        .filter(|x| x.agent)
-                        .map(|x| x.events)
-                        .collect::<Vec<_>>()
-                ),
-            );
-            jm.insert(
-                "foreign_sockacct_programs_per_run".into(),
-                json!(r.runs.iter().map(|x| x.foreign_progs).collect::<Vec<_>>()),
-            );
-            jm.insert(
-                "cpu_busy_before_run".into(),
-                json!(
-                    r.runs
-                        .iter()
-                        .map(|x| (x.busy_before * 1000.0).round() / 1000.0)
-                        .collect::<Vec<_>>()
-                ),
-            );
-            if let Some(v) = &r.stats_values {
-                jm.insert("with_bpf_stats_on".into(), json!(v));
-            }
-            js_traffic.insert(sc.key().into(), Value::Object(jm));
-        }
-        let all_runs: Vec<&RunRec> = ratio_results
-            .iter()
-            .flat_map(|(_, r)| r.runs.iter())
-            .collect();
-        let foreign = all_runs.iter().filter(|x| x.foreign_progs > 0).count();
-        let busy = all_runs.iter().filter(|x| x.busy_before >= 0.15).count();
-        if foreign + busy > 0 {
-            line(
-                &mut out,
-                format!(
-                    "note: of {} runs, {foreign} overlapped with another sockacct instance and {busy} started with the CPU >= 15 % busy from other work: expect noise",
-                    all_runs.len()
-                ),
-            );
-        }
-        if ratio_results.iter().any(|(sc, _)| *sc == Scenario::UdpVeth) {
-            line(&mut out, "UDP: 64 B payload, unpaced sender in the cgroup, receiver in the namespace; ratio on datagrams received/s".into());
-        }
+        throughput::report(&mut out, &mut js_traffic, &ratio_results, &opts);
     }
     js.insert("throughput".into(), Value::Object(js_traffic));
+    if !mem_runs.is_empty() {
+        memory::report(&mut out, &mut js, &mem_runs);
+    }
 
     // Program run times: one column per stats run, plus opening and closing the sockets of
     // the largest tick size (the per-socket programs get enough runs there).
@@ -1864,6 +1835,13 @@ fn main() -> anyhow::Result<()> {
             ))
         })
         .collect();
+    columns.extend(results.iter().filter_map(|(sc, r)| {
+        Some((
+            format!("{} floor", sc.short()),
+            format!("{}_empty_hooks", sc.key()),
+            r.floor_progs.as_ref()?,
+        ))
+    }));
     if let Some((n, d)) = rows
         .iter()
         .rev()
@@ -1881,7 +1859,7 @@ fn main() -> anyhow::Result<()> {
         .collect();
     if !columns.is_empty() {
         line(&mut out, String::new());
-        line(&mut out, "== Program run time (kernel bpf_stats: run_time_ns / run_cnt = ns per run (runs); one agent run per scenario; target <= 100 ns) ==".into());
+        line(&mut out, "== Program run time (kernel bpf_stats: run_time_ns / run_cnt = ns per run (runs); one agent run and one empty-hooks run per scenario; target: ingress/egress <= 60 ns, others <= 100 ns) ==".into());
         let mut header = format!("{:<22}", "program");
         for (label, _, _) in &columns {
             header.push_str(&format!(" {:>19}", label));
@@ -1926,7 +1904,10 @@ fn main() -> anyhow::Result<()> {
                 } else {
                     format!("{avg:.1} ({})", fmt_count(tc))
                 },
-                if tc == 0 { "" } else { mark(avg <= 100.0) }
+                match (tc, prog_target(name)) {
+                    (0, _) | (_, None) => "",
+                    (_, Some(t)) => mark(avg <= t),
+                }
             ));
             line(&mut out, row);
             jn.insert("all".into(), json!({"run_time_ns": tt, "run_cnt": tc, "ns_per_run": if tc == 0 { Value::Null } else { json!(avg) }}));

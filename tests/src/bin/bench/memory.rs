@@ -1,0 +1,356 @@
+//! `--only memory`: what the running agent holds, idle and with 10k and 100k tracked
+//! sockets (connected UDP on loopback, one datagram each, from 10 processes), flows on
+//! (the default) and off; the kernel maps' memory; and what a mass close costs: the 100k
+//! sockets closed at once, the ticks' work while the agent folds them in, and what the
+//! kernel reported meanwhile.
+use std::{collections::BTreeMap, fs, time::Duration};
+
+use serde_json::{Value, json};
+use sockacct_tests::*;
+
+use super::{mark, progress};
+
+/// Sockets per helper process, and helper processes at the top size.
+const PER_HELPER: usize = 10_000;
+const HELPERS: usize = 10;
+const PAYLOAD: usize = 32;
+
+/// VmRSS / VmHWM and the RSS split (anonymous, file, shared) of `pid`, in KiB.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rss {
+    rss: u64,
+    hwm: u64,
+    anon: u64,
+    file: u64,
+    shmem: u64,
+}
+
+fn rss(pid: i32) -> Rss {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let f = |k: &str| {
+        s.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    Rss {
+        rss: f("VmRSS:"),
+        hwm: f("VmHWM:"),
+        anon: f("RssAnon:"),
+        file: f("RssFile:"),
+        shmem: f("RssShmem:"),
+    }
+}
+
+/// The agent's BPF maps: name -> (memlock bytes, max_entries), from /proc/PID/fdinfo and
+/// the kernel's map info.
+fn kernel_maps(pid: i32) -> BTreeMap<String, (u64, u64)> {
+    let names: BTreeMap<u32, String> = aya::maps::loaded_maps()
+        .filter_map(Result::ok)
+        .filter_map(|m| Some((m.id(), m.name_as_str()?.to_string())))
+        .collect();
+    let mut out = BTreeMap::new();
+    for (id, f) in super::fdinfo_values(pid, "map_id") {
+        let name = names
+            .get(&(id as u32))
+            .cloned()
+            .unwrap_or_else(|| format!("map{id}"));
+        let memlock = f.get("memlock").copied().unwrap_or(0);
+        let max = f.get("max_entries").copied().unwrap_or(0);
+        out.insert(name, (memlock, max));
+    }
+    out
+}
+
+fn status_u64(st: &Value, ptr: &str) -> u64 {
+    st.pointer(ptr).and_then(Value::as_u64).unwrap_or(0)
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Stage {
+    tracked: u64,
+    rss: Rss,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct MemRun {
+    flows: bool,
+    stages: Vec<(String, Stage)>,
+    maps: BTreeMap<String, (u64, u64)>,
+    flow_overflow: u64,
+    flows_tracked: u64,
+    close: Close,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Close {
+    ticks: u64,
+    secs: f64,
+    max_work_ms: f64,
+    over_25ms: u64,
+    /// Kernel counters that moved meanwhile (name -> delta).
+    kernel: BTreeMap<String, u64>,
+    rss_after: Rss,
+}
+
+fn wait_tracked(d: &Daemon, at_least: u64, what: &str) -> Value {
+    wait_for(what, Duration::from_secs(120), || {
+        let st = d.control(json!({"cmd": "status"}));
+        (status_u64(&st, "/sockets_tracked") >= at_least).then_some(st)
+    })
+}
+
+fn run(flows: bool) -> anyhow::Result<MemRun> {
+    let cg = TestCgroup::new(if flows { "memflows" } else { "memnoflows" });
+    let dir = TempDir::new("mem");
+    let cfg = dir.0.join("config.toml");
+    fs::write(&cfg, format!("[flows]\nenabled = {flows}\n"))?;
+    let d = Daemon::start(&cg, &["--config", cfg.to_str().unwrap()]);
+    let pid = d.pid();
+    let mut r = MemRun {
+        flows,
+        ..MemRun::default()
+    };
+    d.wait_ticks(10);
+    r.stages.push((
+        "idle".into(),
+        Stage {
+            tracked: 0,
+            rss: rss(pid),
+        },
+    ));
+    let mut helpers: Vec<Peer> = vec![];
+    for (label, upto) in [("10k", 1), ("100k", HELPERS)] {
+        while helpers.len() < upto {
+            let i = helpers.len();
+            helpers.push(Peer::spawn(
+                Some(&cg),
+                None,
+                "bench-umany",
+                &[
+                    "udp-many",
+                    &PER_HELPER.to_string(),
+                    &PAYLOAD.to_string(),
+                    &(10 + i).to_string(),
+                ],
+            ));
+        }
+        for h in &mut helpers {
+            h.value("sockets");
+        }
+        let want = (helpers.len() * PER_HELPER) as u64;
+        progress(format!(
+            "memory (flows {}): {want} sockets open, waiting for the agent to track them",
+            if flows { "on" } else { "off" }
+        ));
+        let st = wait_tracked(&d, want, &format!("{want} sockets tracked"));
+        d.wait_ticks(5);
+        r.stages.push((
+            label.into(),
+            Stage {
+                tracked: status_u64(&st, "/sockets_tracked"),
+                rss: rss(pid),
+            },
+        ));
+    }
+    r.maps = kernel_maps(pid);
+    let st = d.control(json!({"cmd": "status"}));
+    r.flow_overflow = status_u64(&st, "/flows/overflow");
+    r.flows_tracked = status_u64(&st, "/flows/tracked");
+
+    // Mass close: every helper at once.
+    let before = d.control(json!({"cmd": "status"}));
+    let t0 = std::time::Instant::now();
+    for h in &mut helpers {
+        h.send_line("stop");
+    }
+    for h in &mut helpers {
+        h.expect_line("closing");
+    }
+    for h in helpers {
+        h.finish();
+    }
+    let after = wait_for(
+        "the closed sockets to be folded in",
+        Duration::from_secs(120),
+        || {
+            let st = d.control(json!({"cmd": "status"}));
+            (status_u64(&st, "/sockets_tracked") < 100).then_some(st)
+        },
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    d.wait_ticks(3);
+    let after_ticks = d.control(json!({"cmd": "status"}));
+    let counts = |s: &Value| -> Vec<u64> {
+        s.pointer("/tick_work/counts")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(Value::as_u64).collect())
+            .unwrap_or_default()
+    };
+    let (c0, c1) = (counts(&before), counts(&after_ticks));
+    let over = sockacct::poller::TICK_BUCKETS_MS
+        .iter()
+        .position(|&le| le >= 25.0)
+        .unwrap_or(0)
+        + 1;
+    r.close = Close {
+        ticks: status_u64(&after_ticks, "/ticks") - status_u64(&before, "/ticks"),
+        secs,
+        max_work_ms: after_ticks
+            .pointer("/tick_work/recent_max_ms")
+            .and_then(Value::as_f64)
+            .unwrap_or(0.0),
+        over_25ms: (over..c1.len())
+            .map(|i| c1[i] - c0.get(i).copied().unwrap_or(0))
+            .sum(),
+        kernel: after["drops"]["kernel"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| {
+                let d = v.as_u64()? - before["drops"]["kernel"][k].as_u64().unwrap_or(0);
+                (d > 0).then(|| (k.clone(), d))
+            })
+            .collect(),
+        rss_after: rss(pid),
+    };
+    d.stop();
+    Ok(r)
+}
+
+pub fn section() -> Vec<Result<MemRun, String>> {
+    [true, false]
+        .into_iter()
+        .map(|flows| {
+            progress(format!(
+                "== memory, flows {}",
+                if flows { "on" } else { "off" }
+            ));
+            std::panic::catch_unwind(|| run(flows))
+                .map_err(|e| super::panic_text(&*e))
+                .and_then(|r| r.map_err(|e| format!("{e:#}")))
+        })
+        .collect()
+}
+
+fn mb(kib: u64) -> String {
+    format!("{:.1}", kib as f64 / 1024.0)
+}
+
+pub fn report(out: &mut String, js: &mut serde_json::Map<String, Value>, runs: &[MemRun]) {
+    let mut line = |s: String| {
+        out.push_str(&s);
+        out.push('\n');
+    };
+    line(String::new());
+    line(format!(
+        "== Memory: the agent with its defaults; {HELPERS} processes x {PER_HELPER} connected UDP sockets on loopback, one {PAYLOAD} B datagram each =="
+    ));
+    line(format!(
+        "{:<10} {:<6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}  {}",
+        "flows",
+        "stage",
+        "tracked",
+        "RSS MB",
+        "HWM MB",
+        "anon MB",
+        "file MB",
+        "shmem MB",
+        "B/socket (RSS)",
+        "target"
+    ));
+    let mut jr = vec![];
+    for r in runs {
+        let flows = if r.flows { "on" } else { "off" };
+        let idle = r.stages.first().map(|s| s.1.rss.rss).unwrap_or(0);
+        for (name, st) in &r.stages {
+            let per = if st.tracked > 0 {
+                format!(
+                    "{:.0}",
+                    (st.rss.rss.saturating_sub(idle) * 1024) as f64 / st.tracked as f64
+                )
+            } else {
+                "-".into()
+            };
+            let target = match (name.as_str(), r.flows) {
+                ("idle", _) => format!("RSS <= 15 MB {}", mark(st.rss.rss <= 15 * 1024)),
+                ("100k", true) => format!("RSS <= 50 MB {}", mark(st.rss.rss <= 50 * 1024)),
+                ("100k", false) => format!("RSS <= 35 MB {}", mark(st.rss.rss <= 35 * 1024)),
+                _ => String::new(),
+            };
+            line(format!(
+                "{:<10} {:<6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9} {:>14}  {}",
+                flows,
+                name,
+                st.tracked,
+                mb(st.rss.rss),
+                mb(st.rss.hwm),
+                mb(st.rss.anon),
+                mb(st.rss.file),
+                mb(st.rss.shmem),
+                per,
+                target
+            ));
+        }
+        let c = &r.close;
+        line(format!(
+            "{:<10} {:<6} {:>8} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            flows,
+            "closed",
+            "",
+            mb(c.rss_after.rss),
+            mb(c.rss_after.hwm),
+            mb(c.rss_after.anon),
+            mb(c.rss_after.file),
+            mb(c.rss_after.shmem),
+        ));
+        if r.flows {
+            line(format!(
+                "flow table at 100k sockets: {} flows tracked, {} observations refused (overflow); target none refused {}",
+                r.flows_tracked,
+                r.flow_overflow,
+                mark(r.flow_overflow == 0)
+            ));
+        }
+        line(format!(
+            "mass close (flows {flows}): 100k sockets closed at once, folded in within {:.1} s over {} ticks; worst tick {:.1} ms work, {} ticks over 25 ms (target every tick <= 25 ms {}); kernel counters meanwhile: {}",
+            c.secs,
+            c.ticks,
+            c.max_work_ms,
+            c.over_25ms,
+            mark(c.max_work_ms <= 25.0),
+            if c.kernel.is_empty() {
+                "none".to_string()
+            } else {
+                c.kernel
+                    .iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ));
+        jr.push(json!({
+            "flows": r.flows,
+            "stages": r.stages.iter().map(|(n, s)| json!({"stage": n, "tracked": s.tracked,
+                "vm_rss_kib": s.rss.rss, "vm_hwm_kib": s.rss.hwm, "rss_anon_kib": s.rss.anon,
+                "rss_file_kib": s.rss.file, "rss_shmem_kib": s.rss.shmem})).collect::<Vec<_>>(),
+            "kernel_maps": r.maps.iter().map(|(n, (m, e))| (n.clone(), json!({"memlock": m, "max_entries": e}))).collect::<serde_json::Map<_, _>>(),
+            "flow_overflow": r.flow_overflow, "flows_tracked": r.flows_tracked,
+            "close": {"ticks": c.ticks, "secs": c.secs, "max_work_ms": c.max_work_ms, "ticks_over_25ms": c.over_25ms,
+                      "kernel_counters": c.kernel, "vm_rss_kib_after": c.rss_after.rss},
+        }));
+    }
+    if let Some(r) = runs.first() {
+        let total: u64 = r.maps.values().map(|m| m.0).sum();
+        line(format!(
+            "kernel maps (memlock, at 100k sockets): {:.1} MB in all: {}",
+            total as f64 / 1048576.0,
+            r.maps
+                .iter()
+                .map(|(n, (m, _))| format!("{n} {:.1}", *m as f64 / 1048576.0))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    js.insert("memory".into(), Value::Array(jr));
+}
