@@ -668,3 +668,12 @@ mod tests {
         fs::remove_dir_all(&base).unwrap();
     }
 }
+
+/// Returns freed heap memory to the kernel (glibc keeps freed blocks for reuse otherwise;
+/// after a burst such as loading, that is memory the agent never needs again).
+pub fn release_free_heap() {
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}

@@ -286,17 +286,17 @@ fn main() -> anyhow::Result<()> {
             if !is_root() {
                 bail!("benchmarks load kernel programs: run as root");
             }
-            let mut a = vec![
-                "run",
-                "--release",
-                "-p",
-                "sockacct-tests",
-                "--bin",
+            // Build every helper binary first, then run the bench binary itself: a
+            // `cargo run` whose program calls cargo again rebuilt half the dependency
+            // tree each time (the two invocations fingerprint differently).
+            cargo(&["build", "--release", "-p", "sockacct-tests", "--bins"])?;
+            check(
+                Command::new(root().join("target/release/sockacct-bench"))
+                    .args(&args)
+                    .status()
+                    .context("running sockacct-bench")?,
                 "sockacct-bench",
-                "--",
-            ];
-            a.extend(args.iter().map(String::as_str));
-            cargo(&a)
+            )
         }
     }
 }

@@ -415,6 +415,9 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     };
     info!("{} existing sockets discovered", discovered.len());
     let mut poller = Poller::new(&mut loaded, labeler, discovered)?;
+    // Loading parsed the kernel's BTF (megabytes of small allocations, all freed now):
+    // hand the freed heap back instead of holding it for the agent's lifetime.
+    crate::procfs::release_free_heap();
 
     let fixed = status::Fixed {
         agent: identity.agent.clone(),

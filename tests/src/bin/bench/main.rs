@@ -28,8 +28,6 @@ use std::{
     mem::{offset_of, size_of},
     os::fd::{AsRawFd, FromRawFd, OwnedFd},
     panic::{AssertUnwindSafe, catch_unwind},
-    path::PathBuf,
-    process::Command,
     sync::Arc,
     thread,
     time::{Duration, Instant, SystemTime},
@@ -627,32 +625,6 @@ fn panic_text(e: &(dyn std::any::Any + Send)) -> String {
         .cloned()
         .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
         .unwrap_or_else(|| "panic".into())
-}
-
-/// The peer and agent binaries are separate targets of this package: `cargo run --bin
-/// sockacct-bench` builds only this one, so build the others now (same profile).
-fn build_helpers() {
-    let Ok(cargo) = std::env::var("CARGO") else {
-        progress(
-            "not started by cargo: using the sockacct-peer / sockacct-agent binaries found next to this one",
-        );
-        return;
-    };
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut args = vec!["build", "--quiet", "-p", "sockacct-tests", "--bins"];
-    if !cfg!(debug_assertions) {
-        args.push("--release");
-    }
-    progress(format!(
-        "building helper binaries: cargo {}",
-        args.join(" ")
-    ));
-    match Command::new(cargo).current_dir(root).args(&args).status() {
-        Ok(s) if s.success() => {}
-        other => progress(format!(
-            "warning: building helper binaries failed ({other:?}); using what is there"
-        )),
-    }
 }
 
 // ---- traffic runs -------------------------------------------------------------------------
@@ -1640,8 +1612,7 @@ fn main() -> anyhow::Result<()> {
         bail!("the benchmarks load kernel programs: run as root (cargo xtask bench)");
     }
     let started = Instant::now();
-    build_helpers();
-    // Fail early, with a clear message, if a helper binary is missing.
+    // `cargo xtask bench` builds the helper binaries. Fail early, with a clear message, if a helper binary is missing.
     let _ = (sibling_exe("sockacct-peer"), agent_exe());
 
     let mut out = String::new();
