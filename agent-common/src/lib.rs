@@ -177,13 +177,15 @@ pub const DROP_ACTIVE_LOST: u32 = 6;
 pub const DROP_PEER_INSERT: u32 = 8; // per-peer (unconnected UDP) map full: flow records miss it
 pub const DROP_COUNT: u32 = 10;
 
-pub const DROP_NAMES: [&str; 6] = [
-    "sock_map_full",
-    "ringbuf_full",
-    "owner_map_full",
-    "iface_unregistered",
-    "no_socket_cookie",
-    "not_full_socket",
+/// Names of the DROPS indices below DROP_ACTIVE_LOST that lose or misattribute something.
+/// DROP_RINGBUF_FULL is not among them: a final record that did not fit the ring stays in
+/// the map for the poller, and nothing is lost (a fallback, reported as such).
+pub const DROP_NAMES: [(u32, &str); 5] = [
+    (DROP_SOCK_INSERT, "sock_map_full"),
+    (DROP_OWNER_INSERT, "owner_map_full"),
+    (DROP_IFACE_MISS, "iface_unregistered"),
+    (DROP_NO_COOKIE, "no_socket_cookie"),
+    (DROP_NOT_FULL_SOCK, "not_full_socket"),
 ];
 
 /// Map names, shared so the loader and the kernel side cannot drift apart.
@@ -225,10 +227,16 @@ pub const MAP_ACTIVE: [&str; SLOTS] = ["ACTIVE0", "ACTIVE1"];
 
 pub const DEFAULT_MAX_SOCKETS: u32 = 262_144;
 pub const DEFAULT_MAX_IFACES: u32 = 256;
-pub const FINALS_RINGBUF_BYTES: u32 = 8 * 1024 * 1024;
-/// Each record is a u64 cookie plus the ring's 8 B header: 131072 sockets per interval
-/// and slot before the poller falls back to reading the whole map.
-pub const ACTIVE_RINGBUF_BYTES: u32 = 2 * 1024 * 1024;
+/// Ring sizes are memory the agent holds twice over (the kernel maps a ring's data pages
+/// twice into the reader, all at mmap time): 1 MiB + 2 x 512 KiB = 4 MiB of RSS. A full
+/// ring is a fallback, not a loss: finals stay in the map for the poller, lost notes make
+/// the poller walk the whole map.
+/// About 3,700 final records (280 B + the ring's 8 B header) per interval.
+pub const FINALS_RINGBUF_BYTES: u32 = 1024 * 1024;
+/// Each note is a u64 cookie plus the ring's 8 B header: 32,768 sockets per interval and
+/// slot before the poller falls back to reading the whole map (with that many moving it
+/// would about as soon walk it anyway).
+pub const ACTIVE_RINGBUF_BYTES: u32 = 512 * 1024;
 
 #[cfg(feature = "user")]
 mod user {

@@ -8,7 +8,9 @@ pub const DEFAULT_OPEN_AFTER_MS: u64 = 1_000;
 pub const DEFAULT_UPDATE_EVERY_MS: u64 = 10_000;
 pub const DEFAULT_UDP_IDLE_MS: u64 = 30_000;
 pub const DEFAULT_CONSOLIDATE_GAP_MS: u64 = 5_000;
-pub const DEFAULT_MAX_FLOWS: usize = 65_536;
+/// As many as the kernel tracks sockets by default (`max_sockets`): every flow of a busy
+/// host is recorded, and the cap still holds (counted as `overflow`) beyond that.
+pub const DEFAULT_MAX_FLOWS: usize = 262_144;
 pub const DEFAULT_MAX_RECORDS_PER_TICK: usize = 10_000;
 
 /// Kinds of flow records (also the `event` field of a record).

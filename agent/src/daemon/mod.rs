@@ -504,6 +504,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             // Fell behind (suspended?): do not burst, realign.
             next = Instant::now() + s.interval;
         }
+        let cycle = Instant::now();
         let ev = match poller.tick() {
             Ok(ev) => {
                 failing = 0;
@@ -529,7 +530,6 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 continue;
             }
         };
-        lock(&shared.poll_stats).clone_from(&poller.stats);
         if let Err(e) = writer.write(ev) {
             result = Err(e);
             break;
@@ -552,6 +552,11 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 break;
             }
         }
+        // The whole cycle's work: the tick, writing its event, the flow table and its
+        // records (everything but the grace-period wait).
+        let work = cycle.elapsed().saturating_sub(poller.stats.last_tick_wait);
+        poller.stats.work.record(work);
+        lock(&shared.poll_stats).clone_from(&poller.stats);
     }
     info!("stopping: detaching programs, final poll");
     loaded.detach();
@@ -584,13 +589,14 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     let st = &poller.stats;
     info!(
         "totals: {} events, kernel counted {} B out / {} B in; {} finished sockets folded in; \
-         {} B without an owner; kernel counters {:?}",
+         {} B without an owner; kernel drops {:?}, fallbacks (nothing lost) {:?}",
         st.events,
         st.kernel_total.tx,
         st.kernel_total.rx,
         st.finals_received,
         st.no_owner_bytes,
-        st.kernel_drops
+        st.kernel_drops,
+        st.kernel_fallbacks
     );
     rt.shutdown_timeout(Duration::from_secs(2));
     drop(poller);

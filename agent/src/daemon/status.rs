@@ -40,7 +40,8 @@ pub struct Status {
     pub events: u64,
     pub last_tick_work_ms: f64,
     pub last_tick_wait_ms: f64,
-    /// Work of every tick so far (histogram, max, max over the latest 100 ticks).
+    /// Work of every poll cycle so far (tick, event and flow records written; histogram,
+    /// max, max over the latest 100 ticks).
     pub tick_work: TickTimes,
     /// Grace-period wait of every tick so far.
     pub tick_wait: TickTimes,
@@ -50,6 +51,8 @@ pub struct Status {
     pub finished_sockets_folded_in: u64,
     pub kernel_total: Traffic,
     pub drops: Drops,
+    /// A ring was full and the poller took the slower way; nothing was lost.
+    pub kernel_fallbacks: BTreeMap<&'static str, u64>,
     pub paused: bool,
     /// Bytes counted while paused (written as one event at resume).
     pub paused_bytes: u64,
@@ -103,6 +106,7 @@ impl Status {
             last_tick_error: st.last_tick_error.clone(),
             finished_sockets_folded_in: st.finals_received,
             kernel_total: st.kernel_total,
+            kernel_fallbacks: st.kernel_fallbacks.clone(),
             drops: Drops {
                 kernel: st.kernel_drops.clone(),
                 no_owner_bytes: st.no_owner_bytes,

@@ -53,6 +53,9 @@ mod views;
 pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
 pub use table::{ActiveReads, Harvested, Read, Scope, SockTable, WhyAll};
 
+/// Ticks whose work takes longer are logged (at debug) with the time of each phase.
+const SLOW_TICK: std::time::Duration = std::time::Duration::from_millis(25);
+
 /// From this many sockets to label in one tick on, the owner map is read in one walk.
 const OWNER_PREFETCH_MIN: usize = 512;
 
@@ -121,29 +124,32 @@ enum OwnerSource {
     Listener,
 }
 
+/// One tracked socket, kept small: there is one per socket that carried bytes (100k on
+/// a busy host). A finished socket's final counters live in [`SockTable`]'s side map.
 #[derive(Debug, Clone)]
 struct SockState {
     /// Last value read per slot.
     last: [Counters; SLOTS],
-    /// Final counters once the socket is finished.
-    finished: Option<[Counters; SLOTS]>,
+    /// Label index into `Poller::label_names`; None = unattributed (no owner).
+    label: Option<u32>,
+    /// What flow records need (only when flow records are on and the owner is known).
+    flow: Option<Box<FlowFacts>>,
+    /// Last tick whose read found the socket's entry (or its final record); compared
+    /// for equality only, so wrapping is harmless.
+    last_seen_tick: u32,
+    owner_source: Option<OwnerSource>,
+    /// Ticks spent looking for an owner (bounded retries).
+    owner_attempts: u8,
     /// Bit per slot harvested since the socket finished; state is dropped once both are
     /// (by slot, not by count: a failed tick skips a slot and repeats the other).
     harvested_after_finish: u8,
     /// The kernel kept the entry because the ring buffer was full: delete it when done.
     kernel_entry_left: bool,
-    /// Label index into `Poller::label_names`; None = unattributed (no owner).
-    label: Option<u32>,
-    owner_source: Option<OwnerSource>,
-    /// Ticks spent looking for an owner (bounded retries).
-    owner_attempts: u16,
-    /// Last tick whose read found the socket's entry (or its final record).
-    last_seen_tick: u64,
-    /// What flow records need (only when flow records are on and the owner is known).
-    flow: Option<Box<FlowFacts>>,
     /// The flow table was told the socket finished.
     flow_closed: bool,
 }
+
+const _: () = assert!(size_of::<SockState>() <= 96);
 
 /// A socket's connection facts for flow records.
 #[derive(Debug, Clone)]
@@ -160,14 +166,13 @@ impl SockState {
     fn new(tick: u64) -> Self {
         SockState {
             last: [Counters::ZERO; SLOTS],
-            finished: None,
-            harvested_after_finish: 0,
-            kernel_entry_left: false,
             label: None,
+            flow: None,
+            last_seen_tick: tick as u32,
             owner_source: None,
             owner_attempts: 0,
-            last_seen_tick: tick,
-            flow: None,
+            harvested_after_finish: 0,
+            kernel_entry_left: false,
             flow_closed: false,
         }
     }
@@ -351,6 +356,8 @@ pub struct Poller {
     /// record before it removes the owner entry). The next tick processes them first,
     /// as if they had arrived then.
     late_finals: Vec<FinalRecord>,
+    /// Sockets tracked at the last heap trim (or the most since).
+    trim_mark: usize,
     pub stats: PollStats,
 }
 
@@ -390,6 +397,7 @@ impl Poller {
             missing: vec![],
             owner_prefetch: None,
             late_finals: Vec::new(),
+            trim_mark: 0,
             stats: PollStats::default(),
         };
         // Programs may have counted since attach: treat everything so far as this
@@ -472,6 +480,7 @@ impl Poller {
         // 1. The sockets that moved in the slot (or the whole map), then 2. the finished
         // sockets (their entries are gone).
         let full = self.read_slot(slot, tick)?;
+        let t_read = work.elapsed();
         self.stats.last_entries_read = self.batch.len();
         let mut records: Vec<FinalRecord> = std::mem::take(&mut self.late_finals);
         self.read_finals(&mut records);
@@ -498,6 +507,7 @@ impl Poller {
         }
 
         self.reads.completed(slot);
+        let t_harvest = work.elapsed();
 
         // 3. Kernel totals and unattributed for the slot.
         let total = sub(&totals_now, &self.last_totals[slot]);
@@ -507,9 +517,12 @@ impl Poller {
 
         // 4. Labels, 5. interfaces, 6. housekeeping.
         let labels = self.label_deltas(&deltas, &record_owner, &mut unattributed);
+        let t_labels = work.elapsed();
         let ifaces = self.iface_deltas(slot);
+        let ndone = done.len();
         self.housekeeping(&records, &deltas, done);
         self.stats.sockets_tracked = self.table.socks.len();
+        self.return_memory();
         self.stats.ticks += 1;
         let total_t: Traffic = total.into();
         self.stats.kernel_total.add(&total_t);
@@ -517,8 +530,25 @@ impl Poller {
         let start = self.interval_start_ms;
         self.interval_start_ms = end_ms;
         self.stats.last_tick_work = work.elapsed();
-        self.stats.work.record(self.stats.last_tick_work);
+        // `work` is recorded by the caller, over the whole cycle (event and flow records
+        // written too).
         self.stats.wait.record(self.stats.last_tick_wait);
+        if self.stats.last_tick_work > SLOW_TICK {
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            debug!(
+                "slow tick {tick}: {:.1} ms: read {:.1} ({} entries{}), harvest {:.1} ({} finals), labels {:.1} ({} sockets moved), housekeeping {:.1} ({} done)",
+                ms(self.stats.last_tick_work),
+                ms(t_read),
+                self.batch.len(),
+                if full { ", whole map" } else { "" },
+                ms(t_harvest - t_read),
+                records.len(),
+                ms(t_labels - t_harvest),
+                deltas.len(),
+                ms(self.stats.last_tick_work - t_labels),
+                ndone,
+            );
+        }
         if total_t.is_zero() && ifaces.is_empty() {
             return Ok(None);
         }
@@ -553,6 +583,25 @@ impl Poller {
             records.len()
         );
         Ok(Some(ev))
+    }
+
+    /// After a mass close (the table fell to half of what it held at the last trim) or a
+    /// tick that read a large batch: give the freed memory back to the kernel.
+    fn return_memory(&mut self) {
+        let n = self.table.socks.len();
+        self.trim_mark = self.trim_mark.max(n);
+        let mut freed = false;
+        if self.batch.capacity() > 16 * 1024 {
+            self.batch = Vec::with_capacity(4096);
+            freed = true;
+        }
+        if n < self.trim_mark / 2 {
+            self.trim_mark = n;
+            freed = true;
+        }
+        if freed {
+            procfs::release_free_heap();
+        }
     }
 
     /// Phase 1: reads the entries of the sockets noted as moved in `slot` (or the whole
@@ -765,21 +814,23 @@ impl Poller {
     }
 
     fn read_drops(&mut self) {
-        for (i, name) in DROP_NAMES.iter().enumerate() {
-            if let Ok(v) = self.maps.drops.get(&(i as u32), 0) {
-                self.stats.kernel_drops.insert(name, v.iter().sum());
+        let sum = |m: &PerCpuArray<MapData, u64>, i: u32| m.get(&i, 0).ok().map(|v| v.iter().sum::<u64>());
+        for (i, name) in DROP_NAMES {
+            if let Some(v) = sum(&self.maps.drops, i) {
+                self.stats.kernel_drops.insert(name, v);
             }
         }
-        let lost: u64 = (0..SLOTS as u32)
-            .filter_map(|s| self.maps.drops.get(&(DROP_ACTIVE_LOST + s), 0).ok())
-            .map(|v| v.iter().sum::<u64>())
-            .sum();
-        self.stats.kernel_drops.insert("active_ring_full", lost);
-        if let Ok(v) = self.maps.drops.get(&DROP_PEER_INSERT, 0) {
-            self.stats
-                .kernel_drops
-                .insert("peer_map_full", v.iter().sum());
+        if let Some(v) = sum(&self.maps.drops, DROP_PEER_INSERT) {
+            self.stats.kernel_drops.insert("peer_map_full", v);
         }
+        // Fallbacks: nothing lost, the poller took the slower way.
+        if let Some(v) = sum(&self.maps.drops, DROP_RINGBUF_FULL) {
+            self.stats.kernel_fallbacks.insert("final_ring_full", v);
+        }
+        let lost: u64 = (0..SLOTS as u32)
+            .filter_map(|s| sum(&self.maps.drops, DROP_ACTIVE_LOST + s))
+            .sum();
+        self.stats.kernel_fallbacks.insert("active_ring_full", lost);
     }
 
     /// The kernel's cumulative count of active-ring notes lost for `slot` (all CPUs).

@@ -79,12 +79,16 @@ pub struct PollStats {
     pub finals_received: u64,
     /// Kernel-side failure counters by name (cumulative).
     pub kernel_drops: BTreeMap<&'static str, u64>,
+    /// Kernel-side fallbacks by name (cumulative): a ring was full and the poller took the
+    /// slower way (finals from the map, a whole-map walk); nothing was lost.
+    pub kernel_fallbacks: BTreeMap<&'static str, u64>,
     /// Bytes of sockets whose owner could not be found (they went to `unattributed`).
     pub no_owner_bytes: u64,
     /// Wall time of the last tick's work, excluding the grace-period wait.
     pub last_tick_work: std::time::Duration,
     pub last_tick_wait: std::time::Duration,
-    /// Every tick's work and grace-period wait.
+    /// Every poll cycle's work (recorded by the daemon: the tick, writing its event, flow
+    /// records; not the grace-period wait), and every tick's grace-period wait.
     pub work: TickTimes,
     pub wait: TickTimes,
     pub kernel_total: Traffic,

@@ -7,6 +7,8 @@ use super::*;
 #[derive(Debug, Default)]
 pub struct SockTable {
     pub(super) socks: IntMap<u64, SockState>,
+    /// Final counters of the finished sockets still tracked (few at a time).
+    pub(super) finals: IntMap<u64, [Counters; SLOTS]>,
     /// Finished sockets still waiting for a slot to be harvested.
     pub(super) finishing: Vec<u64>,
 }
@@ -113,14 +115,15 @@ impl SockTable {
         scope: Scope<'_>,
     ) -> Harvested {
         let mut out = Harvested::default();
+        let (socks, finals) = (&mut self.socks, &mut self.finals);
+        let now = tick as u32;
         for (cookie, sc) in entries {
-            let st = self
-                .socks
+            let st = socks
                 .entry(*cookie)
                 .or_insert_with(|| SockState::new(tick));
-            st.last_seen_tick = tick;
+            st.last_seen_tick = now;
             let mut cur = sc.slot(slot);
-            if let Some(f) = &st.finished {
+            if let Some(f) = finals.get(cookie) {
                 cur = max(&cur, &f[slot]);
             }
             let d = sub(&cur, &st.last[slot]);
@@ -128,35 +131,36 @@ impl SockTable {
             if !d.is_zero() {
                 out.deltas.push((*cookie, d));
             }
-            if sc.final_pending != 0 && st.finished.is_none() {
-                st.finished = Some(sc.slots());
+            if sc.final_pending != 0 && !finals.contains_key(cookie) {
+                finals.insert(*cookie, sc.slots());
                 st.kernel_entry_left = true;
                 self.finishing.push(*cookie);
             }
         }
         for r in records {
-            let st = self
-                .socks
+            let st = socks
                 .entry(r.cookie)
                 .or_insert_with(|| SockState::new(tick));
-            st.last_seen_tick = tick;
+            st.last_seen_tick = now;
             let rc = r.counters.slots();
-            let fin = match st.finished {
+            let fin = match finals.get(&r.cookie) {
                 Some(f) => [max(&f[0], &rc[0]), max(&f[1], &rc[1])],
-                None => rc,
+                None => {
+                    self.finishing.push(r.cookie);
+                    rc
+                }
             };
-            if st.finished.is_none() {
-                self.finishing.push(r.cookie);
-            }
-            st.finished = Some(fin);
+            finals.insert(r.cookie, fin);
         }
         // Every finished socket contributes what its final counters hold beyond what
         // was already taken from this slot; after both slots, it is forgotten.
         for cookie in std::mem::take(&mut self.finishing) {
-            let Some(st) = self.socks.get_mut(&cookie) else {
+            let Some(st) = socks.get_mut(&cookie) else {
                 continue;
             };
-            let Some(fin) = st.finished else { continue };
+            let Some(fin) = finals.get(&cookie) else {
+                continue;
+            };
             let d = sub(&fin[slot], &st.last[slot]);
             st.last[slot] = max(&fin[slot], &st.last[slot]);
             if !d.is_zero() {
@@ -173,17 +177,13 @@ impl SockTable {
         // Sockets whose entry left the map without a final record (not something the
         // kernel programs do; e.g. an entry deleted by hand): forget them.
         match scope {
-            Scope::All => self
-                .socks
-                .retain(|_, st| st.finished.is_some() || st.last_seen_tick == tick),
+            Scope::All => socks.retain(|c, st| finals.contains_key(c) || st.last_seen_tick == now),
             Scope::Moved { missing } => {
                 for cookie in missing {
-                    if self
-                        .socks
-                        .get(cookie)
-                        .is_some_and(|st| st.finished.is_none() && st.last_seen_tick != tick)
+                    if !finals.contains_key(cookie)
+                        && socks.get(cookie).is_some_and(|st| st.last_seen_tick != now)
                     {
-                        self.socks.remove(cookie);
+                        socks.remove(cookie);
                     }
                 }
             }
@@ -206,7 +206,11 @@ impl SockTable {
     pub fn forget(&mut self, done: &[(u64, bool)]) {
         for (cookie, _) in done {
             self.socks.remove(cookie);
+            self.finals.remove(cookie);
         }
+        // A mass close leaves the tables far larger than what they hold: give it back.
+        for_shrink(&mut self.socks);
+        for_shrink(&mut self.finals);
     }
 
     pub fn len(&self) -> usize {
@@ -220,5 +224,13 @@ impl SockTable {
     /// Sockets tracked that are not finished: about the socket map's size.
     pub fn live(&self) -> usize {
         self.socks.len().saturating_sub(self.finishing.len())
+    }
+}
+
+/// Shrinks a map that holds less than a quarter of its capacity (after a mass close), so
+/// its memory goes back; the 2x headroom left keeps growth cheap.
+fn for_shrink<V>(m: &mut IntMap<u64, V>) {
+    if m.capacity() > 4096 && m.len() < m.capacity() / 4 {
+        m.shrink_to(m.len() * 2);
     }
 }

@@ -92,7 +92,7 @@ impl Poller {
             let Some(f) = st.flow.as_deref() else {
                 continue;
             };
-            let (counters, done) = match &st.finished {
+            let (counters, done) = match self.table.finals.get(&cookie) {
                 Some(fin) => (cum(fin), true),
                 None => (cum(&st.last), false),
             };
