@@ -643,10 +643,14 @@ fn finish(cookie: u64, entry: *mut SockCounters) {
             let _ = OWNERS.remove(cookie);
         }
         None => {
+            // The entry stays, marked, with its counters frozen (no packets after the
+            // end). No note in the active ring: a socket that counted in this epoch is
+            // noted already, and one that did not has nothing left to harvest; the
+            // poller finds marked entries by a walk spread over its ticks, which this
+            // counter starts. (Noting each of 100k closing sockets overflowed the
+            // active ring and cost whole-map walks.)
             unsafe { (*entry).final_pending = 1 };
             drop_count(DROP_RINGBUF_FULL);
-            // Make sure the poller looks at the entry (it reads only sockets that moved).
-            note_active(cookie, current_slot());
         }
     }
 }

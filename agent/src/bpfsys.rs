@@ -40,6 +40,14 @@ unsafe impl Plain for agent_common::Owner {}
 unsafe impl Plain for agent_common::PeerKey {}
 unsafe impl Plain for agent_common::Counters {}
 
+/// Where a walk of a hash map stands between [`walk_step`] calls.
+#[derive(Debug, Clone, Default)]
+pub struct WalkCursor {
+    /// The kernel's batch token (a bucket index for hash maps, room for a key); None
+    /// before the first step.
+    token: Option<[u8; 16]>,
+}
+
 /// Reads every entry of a (non-per-CPU) hash map with `BPF_MAP_LOOKUP_BATCH`, appending
 /// to `out`. `chunk` is the number of entries asked for per call. Not atomic across the
 /// map: entries added or removed during the walk may or may not appear.
@@ -48,16 +56,28 @@ pub fn lookup_batch<K: Plain, V: Plain>(
     chunk: usize,
     out: &mut Vec<(K, V)>,
 ) -> io::Result<()> {
+    let mut cursor = WalkCursor::default();
+    while !walk_step(map, &mut cursor, chunk, out)? {}
+    Ok(())
+}
+
+/// One step of a walk that may be spread over many calls: appends about `chunk` entries
+/// (more when one bucket holds more) to `out` and returns true once the walk reached the
+/// end (the cursor then starts over).
+pub fn walk_step<K: Plain, V: Plain>(
+    map: BorrowedFd<'_>,
+    cursor: &mut WalkCursor,
+    chunk: usize,
+    out: &mut Vec<(K, V)>,
+) -> io::Result<bool> {
     let mut chunk = chunk.max(16);
     let mut keys: Vec<K> = vec![K::default(); chunk];
     let mut values: Vec<V> = vec![V::default(); chunk];
-    // The batch token for hash maps is a bucket index (u32); give it room for a key.
-    let mut token_in = [0u8; 16];
+    let mut token_in = cursor.token.unwrap_or([0u8; 16]);
     let mut token_out = [0u8; 16];
-    let mut first = true;
     loop {
         let mut attr = BatchAttr {
-            in_batch: if first {
+            in_batch: if cursor.token.is_none() {
                 0
             } else {
                 token_in.as_mut_ptr() as u64
@@ -94,16 +114,65 @@ pub fn lookup_batch<K: Plain, V: Plain>(
             }
             Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
                 out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
-                return Ok(());
+                cursor.token = None;
+                return Ok(true);
             }
-            Some(e) => return Err(e),
+            Some(e) => {
+                cursor.token = None;
+                return Err(e);
+            }
             None => {
                 out.extend(keys[..n].iter().copied().zip(values[..n].iter().copied()));
                 token_in = token_out;
-                first = false;
+                cursor.token = Some(token_in);
+                return Ok(false);
             }
         }
     }
+}
+
+const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
+/// The kernel's internal "operation not supported" (not in libc).
+const ENOTSUPP: i32 = 524;
+
+/// Deletes `keys` with `BPF_MAP_DELETE_BATCH` (one call per few thousand keys instead of
+/// one each); absent keys are skipped, not errors.
+pub fn delete_batch<K: Plain>(map: BorrowedFd<'_>, keys: &[K]) -> io::Result<()> {
+    let mut rest = keys;
+    while !rest.is_empty() {
+        let mut attr = BatchAttr {
+            keys: rest.as_ptr() as u64,
+            count: rest.len() as u32,
+            map_fd: map.as_raw_fd() as u32,
+            ..BatchAttr::default()
+        };
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_MAP_DELETE_BATCH,
+                &mut attr as *mut BatchAttr,
+                size_of::<BatchAttr>() as u32,
+            )
+        };
+        let done = (attr.count as usize).min(rest.len());
+        if r >= 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            // The batch stops at an absent key: skip it and go on after it.
+            Some(libc::ENOENT) => rest = &rest[(done + 1).min(rest.len())..],
+            // Kernels without batch ops for the map: one at a time.
+            Some(libc::EINVAL) | Some(ENOTSUPP) => {
+                for k in &rest[done..] {
+                    delete(map, k)?;
+                }
+                return Ok(());
+            }
+            _ => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;

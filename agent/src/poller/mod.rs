@@ -53,6 +53,11 @@ mod views;
 pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
 pub use table::{ActiveReads, Harvested, Read, Scope, SockTable, WhyAll};
 
+/// Bounds on the clean-up work after a mass close, per tick: kernel entries deleted, and
+/// socket-map entries read looking for sockets whose final record did not fit the ring.
+const DELETES_PER_TICK: usize = 2048;
+const WALK_PER_TICK: usize = 2048;
+
 /// Ticks whose work takes longer are logged (at debug) with the time of each phase.
 const SLOW_TICK: std::time::Duration = std::time::Duration::from_millis(25);
 
@@ -326,6 +331,9 @@ pub struct Poller {
     flow_peers: Vec<crate::flows::PeerView>,
     /// Last counters seen per peer (to tell which moved).
     peer_last: HashMap<PeerKey, Counters>,
+    /// Sockets that have entries in the per-peer map, and the walk over that map.
+    peer_socks: IntMap<u64, ()>,
+    peer_walk: bpfsys::WalkCursor,
     /// Flow facts of the last successful resolve().
     resolved_flow: Option<Box<FlowFacts>>,
     overrides: LabelOverrides,
@@ -358,6 +366,12 @@ pub struct Poller {
     late_finals: Vec<FinalRecord>,
     /// Sockets tracked at the last heap trim (or the most since).
     trim_mark: usize,
+    /// The walk looking for entries the kernel kept because the final ring was full
+    /// (None: no walk under way), and the kernel's count of those at the walk's start.
+    deferred_walk: Option<bpfsys::WalkCursor>,
+    deferred_walked: u64,
+    /// Kernel entries of sockets done with, to delete (a bounded number per tick).
+    delete_queue: std::collections::VecDeque<u64>,
     pub stats: PollStats,
 }
 
@@ -374,6 +388,8 @@ impl Poller {
             flow_socks: vec![],
             flow_peers: vec![],
             peer_last: HashMap::new(),
+            peer_socks: IntMap::default(),
+            peer_walk: Default::default(),
             resolved_flow: None,
             overrides: LabelOverrides::default(),
             maps,
@@ -398,6 +414,9 @@ impl Poller {
             owner_prefetch: None,
             late_finals: Vec::new(),
             trim_mark: 0,
+            deferred_walk: None,
+            deferred_walked: 0,
+            delete_queue: Default::default(),
             stats: PollStats::default(),
         };
         // Programs may have counted since attach: treat everything so far as this
@@ -480,8 +499,12 @@ impl Poller {
         // 1. The sockets that moved in the slot (or the whole map), then 2. the finished
         // sockets (their entries are gone).
         let full = self.read_slot(slot, tick)?;
+        if !full {
+            self.walk_deferred()?;
+        }
         let t_read = work.elapsed();
-        self.stats.last_entries_read = self.batch.len();
+        let entries_read = self.batch.len();
+        self.stats.last_entries_read = entries_read;
         let mut records: Vec<FinalRecord> = std::mem::take(&mut self.late_finals);
         self.read_finals(&mut records);
         self.stats.finals_received += records.len() as u64;
@@ -539,7 +562,7 @@ impl Poller {
                 "slow tick {tick}: {:.1} ms: read {:.1} ({} entries{}), harvest {:.1} ({} finals), labels {:.1} ({} sockets moved), housekeeping {:.1} ({} done)",
                 ms(self.stats.last_tick_work),
                 ms(t_read),
-                self.batch.len(),
+                entries_read,
                 if full { ", whole map" } else { "" },
                 ms(t_harvest - t_read),
                 records.len(),
@@ -602,6 +625,63 @@ impl Poller {
         if freed {
             procfs::release_free_heap();
         }
+    }
+
+    /// Deletes up to [`DELETES_PER_TICK`] kernel entries of sockets done with (batched):
+    /// after a mass close the rest wait for the next ticks, so no tick does them all.
+    fn delete_left_entries(&mut self) {
+        if self.delete_queue.is_empty() {
+            return;
+        }
+        let n = self.delete_queue.len().min(DELETES_PER_TICK);
+        let keys: Vec<u64> = self.delete_queue.drain(..n).collect();
+        let socks = bpfsys::delete_batch(self.maps.socks.fd().as_fd(), &keys);
+        let owners = bpfsys::delete_batch(self.maps.owners.fd().as_fd(), &keys);
+        match (socks, owners) {
+            (Ok(()), Ok(())) => self.table.deleted(&keys),
+            (Err(e), _) | (_, Err(e)) => {
+                // Kept as gone (never counted twice); retried with the next tick.
+                debug!("deleting {} finished entries: {e}", keys.len());
+                self.delete_queue.extend(keys);
+            }
+        }
+    }
+
+    /// Reads the next part of the socket map looking for entries the kernel kept because
+    /// the final ring was full (their counters are frozen: the socket ends), into
+    /// `self.batch`. Starts a walk when the kernel kept more since the last walk started;
+    /// each tick reads at most [`WALK_PER_TICK`] entries.
+    fn walk_deferred(&mut self) -> Result<(), PollError> {
+        let kept = self
+            .stats
+            .kernel_fallbacks
+            .get("final_ring_full")
+            .copied()
+            .unwrap_or(0);
+        if self.deferred_walk.is_none() && kept > self.deferred_walked {
+            self.deferred_walked = kept;
+            self.deferred_walk = Some(bpfsys::WalkCursor::default());
+        }
+        let Some(cursor) = self.deferred_walk.as_mut() else {
+            return Ok(());
+        };
+        let mut part: Vec<(u64, SockCounters)> = Vec::with_capacity(WALK_PER_TICK);
+        let done = bpfsys::walk_step(
+            self.maps.socks.fd().as_fd(),
+            cursor,
+            WALK_PER_TICK,
+            &mut part,
+        )
+        .map_err(|source| PollError::Map {
+            map: MAP_SOCKS,
+            source,
+        })?;
+        if done {
+            self.deferred_walk = None;
+        }
+        self.batch
+            .extend(part.into_iter().filter(|(_, v)| v.final_pending != 0));
+        Ok(())
     }
 
     /// Phase 1: reads the entries of the sockets noted as moved in `slot` (or the whole
@@ -804,17 +884,16 @@ impl Poller {
                 o.remove(cookie);
             }
         }
-        for (cookie, kernel_entry_left) in done {
-            if kernel_entry_left {
-                let _ = bpfsys::delete(self.maps.socks.fd().as_fd(), &cookie);
-                let _ = bpfsys::delete(self.maps.owners.fd().as_fd(), &cookie);
-            }
-        }
+        self.delete_queue
+            .extend(done.iter().filter(|(_, left)| *left).map(|(c, _)| *c));
+        self.delete_left_entries();
         self.read_drops();
     }
 
     fn read_drops(&mut self) {
-        let sum = |m: &PerCpuArray<MapData, u64>, i: u32| m.get(&i, 0).ok().map(|v| v.iter().sum::<u64>());
+        let sum = |m: &PerCpuArray<MapData, u64>, i: u32| {
+            m.get(&i, 0).ok().map(|v| v.iter().sum::<u64>())
+        };
         for (i, name) in DROP_NAMES {
             if let Some(v) = sum(&self.maps.drops, i) {
                 self.stats.kernel_drops.insert(name, v);

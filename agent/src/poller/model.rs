@@ -82,9 +82,8 @@ impl FakeKernel {
             });
             self.map.remove(&cookie);
         } else {
+            // Kept, marked, not noted: the poller's walk finds it.
             e.final_pending = 1;
-            let slot = (self.epoch & 1) as usize;
-            self.note(cookie, slot);
         }
     }
 }
@@ -176,6 +175,21 @@ impl World {
                 false
             }
         };
+        if !full {
+            // The walk for kept entries: some of them each tick (all once quiet).
+            let mut kept: Vec<(u64, SockCounters)> = self
+                .k
+                .map
+                .iter()
+                .filter(|(_, v)| v.final_pending != 0)
+                .map(|(a, b)| (*a, *b))
+                .collect();
+            kept.sort_unstable_by_key(|(c, _)| *c);
+            if busy {
+                kept.retain(|_| self.rng.below(3) == 0);
+            }
+            entries.extend(kept);
+        }
         if fail {
             return None;
         }
@@ -218,8 +232,9 @@ fn run(seed: u64, ring_cap: usize, active_cap: usize) -> (u64, u64) {
     let (mut walks, mut ticks) = (0u64, 0u64);
     // Per slot: intervals whose tick failed, reported with the slot's next harvest.
     let mut unharvested: [Vec<u64>; SLOTS] = Default::default();
+    let mut to_delete: Vec<u64> = vec![];
 
-    for tick in 1..=304u64 {
+    for tick in 1..=306u64 {
         let busy = tick <= 300;
         if busy {
             for _ in 0..w.rng.below(40) {
@@ -273,11 +288,18 @@ fn run(seed: u64, ring_cap: usize, active_cap: usize) -> (u64, u64) {
             }
         }
         table.forget(&h.done);
-        for (cookie, left) in &h.done {
-            if *left {
-                w.k.map.remove(cookie);
-            }
+        // Kept entries are deleted later, a few per tick (all once quiet).
+        to_delete.extend(h.done.iter().filter(|(_, left)| *left).map(|(c, _)| *c));
+        let n = if busy {
+            (w.rng.below(3) as usize).min(to_delete.len())
+        } else {
+            to_delete.len()
+        };
+        let keys: Vec<u64> = to_delete.drain(..n).collect();
+        for c in &keys {
+            w.k.map.remove(c);
         }
+        table.deleted(&keys);
     }
     let counted: HashMap<u64, Counters> = w
         .counted

@@ -11,6 +11,9 @@ pub struct SockTable {
     pub(super) finals: IntMap<u64, [Counters; SLOTS]>,
     /// Finished sockets still waiting for a slot to be harvested.
     pub(super) finishing: Vec<u64>,
+    /// Done with, but their kernel entry (left because the final ring was full) is not
+    /// deleted yet: reads may still return it, and must not count it again.
+    pub(super) gone: IntMap<u64, ()>,
 }
 
 /// What one harvest produced.
@@ -118,9 +121,10 @@ impl SockTable {
         let (socks, finals) = (&mut self.socks, &mut self.finals);
         let now = tick as u32;
         for (cookie, sc) in entries {
-            let st = socks
-                .entry(*cookie)
-                .or_insert_with(|| SockState::new(tick));
+            if self.gone.contains_key(cookie) {
+                continue;
+            }
+            let st = socks.entry(*cookie).or_insert_with(|| SockState::new(tick));
             st.last_seen_tick = now;
             let mut cur = sc.slot(slot);
             if let Some(f) = finals.get(cookie) {
@@ -203,14 +207,27 @@ impl SockTable {
     }
 
     /// Forgets sockets reported in [`Harvested::done`] (after their deltas were labelled).
+    /// Those whose kernel entry was left to us stay known as gone until the caller deleted
+    /// the entry and said so ([`SockTable::deleted`]).
     pub fn forget(&mut self, done: &[(u64, bool)]) {
-        for (cookie, _) in done {
+        for (cookie, left) in done {
             self.socks.remove(cookie);
             self.finals.remove(cookie);
+            if *left {
+                self.gone.insert(*cookie, ());
+            }
         }
         // A mass close leaves the tables far larger than what they hold: give it back.
         for_shrink(&mut self.socks);
         for_shrink(&mut self.finals);
+    }
+
+    /// Kernel entries of sockets done with were deleted (see [`SockTable::forget`]).
+    pub fn deleted(&mut self, cookies: &[u64]) {
+        for c in cookies {
+            self.gone.remove(c);
+        }
+        for_shrink(&mut self.gone);
     }
 
     pub fn len(&self) -> usize {

@@ -2,6 +2,9 @@
 //! and the per-peer counters of unconnected sockets.
 use super::*;
 
+/// Entries of the per-peer map read per tick (a walk spread over ticks).
+const PEER_WALK_PER_TICK: usize = 4096;
+
 impl Poller {
     /// Finds an owner for `cookie`, best source first. `rec` is the owner carried by a
     /// final record, if any.
@@ -30,9 +33,25 @@ impl Poller {
         done: &[(u64, bool)],
     ) {
         // Per-peer counters of unconnected sockets: those that moved, and their sockets.
+        // The whole map when such a socket finishes (its last counts go with its end, its
+        // peers' entries are deleted); otherwise the next part of a walk spread over the
+        // ticks, so 65k peers do not cost a whole-map read every interval.
+        let ends_peer_socket = finished
+            .iter()
+            .chain(done.iter().map(|(c, _)| c))
+            .any(|c| self.peer_socks.contains_key(c));
         let mut peers: Vec<(PeerKey, Counters)> = vec![];
-        let _ = bpfsys::lookup_batch(self.maps.peers.fd().as_fd(), 4096, &mut peers);
+        let fd = self.maps.peers.fd().as_fd();
+        if ends_peer_socket {
+            let _ = bpfsys::lookup_batch(fd, 4096, &mut peers);
+            self.peer_walk = bpfsys::WalkCursor::default();
+        } else {
+            let _ = bpfsys::walk_step(fd, &mut self.peer_walk, PEER_WALK_PER_TICK, &mut peers);
+        }
         let mut peer_socks: Vec<u64> = vec![];
+        for (k, _) in &peers {
+            self.peer_socks.insert(k.cookie, ());
+        }
         for (k, c) in &peers {
             if self.peer_last.get(k) == Some(c) {
                 continue;
@@ -54,6 +73,9 @@ impl Poller {
             for (k, _) in peers.iter().filter(|(k, _)| gone.contains(&k.cookie)) {
                 let _ = bpfsys::delete(self.maps.peers.fd().as_fd(), k);
                 self.peer_last.remove(k);
+            }
+            for c in &gone {
+                self.peer_socks.remove(c);
             }
         }
         self.collect_socket_views(moved, finished, end_states, &peer_socks);

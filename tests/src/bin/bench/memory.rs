@@ -158,7 +158,9 @@ fn run(flows: bool) -> anyhow::Result<MemRun> {
     r.flow_overflow = status_u64(&st, "/flows/overflow");
     r.flows_tracked = status_u64(&st, "/flows/tracked");
 
-    // Mass close: every helper at once.
+    // Mass close: every helper at once. First let 100 ticks pass, so the status's
+    // "worst of the latest 100 ticks" covers the close and idle ticks only.
+    d.wait_ticks(100);
     let before = d.control(json!({"cmd": "status"}));
     let t0 = std::time::Instant::now();
     for h in &mut helpers {
