@@ -402,6 +402,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         (None, Some(seq))
     };
 
+    crate::procfs::tune_allocator();
     let mut loaded = loader::load_checked(cgroup, &opts)?;
     // Sockets that existed before we attached: find their owners now. Anything created
     // from here on is seen by sock_create.

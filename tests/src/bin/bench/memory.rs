@@ -144,7 +144,8 @@ fn run(flows: bool) -> anyhow::Result<MemRun> {
             if flows { "on" } else { "off" }
         ));
         let st = wait_tracked(&d, want, &format!("{want} sockets tracked"));
-        d.wait_ticks(5);
+        // Steady state: the arrival's transient buffers are gone.
+        d.wait_ticks(30);
         r.stages.push((
             label.into(),
             Stage {
