@@ -546,11 +546,23 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                     .collect::<Vec<_>>(),
                 peers.len()
             );
+            let t0 = Instant::now();
             let recs = ft.observe(crate::poller::unix_ms(), &socks, &peers);
+            let (observed, nrecs) = (t0.elapsed(), recs.len());
             *lock(&shared.flow_stats) = Some(ft.stats());
             if let Err(e) = writer.write_flows(recs) {
                 result = Err(e);
                 break;
+            }
+            if t0.elapsed() > Duration::from_millis(10) {
+                log::debug!(
+                    "slow flows: {:.1} ms: observe {:.1} ({} sockets, {} peers), write {:.1} ({nrecs} records)",
+                    t0.elapsed().as_secs_f64() * 1e3,
+                    observed.as_secs_f64() * 1e3,
+                    socks.len(),
+                    peers.len(),
+                    (t0.elapsed() - observed).as_secs_f64() * 1e3
+                );
             }
         }
         // The whole cycle's work: the tick, writing its event, the flow table and its

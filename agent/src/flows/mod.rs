@@ -21,6 +21,7 @@
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use ipnet::IpNet;
 use serde::{Deserialize, Serialize};
@@ -60,14 +61,15 @@ pub enum Direction {
     Unknown,
 }
 
-/// The owner of a socket as the labeler knows it.
+/// The owner of a socket as the labeler knows it. Names are shared (`Arc<str>`): 100k
+/// flows of one process hold one copy of its name, its cgroup path and its label.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OwnerView {
     pub pid: u32,
-    pub process: String,
+    pub process: Arc<str>,
     pub uid: u32,
     /// cgroup path below the cgroup2 root, when known.
-    pub cgroup: Option<String>,
+    pub cgroup: Option<Arc<str>>,
     /// Network namespace cookie.
     pub netns: u64,
 }
@@ -87,7 +89,7 @@ pub struct SocketView {
     pub remote: Option<SocketAddr>,
     pub direction: Direction,
     pub owner: OwnerView,
-    pub label: String,
+    pub label: Arc<str>,
     /// Cumulative since the socket started.
     pub counters: Traffic,
     /// Unix ms; 0 = unknown (the time of the first observation is used).

@@ -33,7 +33,7 @@ pub(super) struct Meta {
     pub(super) local: SocketAddr,
     pub(super) direction: Direction,
     pub(super) owner: OwnerView,
-    pub(super) label: String,
+    pub(super) label: Arc<str>,
 }
 
 impl Meta {
@@ -173,7 +173,7 @@ impl Flows {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(super) struct SessionKey {
     pub(super) proto: u8,
-    pub(super) label: String,
+    pub(super) label: Arc<str>,
     pub(super) direction: Direction,
     pub(super) src: IpAddr,
     pub(super) dst: IpAddr,
@@ -263,11 +263,11 @@ pub(super) fn build(meta: &Meta, t: &Track, event: FlowEvent, end: u64) -> FlowR
         remote_port: Some(remote.port()),
         direction: meta.direction,
         pid: Some(meta.owner.pid),
-        process: Some(meta.owner.process.clone()),
+        process: Some(meta.owner.process.to_string()),
         uid: Some(meta.owner.uid),
-        cgroup: meta.owner.cgroup.clone(),
+        cgroup: meta.owner.cgroup.as_deref().map(str::to_owned),
         netns: Some(meta.owner.netns),
-        label: meta.label.clone(),
+        label: meta.label.to_string(),
         start: t.start_ms,
         end: end.max(t.start_ms),
         tx: c.tx,

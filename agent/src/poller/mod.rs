@@ -347,7 +347,9 @@ pub struct Poller {
     last_unattr: [Counters; SLOTS],
     last_ifaces: IntMap<u32, [Counters; SLOTS]>,
     iface_names: IntMap<u32, String>,
-    label_names: Vec<String>,
+    label_names: Vec<Arc<str>>,
+    /// Process names and cgroup paths, one shared copy each (flow facts hold many).
+    names: HashMap<String, Arc<str>>,
     label_index: HashMap<String, u32>,
     discovered: IntMap<u64, DiscoveredSocket>,
     /// TCP listening port -> owner, for server-side sockets not yet accept()ed.
@@ -403,6 +405,7 @@ impl Poller {
             last_ifaces: IntMap::default(),
             iface_names,
             label_names: vec![],
+            names: HashMap::new(),
             label_index: HashMap::new(),
             discovered: discovered.into_iter().map(|d| (d.cookie, d)).collect(),
             listeners: HashMap::new(),
@@ -813,7 +816,7 @@ impl Poller {
         self.owner_prefetch = None;
         for (l, t) in by_label {
             labels
-                .entry(self.label_names[l as usize].clone())
+                .entry(self.label_names[l as usize].to_string())
                 .or_default()
                 .add(&t);
         }

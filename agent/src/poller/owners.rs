@@ -2,13 +2,23 @@
 //! socket found at start, or the listener of a server-side socket awaiting accept().
 use super::*;
 
+/// One shared copy of a name (process, cgroup path).
+fn intern(names: &mut HashMap<String, Arc<str>>, s: &str) -> Arc<str> {
+    if let Some(a) = names.get(s) {
+        return a.clone();
+    }
+    let a: Arc<str> = s.into();
+    names.insert(s.to_owned(), a.clone());
+    a
+}
+
 impl Poller {
     pub(super) fn label_id(&mut self, label: String) -> u32 {
         if let Some(&i) = self.label_index.get(&label) {
             return i;
         }
         let i = self.label_names.len() as u32;
-        self.label_names.push(label.clone());
+        self.label_names.push(label.as_str().into());
         self.label_index.insert(label, i);
         i
     }
@@ -69,7 +79,7 @@ impl Poller {
     }
 
     pub(super) fn owner_flow_facts(
-        &self,
+        &mut self,
         o: &Owner,
         source: OwnerSource,
         process: String,
@@ -104,7 +114,7 @@ impl Poller {
             direction,
             owner: OwnerView {
                 pid: o.tgid,
-                process,
+                process: intern(&mut self.names, &process),
                 uid: o.uid,
                 cgroup: None,
                 netns: o.netns_cookie,
@@ -172,9 +182,9 @@ impl Poller {
                     },
                     owner: crate::flows::OwnerView {
                         pid: p.tgid,
-                        process: p.comm.clone(),
+                        process: intern(&mut self.names, &p.comm),
                         uid: p.uid,
-                        cgroup: p.cgroup.clone(),
+                        cgroup: p.cgroup.as_deref().map(|c| intern(&mut self.names, c)),
                         netns: f.netns,
                     },
                     first_seen_ms: unix_ms(),

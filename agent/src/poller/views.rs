@@ -123,7 +123,7 @@ impl Poller {
                 .label
                 .and_then(|l| self.label_names.get(l as usize))
                 .cloned()
-                .unwrap_or_default();
+                .unwrap_or_else(|| "".into());
             self.flow_socks.push(SocketView {
                 cookie,
                 proto: f.proto,

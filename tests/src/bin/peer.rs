@@ -117,17 +117,22 @@ fn udp_drops(s: &UdpSocket) -> u64 {
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     unsafe { libc::fstat(s.as_raw_fd(), &mut st) };
     let ino = st.st_ino.to_string();
-    for f in ["/proc/net/udp", "/proc/net/udp6"] {
-        for line in std::fs::read_to_string(f)
-            .unwrap_or_default()
-            .lines()
-            .skip(1)
-        {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() > 12 && cols[9] == ino {
-                return cols[12].parse().unwrap();
+    // /proc/net/udp is produced a page at a time and resumes by position: sockets closing
+    // meanwhile (other tests) shift the rest, and a line can be skipped. Read it again.
+    for _ in 0..20 {
+        for f in ["/proc/net/udp", "/proc/net/udp6"] {
+            for line in std::fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .skip(1)
+            {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() > 12 && cols[9] == ino {
+                    return cols[12].parse().unwrap();
+                }
             }
         }
+        std::thread::sleep(std::time::Duration::from_millis(10));
     }
     panic!("socket inode {ino} not in /proc/net/udp*");
 }
