@@ -11,9 +11,9 @@ pub const DEFAULT_CONSOLIDATE_GAP_MS: u64 = 5_000;
 /// As many as the kernel tracks sockets by default (`max_sockets`): every flow of a busy
 /// host is recorded, and the cap still holds (counted as `overflow`) beyond that.
 pub const DEFAULT_MAX_FLOWS: usize = 262_144;
-/// Bounds the per-tick work of serializing and writing flow records (about 5 µs each):
+/// Bounds the per-tick work of serializing and writing flow records (5 to 8 µs each):
 /// after a mass close the rest follow in the next ticks.
-pub const DEFAULT_MAX_RECORDS_PER_TICK: usize = 2_000;
+pub const DEFAULT_MAX_RECORDS_PER_TICK: usize = 1_000;
 
 /// Kinds of flow records (also the `event` field of a record).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
