@@ -506,6 +506,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             next = Instant::now() + s.interval;
         }
         let cycle = Instant::now();
+        let cycle_cpu = crate::procfs::thread_cpu_time();
         let ev = match poller.tick() {
             Ok(ev) => {
                 failing = 0;
@@ -569,6 +570,11 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         // records (everything but the grace-period wait).
         let work = cycle.elapsed().saturating_sub(poller.stats.last_tick_wait);
         poller.stats.work.record(work);
+        // Wall time includes waiting for a CPU; this is what the loop itself used.
+        poller
+            .stats
+            .work_cpu
+            .record(crate::procfs::thread_cpu_time().saturating_sub(cycle_cpu));
         lock(&shared.poll_stats).clone_from(&poller.stats);
     }
     info!("stopping: detaching programs, final poll");

@@ -43,6 +43,8 @@ pub struct Status {
     /// Work of every poll cycle so far (tick, event and flow records written; histogram,
     /// max, max over the latest 100 ticks).
     pub tick_work: TickTimes,
+    /// CPU time of the same cycles (the wall time above includes waiting for a CPU).
+    pub tick_work_cpu: TickTimes,
     /// Grace-period wait of every tick so far.
     pub tick_wait: TickTimes,
     /// Ticks that failed and were retried by the next one.
@@ -101,6 +103,7 @@ impl Status {
             last_tick_work_ms: st.last_tick_work.as_secs_f64() * 1e3,
             last_tick_wait_ms: st.last_tick_wait.as_secs_f64() * 1e3,
             tick_work: st.work.clone(),
+            tick_work_cpu: st.work_cpu.clone(),
             tick_wait: st.wait.clone(),
             tick_failures: st.tick_failures,
             last_tick_error: st.last_tick_error.clone(),

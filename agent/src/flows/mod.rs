@@ -130,6 +130,8 @@ pub struct FlowStats {
     pub dormant_peers: u64,
     /// Records waiting for the next call (over `max_records_per_tick`).
     pub queued: u64,
+    /// Flows whose due open/update record waits for room (written as `queued` drains).
+    pub deferred: u64,
     /// Records returned, by event.
     pub opens: u64,
     pub updates: u64,
@@ -278,6 +280,7 @@ impl FlowTable {
             pending_sessions: self.out.sessions.len() as u64,
             dormant_peers: self.flows.dormant as u64,
             queued: self.out.outbox.len() as u64,
+            deferred: self.flows.deferred.len() as u64,
             opens: c.opens,
             updates: c.updates,
             closes: c.closes,
@@ -447,72 +450,114 @@ impl FlowTable {
         }
     }
 
+    /// Fires the timer of one flow (if it is still the flow's current one: `wake`).
+    /// Returns false when its record had to be deferred.
+    fn fire(
+        &mut self,
+        serial: u64,
+        cookie: u64,
+        peer: Option<SocketAddr>,
+        wake: u64,
+        now: u64,
+    ) -> bool {
+        match peer {
+            None => {
+                let Some(c) = self.flows.conns.get_mut(&cookie) else {
+                    return true;
+                };
+                if c.t.serial != serial || c.t.wake_ms != Some(wake) {
+                    return true;
+                }
+                match self.out.due(&c.meta, &mut c.t, now, false) {
+                    Wake::At(w) => {
+                        c.t.wake_ms = w;
+                        if let Some(w) = w {
+                            self.flows.timers.push(Reverse((w, serial, cookie, None)));
+                        }
+                    }
+                    Wake::Deferred => {
+                        c.t.wake_ms = Some(WAKE_DEFERRED);
+                        self.flows.deferred.push_back((serial, cookie, None));
+                        return false;
+                    }
+                    Wake::Idle => {}
+                }
+            }
+            Some(addr) => {
+                let Some(u) = self.flows.unconns.get_mut(&cookie) else {
+                    return true;
+                };
+                let Some(PeerState::Live(t)) = u.peers.get_mut(&addr) else {
+                    return true;
+                };
+                if t.serial != serial || t.wake_ms != Some(wake) {
+                    return true;
+                }
+                match self.out.due(&u.meta, t, now, true) {
+                    Wake::At(w) => {
+                        t.wake_ms = w;
+                        if let Some(w) = w {
+                            self.flows
+                                .timers
+                                .push(Reverse((w, serial, cookie, Some(addr))));
+                        }
+                    }
+                    Wake::Deferred => {
+                        t.wake_ms = Some(WAKE_DEFERRED);
+                        self.flows.deferred.push_back((serial, cookie, Some(addr)));
+                        return false;
+                    }
+                    Wake::Idle => {
+                        let dormant = PeerState::Dormant {
+                            last: t.cum,
+                            serial,
+                        };
+                        let Some(PeerState::Live(t)) = u.peers.insert(addr, dormant) else {
+                            return true;
+                        };
+                        self.flows.live_peers = self.flows.live_peers.saturating_sub(1);
+                        self.flows.dormant += 1;
+                        self.flows.dormant_queue.push_back((cookie, addr, serial));
+                        let live = self.flows.conns.len() + self.flows.live_peers;
+                        self.out
+                            .close(&u.meta, &t, EndReason::Idle, t.last_move_ms, now, live);
+                    }
+                }
+            }
+        }
+        true
+    }
+
     fn run_timers(&mut self, now: u64) {
+        // Deferred records first, oldest first, while the outbox has room.
+        while self.out.outbox.len() < self.out.cfg.max_records_per_tick {
+            let Some((serial, cookie, peer)) = self.flows.deferred.pop_front() else {
+                break;
+            };
+            if !self.fire(serial, cookie, peer, WAKE_DEFERRED, now) {
+                // Deferred again: back to the front, it is still the oldest. The outbox
+                // is full: stop here.
+                if let Some(x) = self.flows.deferred.pop_back() {
+                    self.flows.deferred.push_front(x);
+                }
+                break;
+            }
+        }
         while let Some(&Reverse(top)) = self.flows.timers.peek() {
             let (wake, serial, cookie, peer) = top;
             if wake > now {
                 break;
             }
             self.flows.timers.pop();
-            match peer {
-                None => {
-                    let Some(c) = self.flows.conns.get_mut(&cookie) else {
-                        continue;
-                    };
-                    if c.t.serial != serial || c.t.wake_ms != Some(wake) {
-                        continue;
-                    }
-                    if let Wake::At(w) = self.out.due(&c.meta, &mut c.t, now, false) {
-                        c.t.wake_ms = w;
-                        if let Some(w) = w {
-                            self.flows.timers.push(Reverse((w, serial, cookie, None)));
-                        }
-                    }
-                }
-                Some(addr) => {
-                    let Some(u) = self.flows.unconns.get_mut(&cookie) else {
-                        continue;
-                    };
-                    let Some(PeerState::Live(t)) = u.peers.get_mut(&addr) else {
-                        continue;
-                    };
-                    if t.serial != serial || t.wake_ms != Some(wake) {
-                        continue;
-                    }
-                    match self.out.due(&u.meta, t, now, true) {
-                        Wake::At(w) => {
-                            t.wake_ms = w;
-                            if let Some(w) = w {
-                                self.flows
-                                    .timers
-                                    .push(Reverse((w, serial, cookie, Some(addr))));
-                            }
-                        }
-                        Wake::Idle => {
-                            let dormant = PeerState::Dormant {
-                                last: t.cum,
-                                serial,
-                            };
-                            let Some(PeerState::Live(t)) = u.peers.insert(addr, dormant) else {
-                                continue;
-                            };
-                            self.flows.live_peers = self.flows.live_peers.saturating_sub(1);
-                            self.flows.dormant += 1;
-                            self.flows.dormant_queue.push_back((cookie, addr, serial));
-                            let live = self.flows.conns.len() + self.flows.live_peers;
-                            self.out
-                                .close(&u.meta, &t, EndReason::Idle, t.last_move_ms, now, live);
-                        }
-                    }
-                }
-            }
+            self.fire(serial, cookie, peer, wake, now);
         }
         // Stale entries (flows closed before their wake) are bounded by the churn of one
         // open_after/update period; rebuild if they ever dominate.
         if self.flows.timers.len() > 2 * self.flows.live() + 1024 {
             let mut v: Vec<Reverse<Timer>> = Vec::with_capacity(self.flows.live());
             for (&cookie, c) in &self.flows.conns {
-                if let Some(w) = c.t.wake_ms {
+                // Flows in the deferred queue have no timer.
+                if let Some(w) = c.t.wake_ms.filter(|&w| w != WAKE_DEFERRED) {
                     v.push(Reverse((w, c.t.serial, cookie, None)));
                 }
             }
@@ -523,6 +568,7 @@ impl FlowTable {
                         serial,
                         ..
                     }) = p
+                        && *w != WAKE_DEFERRED
                     {
                         v.push(Reverse((*w, *serial, cookie, Some(addr))));
                     }

@@ -162,6 +162,10 @@ pub(super) struct Flows {
     pub(super) dormant_queue: VecDeque<(u64, SocketAddr, u64)>,
     /// One live entry per flow with a wake time; stale ones are skipped.
     pub(super) timers: BinaryHeap<Reverse<Timer>>,
+    /// Flows whose open or update record waits for room in the outbox, oldest first:
+    /// (serial, cookie, peer). Served before the timers, and only while there is room, so
+    /// a backlog costs nothing per tick for the flows still waiting.
+    pub(super) deferred: VecDeque<(u64, u64, Option<SocketAddr>)>,
 }
 
 impl Flows {
@@ -283,7 +287,13 @@ pub(super) fn build(meta: &Meta, t: &Track, event: FlowEvent, end: u64) -> FlowR
 pub(super) enum Wake {
     At(Option<u64>),
     Idle,
+    /// A record is due but the outbox already holds a tick's worth: wait in the deferred
+    /// queue, which is served (oldest first) as the outbox drains.
+    Deferred,
 }
+
+/// `Track::wake_ms` of a flow waiting in the deferred queue.
+pub(super) const WAKE_DEFERRED: u64 = 0;
 
 /// Output side: filters, records waiting to be returned, pending sessions.
 #[derive(Debug)]
@@ -387,11 +397,10 @@ impl Out {
                 t.next_update_ms = now.saturating_add(self.cfg.update_every_ms);
             }
         }
-        let next = if deferred {
-            Some(now.saturating_add(1))
-        } else {
-            self.next_wake(meta, t, peer)
-        };
+        if deferred {
+            return Wake::Deferred;
+        }
+        let next = self.next_wake(meta, t, peer);
         Wake::At(next.map(|w| w.max(now.saturating_add(1))))
     }
 

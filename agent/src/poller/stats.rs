@@ -90,6 +90,8 @@ pub struct PollStats {
     /// Every poll cycle's work (recorded by the daemon: the tick, writing its event, flow
     /// records; not the grace-period wait), and every tick's grace-period wait.
     pub work: TickTimes,
+    /// The same cycles' CPU time (the loop's thread): work without waiting for a CPU.
+    pub work_cpu: TickTimes,
     pub wait: TickTimes,
     pub kernel_total: Traffic,
     /// Ticks that failed (a map read, the barrier); the next tick covers their interval.
