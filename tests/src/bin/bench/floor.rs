@@ -26,7 +26,35 @@ pub struct Floor {
     qdisc_on: Option<String>,
 }
 
+/// The ladder's egress programs, each doing a little more of sockacct_egress's work.
+pub const LADDER: [&str; 6] = [
+    "sockacct_floor_egress",
+    "sockacct_ladder1_totals",
+    "sockacct_ladder2_cookie",
+    "sockacct_ladder3_lookup",
+    "sockacct_ladder4_count",
+    "sockacct_ladder5_sk_storage",
+];
+
 impl Floor {
+    /// One egress program of the object alone on the cgroup (a step of the ladder).
+    pub fn attach_egress(cg: &TestCgroup, name: &str) -> anyhow::Result<Floor> {
+        let obj = object();
+        let mut ebpf = Ebpf::load_file(&obj)
+            .with_context(|| format!("loading {} (run `cargo xtask build-ebpf`)", obj.display()))?;
+        let dir = File::open(&cg.path).with_context(|| format!("opening {}", cg.path.display()))?;
+        let p: &mut CgroupSkb = ebpf
+            .program_mut(name)
+            .with_context(|| format!("{name} missing"))?
+            .try_into()?;
+        p.load()?;
+        p.attach(&dir, CgroupSkbAttachType::Egress, CgroupAttachMode::Single)?;
+        Ok(Floor {
+            _ebpf: ebpf,
+            qdisc_on: None,
+        })
+    }
+
     pub fn attach(cg: &TestCgroup, iface: Option<&str>) -> anyhow::Result<Floor> {
         let obj = object();
         let mut ebpf = Ebpf::load_file(&obj)

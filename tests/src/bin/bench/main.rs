@@ -275,7 +275,7 @@ fn fdinfo_values(pid: i32, key: &str) -> Vec<(u64, BTreeMap<String, u64>)> {
 }
 
 /// Known programs, in display order (the kernel keeps only 15 characters of a name).
-const PROGRAMS: [&str; 14] = [
+const PROGRAMS: [&str; 19] = [
     "sockacct_ingress",
     "sockacct_egress",
     "sockacct_sock_create",
@@ -290,6 +290,11 @@ const PROGRAMS: [&str; 14] = [
     "sockacct_floor_egress",
     "sockacct_floor_tc_ingress",
     "sockacct_floor_tc_egress",
+    "sockacct_ladder1_totals",
+    "sockacct_ladder2_cookie",
+    "sockacct_ladder3_lookup",
+    "sockacct_ladder4_count",
+    "sockacct_ladder5_sk_storage",
 ];
 
 /// Full names of JITed sockacct programs by address: /proc/kallsyms lists each one as
@@ -784,6 +789,8 @@ struct ScenarioResult {
     progs: Option<ProgDelta>,
     /// The empty hooks' run times, in a run of their own with bpf_stats on.
     floor_progs: Option<ProgDelta>,
+    /// The ladder (UDP only): (program, run_time_ns, run_cnt), each step alone.
+    ladder: Vec<(String, u64, u64)>,
     offsets_check: Option<(usize, usize)>,
 }
 
@@ -890,6 +897,25 @@ fn run_scenario(
         drop(f);
         drop(stats_fd);
         res.floor_progs = Some(prog_delta(&before, &after));
+
+        if sc == Scenario::UdpVeth {
+            for step in floor::LADDER {
+                progress(format!("{}: ladder step {step} (bpf_stats on)", sc.short()));
+                let stats_fd = bpf::enable_stats().expect("BPF_ENABLE_STATS");
+                let f = floor::Floor::attach_egress(env.cg, step).expect("attaching a ladder step");
+                let before = prog_snapshot(&[me]);
+                run_once(sc, env);
+                let after = prog_snapshot(&[me]);
+                drop(f);
+                drop(stats_fd);
+                let (t, c) = prog_delta(&before, &after)
+                    .into_iter()
+                    .find(|(n, _)| n.starts_with(step))
+                    .map(|(_, v)| v)
+                    .unwrap_or((0, 0));
+                res.ladder.push((step.to_string(), t, c));
+            }
+        }
     }
     res
 }
@@ -1885,6 +1911,68 @@ fn main() -> anyhow::Result<()> {
             jp.insert(name.clone(), Value::Object(jn));
         }
         line(&mut out, "tcp_state, accept, first_recv, first_send are global hooks (every socket on the machine, not just the cgroup's): their counts include other processes".into());
+        for (sc, r) in &results {
+            if r.ladder.is_empty() {
+                continue;
+            }
+            line(
+                &mut out,
+                format!(
+                    "ladder, {} egress, each step alone (ns per run; what the step adds):",
+                    sc.short()
+                ),
+            );
+            let mut prev: Option<f64> = None;
+            let (mut totals_ns, mut count_ns) = (None, None);
+            let mut jl = vec![];
+            for (name, t, c) in &r.ladder {
+                let ns = *t as f64 / (*c).max(1) as f64;
+                // The socket-storage step replaces cookie + lookup + count: compare it
+                // with the totals step.
+                let (base, what) = if name.contains("sk_storage") {
+                    (
+                        totals_ns,
+                        "  (vs totals: instead of cookie + hash lookup + count)",
+                    )
+                } else {
+                    (prev, "")
+                };
+                line(
+                    &mut out,
+                    format!(
+                        "  {:<28} {:>7.1} ns ({}){}{what}",
+                        name,
+                        ns,
+                        fmt_count(*c),
+                        base.map(|p: f64| format!("  +{:.1}", ns - p))
+                            .unwrap_or_default()
+                    ),
+                );
+                if name.contains("totals") {
+                    totals_ns = Some(ns);
+                }
+                if name.contains("count") {
+                    count_ns = Some(ns);
+                }
+                prev = Some(ns);
+                jl.push(json!({"program": name, "run_time_ns": t, "run_cnt": c, "ns_per_run": ns}));
+            }
+            if let Some(a) = r.progs.as_ref().and_then(|p| p.get("sockacct_egress")) {
+                let ns = a.0 as f64 / a.1.max(1) as f64;
+                line(
+                    &mut out,
+                    format!(
+                        "  {:<28} {:>7.1} ns (the agent){}  (vs count: + seen mark, per-peer check, active note)",
+                        "sockacct_egress",
+                        ns,
+                        count_ns
+                            .map(|p| format!("  +{:.1}", ns - p))
+                            .unwrap_or_default()
+                    ),
+                );
+            }
+            js.insert(format!("ladder_{}", sc.key()), Value::Array(jl));
+        }
         // Throughput during the stats runs, for scale (not part of the ratios).
         let mut thr = String::from("throughput during these runs:");
         for (sc, _, v) in &stat_results {
