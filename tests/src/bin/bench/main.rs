@@ -9,8 +9,15 @@
 //!   programs get enough runs). Only programs held by the agent process under test (or by
 //!   the bench itself) count; names come from /proc/kallsyms by JIT address;
 //! - TCP bulk throughput on loopback and over a veth pair, and 64-byte UDP packets per
-//!   second over the veth pair, with the agent vs without, rounds in rotated order
-//!   (B A A B B A …), medians and the ratio of the medians;
+//!   second over the veth pair: no programs (B), empty programs at the agent's attach
+//!   points (F, the floor: agent-ebpf/src/floor.rs), and the agent (A), in rounds of
+//!   B F A rotated, medians, ratios against both and paired per round;
+//! - a ladder of egress programs during the UDP run, each alone with bpf_stats on, that do
+//!   one more step of the agent's per-packet work each (totals, cookie, hash lookup,
+//!   count; and socket storage instead of cookie + lookup): the cost of each step;
+//! - memory (`--only memory`): the agent's RSS idle and at 10k and 100k tracked UDP
+//!   sockets, flows on and off, the kernel maps' memlock, and a mass close of the 100k
+//!   sockets (cycle work wall and CPU, kernel drops and fallbacks meanwhile);
 //! - Poller::tick work time and grace-period wait (p50 / p99) with 1k, 10k, 100k sockets,
 //!   using the library in-process.
 //! - spool append throughput (`--only spool`, in-process, temp directory, default config):
