@@ -38,6 +38,22 @@ fn xadd(p: *mut u64, v: u64) {
     unsafe { core::intrinsics::atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(p, v) };
 }
 
+/// The two atomic adds to a socket's sent counters of `slot`.
+#[inline(always)]
+fn count(e: *mut SockCounters, slot: usize, len: u64) {
+    let base = unsafe { &raw mut (*e).tx as *mut agent_common::Dir };
+    // A branch keeps the index a constant for the verifier.
+    let d = if slot == 1 {
+        unsafe { base.add(1) }
+    } else {
+        base
+    };
+    unsafe {
+        xadd(&raw mut (*d).bytes, len);
+        xadd(&raw mut (*d).packets, 1);
+    }
+}
+
 /// Step 1: the epoch read and the per-CPU total (two atomic adds).
 #[inline(always)]
 fn totals(ctx: &SkBuffContext) -> (usize, u64) {
@@ -95,17 +111,7 @@ pub fn sockacct_ladder3_lookup(ctx: SkBuffContext) -> i32 {
 #[cgroup_skb(egress)]
 pub fn sockacct_ladder4_count(ctx: SkBuffContext) -> i32 {
     if let Some((e, slot, len)) = entry(&ctx) {
-        let base = unsafe { &raw mut (*e).tx as *mut agent_common::Dir };
-        // A branch keeps the index a constant for the verifier.
-        let d = if slot == 1 {
-            unsafe { base.add(1) }
-        } else {
-            base
-        };
-        unsafe {
-            xadd(&raw mut (*d).bytes, len);
-            xadd(&raw mut (*d).packets, 1);
-        }
+        count(e, slot, len);
     }
     1
 }
@@ -152,18 +158,8 @@ pub fn sockacct_ladder5_sk_storage(ctx: SkBuffContext) -> i32 {
             BPF_SK_STORAGE_GET_F_CREATE as u64,
         )
     } as *mut SockCounters;
-    if e.is_null() {
-        return 1;
-    }
-    let base = unsafe { &raw mut (*e).tx as *mut agent_common::Dir };
-    let d = if slot == 1 {
-        unsafe { base.add(1) }
-    } else {
-        base
-    };
-    unsafe {
-        xadd(&raw mut (*d).bytes, len);
-        xadd(&raw mut (*d).packets, 1);
+    if !e.is_null() {
+        count(e, slot, len);
     }
     1
 }
