@@ -21,6 +21,7 @@ pub mod flows;
 pub mod labels;
 pub mod loader;
 pub mod poller;
+pub mod process;
 pub mod procfs;
 pub mod settings;
 pub mod spool;

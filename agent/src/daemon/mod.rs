@@ -402,7 +402,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         (None, Some(seq))
     };
 
-    crate::procfs::tune_allocator();
+    crate::process::tune_allocator();
     let mut loaded = loader::load_checked(cgroup, &opts)?;
     // Sockets that existed before we attached: find their owners now. Anything created
     // from here on is seen by sock_create.
@@ -418,7 +418,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     let mut poller = Poller::new(&mut loaded, labeler, discovered)?;
     // Loading parsed the kernel's BTF (megabytes of small allocations, all freed now):
     // hand the freed heap back instead of holding it for the agent's lifetime.
-    crate::procfs::release_free_heap();
+    crate::process::release_free_heap();
 
     let fixed = status::Fixed {
         agent: identity.agent.clone(),
@@ -506,7 +506,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             next = Instant::now() + s.interval;
         }
         let cycle = Instant::now();
-        let cycle_cpu = crate::procfs::thread_cpu_time();
+        let cycle_cpu = crate::process::thread_cpu_time();
         let ev = match poller.tick() {
             Ok(ev) => {
                 failing = 0;
@@ -574,7 +574,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         poller
             .stats
             .work_cpu
-            .record(crate::procfs::thread_cpu_time().saturating_sub(cycle_cpu));
+            .record(crate::process::thread_cpu_time().saturating_sub(cycle_cpu));
         lock(&shared.poll_stats).clone_from(&poller.stats);
     }
     info!("stopping: detaching programs, final poll");

@@ -611,22 +611,21 @@ impl Poller {
         Ok(Some(ev))
     }
 
-    /// After a mass close (the table fell to half of what it held at the last trim) or a
-    /// tick that read a large batch: give the freed memory back to the kernel.
+    /// After a busy interval or a mass close, memory goes back. The batch buffer shrinks
+    /// once a tick reads far less than it holds (large buffers are mapped on their own,
+    /// see process::tune_allocator, so freeing one returns it; shrinking only when the
+    /// busy phase is over keeps a steadily busy host from mapping it anew every tick).
+    /// When the table fell to half of what it held at the last trim, the small blocks its
+    /// sockets' flow facts and names used are handed back too.
     fn return_memory(&mut self) {
+        if self.batch.capacity() > 16 * 1024 && self.batch.len() < self.batch.capacity() / 4 {
+            self.batch = Vec::with_capacity(4096);
+        }
         let n = self.table.socks.len();
         self.trim_mark = self.trim_mark.max(n);
-        let mut freed = false;
-        if self.batch.capacity() > 16 * 1024 {
-            self.batch = Vec::with_capacity(4096);
-            freed = true;
-        }
         if n < self.trim_mark / 2 {
             self.trim_mark = n;
-            freed = true;
-        }
-        if freed {
-            procfs::release_free_heap();
+            crate::process::release_free_heap();
         }
     }
 

@@ -2,8 +2,9 @@
 //! and the per-peer counters of unconnected sockets.
 use super::*;
 
-/// Entries of the per-peer map read per tick (a walk spread over ticks).
-const PEER_WALK_PER_TICK: usize = 4096;
+/// Entries of the per-peer map read per tick (a walk spread over ticks). Its two buffers
+/// (2048 x 32 B each) stay below the allocator's mmap threshold: no new mapping per tick.
+const PEER_WALK_PER_TICK: usize = 2048;
 
 impl Poller {
     /// Finds an owner for `cookie`, best source first. `rec` is the owner carried by a
@@ -70,8 +71,13 @@ impl Poller {
         // Sockets we are done with: their peers go too.
         if !done.is_empty() {
             let gone: std::collections::HashSet<u64> = done.iter().map(|(c, _)| *c).collect();
-            for (k, _) in peers.iter().filter(|(k, _)| gone.contains(&k.cookie)) {
-                let _ = bpfsys::delete(self.maps.peers.fd().as_fd(), k);
+            let keys: Vec<PeerKey> = peers
+                .iter()
+                .filter(|(k, _)| gone.contains(&k.cookie))
+                .map(|(k, _)| *k)
+                .collect();
+            let _ = bpfsys::delete_batch(self.maps.peers.fd().as_fd(), &keys);
+            for k in &keys {
                 self.peer_last.remove(k);
             }
             for c in &gone {
