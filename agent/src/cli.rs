@@ -151,6 +151,15 @@ pub struct RunArgs {
     /// Group whose members may use the control socket for `status` and `label`.
     #[arg(long, value_name = "GROUP")]
     pub control_group: Option<String>,
+
+    /// Serve Prometheus metrics on ADDR:PORT (default: config [metrics] listen, else
+    /// 127.0.0.1:9474; port 0 picks a free one, shown by `sockacct status`).
+    #[arg(long, value_name = "ADDR:PORT", conflicts_with = "no_metrics")]
+    pub metrics_listen: Option<String>,
+
+    /// Do not serve Prometheus metrics.
+    #[arg(long)]
+    pub no_metrics: bool,
 }
 
 impl RunArgs {
@@ -166,6 +175,8 @@ impl RunArgs {
             upload_url: self.upload_url.clone(),
             control_socket: self.control_socket.clone(),
             control_group: self.control_group.clone(),
+            metrics_listen: self.metrics_listen.clone(),
+            no_metrics: self.no_metrics,
         }
     }
 

@@ -6,11 +6,15 @@
 //! `{"cmd":"label","cookie":1234,"label":"checkout"}`.
 //! Reply: one JSON object per line, `{"ok":true,...}` or `{"ok":false,"error":"..."}`.
 use std::{
+    collections::BTreeMap,
     ffi::CString,
     io::{self, BufRead, BufReader, Write},
     os::{fd::AsRawFd, unix::fs::PermissionsExt, unix::net::UnixStream as StdUnixStream},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -201,11 +205,34 @@ fn peer_of(s: &UnixStream) -> io::Result<Peer> {
     })
 }
 
+/// Requests refused, by why (for `status` and the metrics).
+#[derive(Debug, Default)]
+pub struct Refusals {
+    pub too_large: AtomicU64,
+    pub bad_request: AtomicU64,
+    pub permission_denied: AtomicU64,
+    /// `label` requests the handler refused (not the caller's socket, over the limit, bad label).
+    pub label_refused: AtomicU64,
+}
+
+impl Refusals {
+    pub fn snapshot(&self) -> BTreeMap<&'static str, u64> {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        BTreeMap::from([
+            ("too_large", g(&self.too_large)),
+            ("bad_request", g(&self.bad_request)),
+            ("permission_denied", g(&self.permission_denied)),
+            ("label_refused", g(&self.label_refused)),
+        ])
+    }
+}
+
 /// The listening control socket.
 pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     group: Option<u32>,
+    refusals: Arc<Refusals>,
 }
 
 impl ControlServer {
@@ -247,7 +274,12 @@ impl ControlServer {
             listener,
             path,
             group,
+            refusals: Arc::default(),
         })
+    }
+
+    pub fn refusals(&self) -> Arc<Refusals> {
+        self.refusals.clone()
     }
 
     pub fn path(&self) -> &Path {
@@ -310,21 +342,30 @@ impl ControlServer {
                 return Ok(());
             }
             if line.len() > MAX_REQUEST {
+                self.refusals.too_large.fetch_add(1, Ordering::Relaxed);
                 let e = json!({"ok": false, "error": format!("request too large (limit {MAX_REQUEST} bytes); connection closed")});
                 w.write_all(format!("{e}\n").as_bytes()).await?;
                 return Ok(());
             }
+            let refused = |count: &AtomicU64, e: String| {
+                count.fetch_add(1, Ordering::Relaxed);
+                json!({"ok": false, "error": e})
+            };
             let reply = match parse_request(line.trim_ascii()) {
-                Err(e) => json!({"ok": false, "error": e}),
+                Err(e) => refused(&self.refusals.bad_request, e),
                 Ok(req) => match self.allowed(&peer, &req) {
-                    Err(e) => json!({"ok": false, "error": e}),
+                    Err(e) => refused(&self.refusals.permission_denied, e),
                     Ok(()) => match &req {
                         Request::Status => reply_of(Ok(handler.status())),
                         Request::Flush => reply_of(Ok(handler.flush().await)),
                         Request::Pause => reply_of(Ok(handler.pause())),
                         Request::Resume => reply_of(Ok(handler.resume())),
                         Request::Label { cookie, label } => {
-                            reply_of(handler.label(peer, *cookie, label))
+                            let r = handler.label(peer, *cookie, label);
+                            if r.is_err() {
+                                self.refusals.label_refused.fetch_add(1, Ordering::Relaxed);
+                            }
+                            reply_of(r)
                         }
                     },
                 },

@@ -9,6 +9,8 @@
 //! - [`event`]: the delta event written as one JSON line.
 //! - [`bpfsys`]: the few bpf(2) calls aya lacks (batched map reads).
 //! - [`spool`]: crash-safe zstd segments on disk; [`upload`]: acknowledged HTTP upload.
+//! - [`status`]: the agent's health snapshot; [`control`] serves it as JSON, [`metrics`]
+//!   to Prometheus (with byte totals by label).
 pub mod bpfsys;
 pub mod btf;
 pub mod cli;
@@ -20,9 +22,11 @@ pub mod event;
 pub mod flows;
 pub mod labels;
 pub mod loader;
+pub mod metrics;
 pub mod poller;
 pub mod process;
 pub mod procfs;
 pub mod settings;
 pub mod spool;
+pub mod status;
 pub mod upload;

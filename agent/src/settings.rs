@@ -27,6 +27,8 @@ pub struct Overrides {
     pub upload_url: Option<String>,
     pub control_socket: Option<PathBuf>,
     pub control_group: Option<String>,
+    pub metrics_listen: Option<String>,
+    pub no_metrics: bool,
 }
 
 /// The configuration after flags, checked and compiled.
@@ -125,6 +127,15 @@ fn apply(c: &mut Config, o: &Overrides) -> bool {
     }
     if let Some(v) = &o.control_group {
         c.control.group = Some(v.clone());
+        set(true);
+    }
+    if let Some(v) = &o.metrics_listen {
+        c.metrics.listen = v.clone();
+        c.metrics.enabled = true;
+        set(true);
+    }
+    if o.no_metrics {
+        c.metrics.enabled = false;
         set(true);
     }
     any

@@ -22,7 +22,9 @@ use serde::Deserialize;
 use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 pub mod flows;
+pub mod metrics;
 pub use flows::FlowsSection;
+pub use metrics::MetricsSection;
 
 pub const DEFAULT_INTERVAL_MS: u64 = 100;
 pub const INTERVAL_MS_RANGE: RangeInclusive<u64> = 10..=60_000;
@@ -60,6 +62,8 @@ pub struct Config {
     pub control: ControlSection,
     /// `[flows]`: per-connection records (docs/flows.md).
     pub flows: FlowsSection,
+    /// `[metrics]`: the Prometheus endpoint (docs/operations.md).
+    pub metrics: MetricsSection,
     /// Where the text came from, so errors found later (when the rules are compiled) can
     /// still name the file and line.
     #[serde(skip)]
@@ -217,6 +221,7 @@ impl Default for Config {
             upload: UploadSection::default(),
             control: ControlSection::default(),
             flows: FlowsSection::default(),
+            metrics: MetricsSection::default(),
             source: Source::default(),
         }
     }
@@ -769,7 +774,7 @@ impl Config {
     /// Checks ranges and compiles the rules once. `parse` calls this; call it yourself on a
     /// `Config` built in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Err(e) = self.flows.check() {
+        if let Err(e) = self.flows.check().and_then(|_| self.metrics.check()) {
             // The message starts with the key already ("flows.udp_idle_ms: ...").
             return Err(ConfigError::Invalid {
                 origin: None,

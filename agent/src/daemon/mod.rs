@@ -21,26 +21,38 @@ use log::{info, warn};
 
 use crate::{
     config::{Config, FsyncSetting},
-    control::{self, BoxFuture, ControlConfig, ControlServer, Handler, Labelled, Paused, Peer},
+    control::{
+        self, BoxFuture, ControlConfig, ControlServer, Handler, Labelled, Paused, Peer, Refusals,
+    },
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
     flows::{FlowRecord, FlowStats, FlowTable},
     loader,
+    metrics::{self, LabelTotals, MetricsServer, ProcessStats, Scrape, serve::ServeStats},
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
     upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
 
-mod status;
-use status::{FlowsStatus, Status, UploadStatus};
+use crate::status::{self, FlowsStatus, MetricsStatus, Status, UploadStatus};
 
 /// Upload bookkeeping for `status`.
 #[derive(Debug, Default)]
 struct UploadState {
     flushes: u64,
     failures: u64,
+    records_sent: u64,
+    bytes_sent: u64,
+    last_success_unix_ms: Option<u64>,
     last: Option<FlushReceipt>,
+}
+
+/// The metrics endpoint as bound at start.
+struct MetricsEndpoint {
+    listen: Option<std::net::SocketAddr>,
+    error: Option<String>,
+    stats: Arc<ServeStats>,
 }
 
 /// State shared by the poller thread, the control socket and uploads.
@@ -66,6 +78,10 @@ pub struct Shared {
     max_labels_per_uid: usize,
     flush_lock: tokio::sync::Mutex<()>,
     upload_state: Mutex<UploadState>,
+    refusals: Arc<Refusals>,
+    /// Sums of the written delta events, for the metrics endpoint.
+    totals: Mutex<LabelTotals>,
+    metrics: Option<MetricsEndpoint>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -74,6 +90,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Shared {
+    /// The `status` reply (also what the metrics show).
+    fn status_now(&self) -> Status {
+        let mut st = Status::new(&self.fixed, &lock(&self.poll_stats));
+        st.uptime_s = self.started.elapsed().as_secs();
+        st.paused = self.paused.load(Ordering::Relaxed);
+        st.paused_bytes = self.paused_bytes.load(Ordering::Relaxed);
+        st.spool = self.spool.as_ref().map(|s| lock(s).stats());
+        let up = lock(&self.upload_state);
+        st.upload = UploadStatus {
+            configured: self.uploader.is_some(),
+            flushes: up.flushes,
+            failures: up.failures,
+            records_sent: up.records_sent,
+            bytes_sent: up.bytes_sent,
+            last_success_unix_ms: up.last_success_unix_ms,
+            last: up.last.clone(),
+        };
+        drop(up);
+        st.control_refused = self.refusals.snapshot();
+        st.metrics = self.metrics.as_ref().map(|m| MetricsStatus {
+            listen: m.listen.map(|a| a.to_string()),
+            error: m.error.clone(),
+            scrapes: m.stats.scrapes.load(Ordering::Relaxed),
+            refused_connections: m.stats.refused_connections.load(Ordering::Relaxed),
+        });
+        st.labels_named = lock(&self.overrides).len();
+        st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
+            table,
+            dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
+        });
+        st
+    }
+
     /// Seals the spool and uploads every pending body, oldest first, stopping at the
     /// first failure. Returns the receipt.
     async fn flush_now(self: &Arc<Self>) -> FlushReceipt {
@@ -89,7 +138,11 @@ impl Shared {
         let receipt = upload::flush::flush(spool, up, self.max_body).await;
         let mut st = lock(&self.upload_state);
         st.flushes += 1;
-        if !receipt.ok {
+        st.records_sent += receipt.sent.records;
+        st.bytes_sent += receipt.sent.bytes;
+        if receipt.ok {
+            st.last_success_unix_ms = Some(crate::poller::unix_ms());
+        } else {
             st.failures += 1;
         }
         st.last = Some(receipt.clone());
@@ -102,24 +155,7 @@ impl Handler for Arc<Shared> {
     type Receipt = FlushReceipt;
 
     fn status(&self) -> Status {
-        let mut st = Status::new(&self.fixed, &lock(&self.poll_stats));
-        st.uptime_s = self.started.elapsed().as_secs();
-        st.paused = self.paused.load(Ordering::Relaxed);
-        st.paused_bytes = self.paused_bytes.load(Ordering::Relaxed);
-        st.spool = self.spool.as_ref().map(|s| lock(s).stats());
-        let up = lock(&self.upload_state);
-        st.upload = UploadStatus {
-            configured: self.uploader.is_some(),
-            flushes: up.flushes,
-            failures: up.failures,
-            last: up.last.clone(),
-        };
-        st.labels_named = lock(&self.overrides).len();
-        st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
-            table,
-            dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
-        });
-        st
+        self.status_now()
     }
 
     fn flush(&self) -> BoxFuture<'_, FlushReceipt> {
@@ -184,6 +220,19 @@ impl Handler for Arc<Shared> {
             cookie,
             label: label.to_string(),
         })
+    }
+}
+
+impl metrics::Source for Shared {
+    fn scrape(&self) -> Scrape {
+        // Clone the totals first and let go: the writer adds to them once per tick.
+        let totals = lock(&self.totals).clone();
+        Scrape {
+            status: self.status_now(),
+            totals,
+            process: ProcessStats::read(),
+            version: env!("CARGO_PKG_VERSION"),
+        }
     }
 }
 
@@ -261,6 +310,12 @@ impl Writer {
         }
         if batch.is_empty() {
             return self.tick_spool();
+        }
+        {
+            let mut totals = lock(&self.shared.totals);
+            for ev in &batch {
+                totals.add(ev);
+            }
         }
         match &self.shared.spool {
             Some(sp) => {
@@ -430,6 +485,19 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         kernel: crate::procfs::kernel_release(),
         map_capacity: s.config.max_sockets,
     };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let server = {
+        let _g = rt.enter();
+        ControlServer::bind(&ControlConfig {
+            path: s.config.control.socket.clone(),
+            group: s.config.control.group.clone(),
+        })?
+    };
+    info!("control socket {}", server.path().display());
+    let (metrics_server, metrics) = bind_metrics(&s.config.metrics);
     let shared = Arc::new(Shared {
         identity,
         spool,
@@ -447,20 +515,14 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         max_labels_per_uid: s.config.control.max_labels_per_uid,
         flush_lock: tokio::sync::Mutex::new(()),
         upload_state: Mutex::new(UploadState::default()),
+        refusals: server.refusals(),
+        totals: Mutex::new(LabelTotals::new(s.config.metrics.max_label_series)),
+        metrics,
     });
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
-    let server = {
-        let _g = rt.enter();
-        ControlServer::bind(&ControlConfig {
-            path: s.config.control.socket.clone(),
-            group: s.config.control.group.clone(),
-        })?
-    };
-    info!("control socket {}", server.path().display());
+    if let Some(m) = metrics_server {
+        rt.spawn(m.serve(shared.clone()));
+    }
     rt.spawn(server.serve(Arc::new(shared.clone())));
     if s.config.upload.every_secs > 0 && shared.uploader.is_some() {
         let (sh, every) = (
@@ -622,6 +684,54 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     drop(loaded);
     info!("detached; bye");
     result
+}
+
+/// Binds the metrics endpoint when it is on. A port that cannot be bound does not stop
+/// the agent (counting matters more than its view): it is logged and shown by `status`.
+fn bind_metrics(
+    c: &crate::config::MetricsSection,
+) -> (Option<MetricsServer>, Option<MetricsEndpoint>) {
+    if !c.enabled {
+        return (None, None);
+    }
+    let addr = match c.listen_addr() {
+        Ok(a) => a,
+        Err(e) => {
+            // validate() checked it; kept for callers that skip validation.
+            warn!("{e}; metrics are off");
+            let ep = MetricsEndpoint {
+                listen: None,
+                error: Some(e),
+                stats: Arc::default(),
+            };
+            return (None, Some(ep));
+        }
+    };
+    match MetricsServer::bind(addr) {
+        Ok(m) => {
+            let a = m.local_addr();
+            if a.ip().is_loopback() {
+                info!("metrics on http://{a}/metrics");
+            } else {
+                info!("metrics on http://{a}/metrics (not loopback: reachable from the network)");
+            }
+            let ep = MetricsEndpoint {
+                listen: Some(a),
+                error: None,
+                stats: m.stats(),
+            };
+            (Some(m), Some(ep))
+        }
+        Err(e) => {
+            warn!("{e}; the agent runs on without metrics");
+            let ep = MetricsEndpoint {
+                listen: None,
+                error: Some(e.to_string()),
+                stats: Arc::default(),
+            };
+            (None, Some(ep))
+        }
+    }
 }
 
 static STOP_FLAGS: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();

@@ -1,5 +1,6 @@
 //! The `status` reply, typed: what does not change while the agent runs, the poller's
 //! counters of the last tick, and the state of spool, upload, labels and flow records.
+//! The control socket serves it as JSON; the metrics endpoint encodes it for Prometheus.
 use std::collections::BTreeMap;
 
 use serde::Serialize;
@@ -65,6 +66,21 @@ pub struct Status {
     pub labels_named: usize,
     /// None when flow records are off.
     pub flows: Option<FlowsStatus>,
+    /// Control requests refused, by why.
+    pub control_refused: BTreeMap<&'static str, u64>,
+    /// The Prometheus endpoint; None when turned off.
+    pub metrics: Option<MetricsStatus>,
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsStatus {
+    /// The address served (the real port when 0 was configured); None if binding failed.
+    pub listen: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub scrapes: u64,
+    /// Connections closed unserved because too many were open.
+    pub refused_connections: u64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +96,11 @@ pub struct UploadStatus {
     pub configured: bool,
     pub flushes: u64,
     pub failures: u64,
+    /// Records and body bytes the server acknowledged, since start.
+    pub records_sent: u64,
+    pub bytes_sent: u64,
+    /// When the last flush that uploaded everything pending ended.
+    pub last_success_unix_ms: Option<u64>,
     pub last: Option<FlushReceipt>,
 }
 
@@ -120,6 +141,8 @@ impl Status {
             upload: UploadStatus::default(),
             labels_named: 0,
             flows: None,
+            control_refused: BTreeMap::new(),
+            metrics: None,
         }
     }
 }
