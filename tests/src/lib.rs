@@ -16,6 +16,8 @@ use std::{
 
 pub use sockacct::event::{DeltaEvent, Traffic};
 
+pub mod prom;
+
 /// True when running as root; otherwise says the test is skipped, visibly: straight to
 /// stderr, which the test harness does not capture (eprintln! output of a passing test
 /// would never be seen).
@@ -495,6 +497,10 @@ impl Daemon {
     /// Same, in a directory the caller keeps (to restart on the same spool).
     pub fn start_in(cg: &TestCgroup, dir: &Path, args: &[&str]) -> Daemon {
         let mut cmd = Command::new(agent_exe());
+        // Any free port: tests side by side (and an agent on the host) never collide.
+        let metrics_given = args
+            .iter()
+            .any(|a| a.starts_with("--metrics-listen") || *a == "--no-metrics");
         cmd.args(["run", "--stdout", "--cgroup"])
             .arg(&cg.path)
             .arg("--state-dir")
@@ -504,6 +510,11 @@ impl Daemon {
             .arg("--control-socket")
             .arg(dir.join("control.sock"))
             .args(args)
+            .args(if metrics_given {
+                &[][..]
+            } else {
+                &["--metrics-listen", "127.0.0.1:0"][..]
+            })
             .env(
                 "RUST_LOG",
                 std::env::var("SOCKACCT_AGENT_LOG").unwrap_or_else(|_| "info".into()),
@@ -573,6 +584,15 @@ impl Daemon {
 
     pub fn pid(&self) -> i32 {
         self.child.id() as i32
+    }
+
+    /// ADDR:PORT of the metrics endpoint (from `status`).
+    pub fn metrics_addr(&self) -> String {
+        let st = self.control(serde_json::json!({"cmd": "status"}));
+        st["metrics"]["listen"]
+            .as_str()
+            .unwrap_or_else(|| panic!("the agent serves no metrics: {}", st["metrics"]))
+            .to_string()
     }
 
     pub fn control_socket(&self) -> PathBuf {

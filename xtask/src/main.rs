@@ -179,6 +179,9 @@ fn test(kernels: Vec<String>, no_vm: bool, args: Vec<String>) -> anyhow::Result<
         ("jq", "jq"),
         ("sysctl", "procps"),
         ("setpriv", "util-linux"),
+        // The metrics tests scrape the agent with a real Prometheus server.
+        ("prometheus", "prometheus"),
+        ("promtool", "prometheus"),
     ])?;
     let mut failed = vec![];
     if host {
