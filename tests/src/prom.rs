@@ -122,7 +122,10 @@ pub fn parse(text: &str) -> Vec<Sample> {
 /// Parses `k="v",...}` (after the `{`); returns the labels and what follows the `}`.
 fn labels_of<'a>(r: &'a str, line: &str) -> (Vec<(String, String)>, &'a str) {
     let b = r.as_bytes();
-    let at = |i: usize| *b.get(i).unwrap_or_else(|| panic!("unterminated labels in {line:?}"));
+    let at = |i: usize| {
+        *b.get(i)
+            .unwrap_or_else(|| panic!("unterminated labels in {line:?}"))
+    };
     let (mut i, mut labels) = (0, vec![]);
     loop {
         while at(i) == b',' || at(i) == b' ' {
@@ -165,10 +168,7 @@ pub fn value(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<
         .iter()
         .filter(|s| s.name == name && labels.iter().all(|(k, v)| s.label(k) == Some(*v)));
     let first = it.next()?;
-    assert!(
-        it.next().is_none(),
-        "more than one {name} with {labels:?}"
-    );
+    assert!(it.next().is_none(), "more than one {name} with {labels:?}");
     Some(first.value)
 }
 
@@ -207,7 +207,10 @@ impl Prometheus {
         let addr = format!("127.0.0.1:{port}");
         let child = Command::new(prometheus_exe())
             .arg(format!("--config.file={}", cfg.display()))
-            .arg(format!("--storage.tsdb.path={}", dir.0.join("data").display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.0.join("data").display()
+            ))
             .arg(format!("--web.listen-address={addr}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -238,8 +241,8 @@ impl Prometheus {
             None,
         )
         .expect("query prometheus");
-        let v: serde_json::Value = serde_json::from_str(&r.body)
-            .unwrap_or_else(|e| panic!("bad reply {:?}: {e}", r.body));
+        let v: serde_json::Value =
+            serde_json::from_str(&r.body).unwrap_or_else(|e| panic!("bad reply {:?}: {e}", r.body));
         assert_eq!(v["status"], "success", "{q}: {v}");
         v["data"]["result"].as_array().cloned().unwrap_or_default()
     }

@@ -61,7 +61,13 @@ fn prometheus_scrapes_exact_label_bytes() {
     let mut rcv = Peer::spawn(Some(&cg), None, "prom-recv", &["udp-recv", "127.0.0.1"]);
     let port = rcv.value("port").to_string();
     send(&cg, "prom-sender", &port, count, size);
-    Peer::spawn(Some(&cg), None, "prom-stop", &["udp-stop", "127.0.0.1", &port]).finish();
+    Peer::spawn(
+        Some(&cg),
+        None,
+        "prom-stop",
+        &["udp-stop", "127.0.0.1", &port],
+    )
+    .finish();
     let (got, drops) = (rcv.value("datagrams"), rcv.value("drops"));
     rcv.finish();
 
@@ -98,7 +104,12 @@ fn prometheus_scrapes_exact_label_bytes() {
     );
     let info = prom.query("sockacct_build_info");
     assert_eq!(info.len(), 1, "{info:?}");
-    assert!(info[0]["metric"]["hooks"].as_str().unwrap().contains("tcp_close="));
+    assert!(
+        info[0]["metric"]["hooks"]
+            .as_str()
+            .unwrap()
+            .contains("tcp_close=")
+    );
 
     // The classic text format, as curl or promtool get it, accepted by promtool.
     let classic = prom::get(&addr, "/metrics", None).unwrap();
@@ -180,7 +191,13 @@ fn label_series_are_capped_under_other() {
     for name in senders {
         send(&cg, name, &port, count, size);
     }
-    Peer::spawn(Some(&cg), None, "cap-stop", &["udp-stop", "127.0.0.1", &port]).finish();
+    Peer::spawn(
+        Some(&cg),
+        None,
+        "cap-stop",
+        &["udp-stop", "127.0.0.1", &port],
+    )
+    .finish();
     rcv.value("datagrams");
     rcv.finish();
 
@@ -191,7 +208,13 @@ fn label_series_are_capped_under_other() {
         "sockacct_kernel_bytes_total tx",
         Duration::from_secs(30),
         tx as f64,
-        || prom::value(&scrape(), "sockacct_kernel_bytes_total", &[("direction", "tx")]),
+        || {
+            prom::value(
+                &scrape(),
+                "sockacct_kernel_bytes_total",
+                &[("direction", "tx")],
+            )
+        },
     );
     let s = scrape();
     let series: Vec<&prom::Sample> = s

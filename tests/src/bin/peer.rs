@@ -298,6 +298,7 @@ fn main() {
         ["udp-blast", addr, port, secs, size] => bench_udp_blast(addr, port, secs, size),
         ["udp-blast-to", addr, port, secs, size] => bench_udp_blast_to(addr, port, secs, size),
         ["udp-many", n, size, net] => bench_udp_many(n, size, net),
+        ["udp-churn", n, every_ms, net] => bench_udp_churn(n, every_ms, net),
         ["hold-many", pairs, active] => bench_hold_many(pairs, active, "2"),
         ["hold-many", pairs, active, first_ip] => bench_hold_many(pairs, active, first_ip),
         ["tcp-serve-fork", listen, worker_name, greeting, reply] => {
@@ -610,6 +611,53 @@ fn bench_udp_many(n: &str, size: &str, net: &str) {
     out("closing".into());
     drop(socks);
     drop(rcv);
+    std::process::exit(0);
+}
+
+/// `n` connected UDP sockets (each its own local port), each sending one 32 B datagram
+/// every `every_ms`, until a line arrives on stdin.
+fn bench_udp_churn(n: &str, every_ms: &str, net: &str) {
+    let (n, every, net): (usize, u64, u8) = (
+        n.parse().unwrap(),
+        every_ms.parse().unwrap(),
+        net.parse().unwrap(),
+    );
+    raise_nofile((n + 512) as libc::rlim_t);
+    let ip = std::net::Ipv4Addr::new(127, 0, net, 1);
+    let rcv = UdpSocket::bind((ip, 0)).unwrap();
+    let to = rcv.local_addr().unwrap();
+    let socks: Vec<UdpSocket> = (0..n)
+        .map(|_| {
+            let s = UdpSocket::bind((ip, 0)).unwrap();
+            s.connect(to).unwrap();
+            s
+        })
+        .collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let st = stop.clone();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::stdin().lock().read_line(&mut line);
+        st.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    // Drain the receiver so its buffer never fills.
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while rcv.recv(&mut buf).is_ok() {}
+    });
+    out(format!("sockets {}", socks.len()));
+    let buf = [0x5au8; 32];
+    let mut next = std::time::Instant::now();
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        for s in &socks {
+            let _ = s.send(&buf);
+        }
+        next += Duration::from_millis(every);
+        if let Some(d) = next.checked_duration_since(std::time::Instant::now()) {
+            std::thread::sleep(d);
+        }
+    }
+    out("closing".into());
     std::process::exit(0);
 }
 

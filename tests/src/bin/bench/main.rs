@@ -1,5 +1,5 @@
 //! sockacct-bench: what the agent costs, measured on the real kernel (run as root through
-//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs|spool|flows|memory]…`).
+//! `cargo xtask bench [-- --quick] [--only tcp|veth|udp|ticks|progs|spool|flows|memory|metrics]…`).
 //!
 //! Figures, printed as one table on stdout and written to target/bench/last.json:
 //! - per-program average run time (kernel bpf_stats: run_time_ns / run_cnt), taken in one
@@ -57,6 +57,7 @@ mod floor;
 mod flows;
 mod memory;
 mod progs;
+mod scrape;
 mod spool;
 mod throughput;
 mod ticks;
@@ -80,6 +81,7 @@ enum Section {
     Spool,
     Flows,
     Memory,
+    Metrics,
 }
 
 #[derive(Debug, Clone)]
@@ -114,7 +116,8 @@ fn parse_args() -> anyhow::Result<Opts> {
                         "spool" => Section::Spool,
                         "flows" => Section::Flows,
                         "memory" => Section::Memory,
-                        other => bail!("--only {other}: expected tcp, veth, udp, ticks, progs, spool, flows or memory\n{USAGE}"),
+                        "metrics" => Section::Metrics,
+                        other => bail!("--only {other}: expected tcp, veth, udp, ticks, progs, spool, flows, memory or metrics\n{USAGE}"),
                     });
                 }
             }
@@ -162,6 +165,7 @@ fn parse_args() -> anyhow::Result<Opts> {
             Section::Spool,
             Section::Flows,
             Section::Memory,
+            Section::Metrics,
         ]
         .into();
     }
@@ -711,6 +715,16 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    // The metrics endpoint: tick work with and without a scraper.
+    let mut scrape_run = None;
+    if has(Section::Metrics) {
+        wait_quiet(&mut budget);
+        match scrape::section(opts.rounds) {
+            Ok(r) => scrape_run = Some(r),
+            Err(e) => failures.push(format!("metrics: {e}")),
+        }
+    }
+
     let ratio_results: Vec<&(Scenario, ScenarioResult)> =
         results.iter().filter(|(_, r)| !r.runs.is_empty()).collect();
     let mut js_traffic = serde_json::Map::new();
@@ -720,6 +734,9 @@ fn main() -> anyhow::Result<()> {
     js.insert("throughput".into(), Value::Object(js_traffic));
     if !mem_runs.is_empty() {
         memory::report(&mut out, &mut js, &mem_runs);
+    }
+    if let Some(r) = &scrape_run {
+        scrape::report(&mut out, &mut js, r);
     }
 
     // Program run times: one column per stats run, plus opening and closing the sockets of
