@@ -266,3 +266,45 @@ fn label_series_are_capped_under_other() {
     }
     d.stop();
 }
+
+/// The scrape config and alert rules in docs/operations.md are what promtool accepts.
+#[test]
+fn documented_scrape_config_and_alert_rules_are_valid() {
+    let doc = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/operations.md"
+    ))
+    .unwrap();
+    let section = doc
+        .split("## Prometheus metrics")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("a Prometheus section in docs/operations.md");
+    let blocks: Vec<&str> = section
+        .split("```yaml\n")
+        .skip(1)
+        .filter_map(|b| b.split("```").next())
+        .collect();
+    assert_eq!(blocks.len(), 2, "a scrape config and the alert rules");
+    let dir = TempDir::new("promdocs");
+    let (cfg, rules) = (dir.0.join("prometheus.yml"), dir.0.join("rules.yml"));
+    std::fs::write(&cfg, blocks[0]).unwrap();
+    std::fs::write(&rules, blocks[1]).unwrap();
+    prom::prometheus_exe();
+    for (what, file) in [("config", &cfg), ("rules", &rules)] {
+        let out = Command::new("promtool")
+            .args(["check", what])
+            .arg(file)
+            .output()
+            .expect("run promtool");
+        assert!(
+            out.status.success(),
+            "promtool check {what}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    assert!(
+        blocks[1].contains("sockacct_drops_total") && blocks[1].contains("sockacct_spool_healthy")
+    );
+}
