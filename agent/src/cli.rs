@@ -7,6 +7,7 @@ use crate::{
     control::Request,
     daemon::RunOptions,
     settings::{Overrides, Settings},
+    stream::RecordKind,
 };
 
 #[derive(Debug, Parser)]
@@ -60,6 +61,32 @@ pub enum Command {
         #[arg(long)]
         cookie: u64,
         label: String,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// Print the records the running agent writes (delta, flow, gap), one JSON line each,
+    /// as they are written (for jq). Without --follow, stops after the first record of the
+    /// first --type (delta by default).
+    Events {
+        /// Keep printing until interrupted.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only these record types (repeatable; default all).
+        #[arg(long = "type", value_name = "TYPE", value_parser = ["delta", "flow", "gap"])]
+        types: Vec<String>,
+        #[command(flatten)]
+        control: ControlArgs,
+    },
+    /// A live view of the running agent: rates and totals per label, and its connections.
+    /// Keys: c switch view, s sort, p pause, q quit. Without a terminal (or with --once):
+    /// one plain table of the next --seconds.
+    Top {
+        /// Print one plain table of the next --seconds and exit.
+        #[arg(long)]
+        once: bool,
+        /// How long --once listens.
+        #[arg(long, value_name = "S", default_value_t = 1.0)]
+        seconds: f64,
         #[command(flatten)]
         control: ControlArgs,
     },
@@ -217,6 +244,33 @@ pub fn main() {
             Request::Label { cookie, label },
             Duration::from_secs(10),
         ),
+        Command::Events {
+            follow,
+            types,
+            control: c,
+        } => {
+            let types: Vec<RecordKind> = types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "delta" => RecordKind::Delta,
+                    "flow" => RecordKind::Flow,
+                    _ => RecordKind::Gap,
+                })
+                .collect();
+            crate::live::events(&c.control_socket, &types, follow)
+        }
+        Command::Top {
+            once,
+            seconds,
+            control: c,
+        } => {
+            use std::io::IsTerminal as _;
+            if once || !std::io::stdout().is_terminal() {
+                crate::live::once(&c.control_socket, seconds.clamp(0.1, 3600.0))
+            } else {
+                crate::live::tui::run(&c.control_socket)
+            }
+        }
         Command::Spool { cmd, spool_dir } => spool(cmd, &spool_dir),
     };
     if let Err(e) = r {

@@ -21,6 +21,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
+
+use crate::stream::{Ended, RecordKind, Subscription};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader},
     net::{UnixListener, UnixStream},
@@ -44,6 +46,8 @@ pub enum ControlError {
     Connect { path: PathBuf, source: io::Error },
     #[error("bad reply from the agent: {0}")]
     BadReply(String),
+    #[error("the agent refused: {0}")]
+    Refused(String),
 }
 
 /// Who is on the other end, from SO_PEERCRED.
@@ -68,7 +72,16 @@ pub enum Request {
     Flush,
     Pause,
     Resume,
-    Label { cookie: u64, label: String },
+    Label {
+        cookie: u64,
+        label: String,
+    },
+    /// Stream the records the agent writes, one JSON line each, from now on (all kinds
+    /// when `types` is empty).
+    Subscribe {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        types: Vec<RecordKind>,
+    },
 }
 
 impl Request {
@@ -85,15 +98,17 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         .get("cmd")
         .and_then(Value::as_str)
         .ok_or_else(|| {
-            "request has no \"cmd\" string; valid: status, flush, pause, resume, label".to_string()
+            "request has no \"cmd\" string; valid: status, flush, pause, resume, label, subscribe"
+                .to_string()
         })?
         .to_string();
-    if !["status", "flush", "pause", "resume", "label"].contains(&cmd.as_str()) {
+    if !["status", "flush", "pause", "resume", "label", "subscribe"].contains(&cmd.as_str()) {
         return Err(format!(
-            "unknown command {cmd:?}; valid: status, flush, pause, resume, label"
+            "unknown command {cmd:?}; valid: status, flush, pause, resume, label, subscribe"
         ));
     }
     if cmd != "label"
+        && cmd != "subscribe"
         && let Some(extra) = v.as_object().and_then(|o| o.keys().find(|k| *k != "cmd"))
     {
         return Err(format!(
@@ -119,6 +134,8 @@ pub trait Handler: Send + Sync + 'static {
     /// `peer` asks to label socket `cookie`; the handler checks ownership
     /// ([`peer_owns_socket`]).
     fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Labelled, String>;
+    /// A place among the record stream's subscribers.
+    fn subscribe(&self) -> Result<Subscription, String>;
 }
 
 /// Reply to `pause` and `resume`.
@@ -213,6 +230,8 @@ pub struct Refusals {
     pub permission_denied: AtomicU64,
     /// `label` requests the handler refused (not the caller's socket, over the limit, bad label).
     pub label_refused: AtomicU64,
+    /// `subscribe` requests refused (too many subscribers).
+    pub subscribe_refused: AtomicU64,
 }
 
 impl Refusals {
@@ -223,6 +242,7 @@ impl Refusals {
             ("bad_request", g(&self.bad_request)),
             ("permission_denied", g(&self.permission_denied)),
             ("label_refused", g(&self.label_refused)),
+            ("subscribe_refused", g(&self.subscribe_refused)),
         ])
     }
 }
@@ -367,12 +387,77 @@ impl ControlServer {
                             }
                             reply_of(r)
                         }
+                        Request::Subscribe { types } => match handler.subscribe() {
+                            Err(e) => refused(&self.refusals.subscribe_refused, e),
+                            Ok(sub) => {
+                                let kinds = if types.is_empty() {
+                                    RecordKind::ALL.to_vec()
+                                } else {
+                                    types.clone()
+                                };
+                                let ok = json!({"ok": true, "subscribed": kinds});
+                                w.write_all(format!("{ok}\n").as_bytes()).await?;
+                                // The connection is the stream's from here on.
+                                return stream_records(r, w, sub, &kinds).await;
+                            }
+                        },
                     },
                 },
             };
             w.write_all(format!("{reply}\n").as_bytes()).await?;
         }
     }
+}
+
+/// A subscriber whose socket takes no bytes for this long is cut off.
+const SUBSCRIBER_STALL: Duration = Duration::from_secs(2);
+
+/// Writes the subscribed records until the peer leaves, falls behind or stops reading;
+/// the last two end with one `{"ok":false,"error":...}` line saying so, written if the
+/// reader takes it within 10 s (the line before it may be cut short).
+async fn stream_records(
+    mut r: TokioBufReader<tokio::net::unix::OwnedReadHalf>,
+    mut w: tokio::net::unix::OwnedWriteHalf,
+    mut sub: Subscription,
+    kinds: &[RecordKind],
+) -> io::Result<()> {
+    let mut scratch = [0u8; 256];
+    let why = loop {
+        tokio::select! {
+            got = sub.next() => match got {
+                Ok(b) if kinds.contains(&b.kind) => {
+                    match tokio::time::timeout(SUBSCRIBER_STALL, w.write_all(&b.lines)).await {
+                        Ok(r) => r?,
+                        Err(_) => break format!(
+                            "cut off: the subscriber read nothing for {} s (read faster, or filter with types)",
+                            SUBSCRIBER_STALL.as_secs()
+                        ),
+                    }
+                }
+                Ok(_) => {}
+                Err(Ended::Lagged(n)) => break format!(
+                    "cut off: the subscriber fell {n} batches behind (read faster, or filter with types)"
+                ),
+                Err(Ended::Closed) => return Ok(()),
+            },
+            // Anything the peer sends after subscribing is ignored; EOF means it left.
+            n = r.read(&mut scratch) => if n? == 0 {
+                return Ok(());
+            },
+        }
+    };
+    sub.cut_off();
+    // Free the place (and the ring) now; the reason waits for the reader a while longer.
+    drop(sub);
+    log::info!("record stream: {why}");
+    let e = json!({"ok": false, "error": why});
+    // A write cut short by the stall may have left half a line: the reason starts a new one.
+    let _ = tokio::time::timeout(
+        Duration::from_secs(10),
+        w.write_all(format!("\n{e}\n").as_bytes()),
+    )
+    .await;
+    Ok(())
 }
 
 impl Drop for ControlServer {
@@ -500,4 +585,36 @@ mod tests {
         let e = parse_request(br#"{"cmd":"status","extra":1}"#).unwrap_err();
         assert!(e.contains("extra"), "{e}");
     }
+}
+
+/// Subscribes to the record stream (blocking; used by `events` and `top`): returns the
+/// connection, positioned after the agent's acknowledgement, to read JSON lines from.
+pub fn subscribe(
+    path: &Path,
+    types: &[RecordKind],
+) -> Result<BufReader<StdUnixStream>, ControlError> {
+    let io = |source| ControlError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let req = serde_json::to_string(&Request::Subscribe {
+        types: types.to_vec(),
+    })
+    .expect("requests serialize");
+    let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
+        path: path.to_owned(),
+        source,
+    })?;
+    (&s).write_all(format!("{req}\n").as_bytes()).map_err(io)?;
+    let mut r = BufReader::new(s);
+    let mut line = String::new();
+    r.read_line(&mut line).map_err(io)?;
+    let v: Value = serde_json::from_str(&line)
+        .map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))?;
+    if v["ok"] != true {
+        return Err(ControlError::Refused(
+            v["error"].as_str().unwrap_or("refused").to_string(),
+        ));
+    }
+    Ok(r)
 }

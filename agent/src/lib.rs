@@ -10,7 +10,8 @@
 //! - [`bpfsys`]: the few bpf(2) calls aya lacks (batched map reads).
 //! - [`spool`]: crash-safe zstd segments on disk; [`upload`]: acknowledged HTTP upload.
 //! - [`status`]: the agent's health snapshot; [`control`] serves it as JSON, [`metrics`]
-//!   to Prometheus (with byte totals by label).
+//!   to Prometheus (with byte totals by label); [`stream`]: the written records, live, to
+//!   control-socket subscribers (`sockacct events`, `sockacct top`).
 pub mod bpfsys;
 pub mod btf;
 pub mod cli;
@@ -21,6 +22,7 @@ pub mod discover;
 pub mod event;
 pub mod flows;
 pub mod labels;
+pub mod live;
 pub mod loader;
 pub mod metrics;
 pub mod poller;
@@ -29,4 +31,5 @@ pub mod procfs;
 pub mod settings;
 pub mod spool;
 pub mod status;
+pub mod stream;
 pub mod upload;

@@ -11,6 +11,7 @@ use crate::{
     loader::hooks::HookChoice,
     poller::{PollStats, TickTimes},
     spool::SpoolStats,
+    stream::StreamStatus,
     upload::flush::FlushReceipt,
 };
 
@@ -70,6 +71,8 @@ pub struct Status {
     pub control_refused: BTreeMap<&'static str, u64>,
     /// The Prometheus endpoint; None when turned off.
     pub metrics: Option<MetricsStatus>,
+    /// Subscribers of the record stream.
+    pub stream: StreamStatus,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
@@ -143,6 +146,7 @@ impl Status {
             flows: None,
             control_refused: BTreeMap::new(),
             metrics: None,
+            stream: StreamStatus::default(),
         }
     }
 }

@@ -182,6 +182,8 @@ fn test(kernels: Vec<String>, no_vm: bool, args: Vec<String>) -> anyhow::Result<
         // The metrics tests scrape the agent with a real Prometheus server.
         ("prometheus", "prometheus"),
         ("promtool", "prometheus"),
+        // `sockacct top` runs in a real terminal.
+        ("tmux", "tmux"),
     ])?;
     let mut failed = vec![];
     if host {

@@ -32,6 +32,7 @@ use crate::{
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
+    stream::{RecordKind, RecordStream, Subscription},
     upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
 
@@ -82,6 +83,8 @@ pub struct Shared {
     /// Sums of the written delta events, for the metrics endpoint.
     totals: Mutex<LabelTotals>,
     metrics: Option<MetricsEndpoint>,
+    /// Written records, live, for subscribers.
+    stream: Arc<RecordStream>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -109,6 +112,7 @@ impl Shared {
         };
         drop(up);
         st.control_refused = self.refusals.snapshot();
+        st.stream = self.stream.status();
         st.metrics = self.metrics.as_ref().map(|m| MetricsStatus {
             listen: m.listen.map(|a| a.to_string()),
             error: m.error.clone(),
@@ -156,6 +160,10 @@ impl Handler for Arc<Shared> {
 
     fn status(&self) -> Status {
         self.status_now()
+    }
+
+    fn subscribe(&self) -> Result<Subscription, String> {
+        self.stream.subscribe()
     }
 
     fn flush(&self) -> BoxFuture<'_, FlushReceipt> {
@@ -330,10 +338,10 @@ impl Writer {
                         None => info!("spool: writing again"),
                     }
                 }
-                self.print(&out.lines)?;
-                self.print(&out.gaps)?;
+                self.emit(RecordKind::Delta, &out.lines)?;
+                self.emit(RecordKind::Gap, &out.gaps)?;
             }
-            None => self.stamp_and_print(&mut batch)?,
+            None => self.stamp_and_emit(RecordKind::Delta, &mut batch)?,
         }
         self.tick_spool()
     }
@@ -358,18 +366,22 @@ impl Writer {
             match &self.shared.spool {
                 Some(sp) => {
                     let out = lock(sp).append(chunk, SystemTime::now());
-                    self.print(&out.lines)?;
-                    self.print(&out.gaps)?;
+                    self.emit(RecordKind::Flow, &out.lines)?;
+                    self.emit(RecordKind::Gap, &out.gaps)?;
                 }
-                None => self.stamp_and_print(chunk)?,
+                None => self.stamp_and_emit(RecordKind::Flow, chunk)?,
             }
         }
         Ok(())
     }
 
     /// Without a spool: stamps the envelope (the sequence from the writer's own
-    /// allocator) and prints.
-    fn stamp_and_print<R: SpoolRecord>(&mut self, recs: &mut [R]) -> anyhow::Result<()> {
+    /// allocator), prints and publishes.
+    fn stamp_and_emit<R: SpoolRecord>(
+        &mut self,
+        kind: RecordKind,
+        recs: &mut [R],
+    ) -> anyhow::Result<()> {
         let seq = self
             .seq
             .as_mut()
@@ -383,7 +395,13 @@ impl Writer {
             lines.extend_from_slice(&r.to_json_line());
             lines.push(b'\n');
         }
-        self.print(&lines)
+        self.emit(kind, &lines)
+    }
+
+    /// What was written goes to stdout (with --stdout) and to the stream's subscribers.
+    fn emit(&self, kind: RecordKind, lines: &[u8]) -> anyhow::Result<()> {
+        self.shared.stream.publish(kind, lines);
+        self.print(lines)
     }
 
     fn tick_spool(&mut self) -> anyhow::Result<()> {
@@ -393,7 +411,7 @@ impl Writer {
                 sp.tick(SystemTime::now());
                 sp.take_gap_lines()
             };
-            self.print(&gaps)?;
+            self.emit(RecordKind::Gap, &gaps)?;
         }
         Ok(())
     }
@@ -518,6 +536,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         refusals: server.refusals(),
         totals: Mutex::new(LabelTotals::new(s.config.metrics.max_label_series)),
         metrics,
+        stream: Arc::default(),
     });
 
     if let Some(m) = metrics_server {

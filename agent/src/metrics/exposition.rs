@@ -300,6 +300,7 @@ impl Collector for Scrape {
         for (reason, v) in &st.control_refused {
             drop("control", reason, *v);
         }
+        drop("control", "subscriber_cut_off", st.stream.cut_off);
         o.counters(
             "sockacct_drops",
             "Everything dropped or refused, by stage and reason (kernel: failed map updates; spool: records; flows: observations and records; control: requests)",
@@ -380,6 +381,11 @@ impl Collector for Scrape {
             "sockacct_paused_bytes",
             "Bytes counted while paused (written as one event at resume)",
             st.paused_bytes as f64,
+        )?;
+        o.gauge(
+            "sockacct_stream_subscribers",
+            "Subscribers of the record stream (sockacct events, sockacct top)",
+            st.stream.subscribers as f64,
         )?;
         o.gauge(
             "sockacct_labels_named",

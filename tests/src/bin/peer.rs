@@ -645,6 +645,7 @@ fn bench_udp_churn(n: &str, every_ms: &str, net: &str) {
         let mut buf = [0u8; 64];
         while rcv.recv(&mut buf).is_ok() {}
     });
+    out(format!("port {}", to.port()));
     out(format!("sockets {}", socks.len()));
     let buf = [0x5au8; 32];
     let mut next = std::time::Instant::now();

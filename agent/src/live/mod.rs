@@ -1,0 +1,561 @@
+//! Live views of the running agent, from its record stream: `sockacct events` (the JSON
+//! lines as they are written) and `sockacct top` (rates per label and per connection).
+//!
+//! - [`Model`]: what the view knows, fed one record line at a time (pure logic, tested).
+//! - [`tui`]: the full-screen terminal view; [`once`]: one plain table for scripts.
+use std::{
+    collections::{HashMap, VecDeque},
+    io::{BufRead, Write},
+    path::Path,
+};
+
+use crate::{
+    control,
+    event::{DeltaEvent, Traffic},
+    flows::FlowRecord,
+    stream::RecordKind,
+};
+
+pub mod tui;
+
+/// Rates are over this much of the latest stream (a few intervals).
+pub const WINDOW_MS: u64 = 2_000;
+/// A closed connection stays in the connections view this long.
+const CLOSED_KEPT_MS: u64 = 5_000;
+
+/// Bytes and packets of one row: totals since the view started, and the latest ones.
+#[derive(Debug, Clone, Default)]
+struct Series {
+    total: Traffic,
+    /// (end of the interval, unix ms; what moved in it)
+    recent: VecDeque<(u64, Traffic)>,
+}
+
+impl Series {
+    fn add(&mut self, end: u64, t: &Traffic) {
+        self.total.add(t);
+        self.recent.push_back((end, *t));
+    }
+
+    fn trim(&mut self, since: u64) {
+        while self.recent.front().is_some_and(|(end, _)| *end <= since) {
+            self.recent.pop_front();
+        }
+    }
+
+    fn in_window(&self, since: u64) -> Traffic {
+        let mut t = Traffic::default();
+        for (_, x) in self.recent.iter().filter(|(end, _)| *end > since) {
+            t.add(x);
+        }
+        t
+    }
+}
+
+/// One row as shown.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Row {
+    pub name: String,
+    pub tx_rate: f64,
+    pub rx_rate: f64,
+    pub pkt_rate: f64,
+    pub total: Traffic,
+}
+
+/// What the label rows are sorted by (descending; the name ascending).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SortBy {
+    #[default]
+    Rate,
+    TxRate,
+    RxRate,
+    Packets,
+    Total,
+    Name,
+}
+
+impl SortBy {
+    pub fn next(self) -> SortBy {
+        use SortBy::*;
+        match self {
+            Rate => TxRate,
+            TxRate => RxRate,
+            RxRate => Packets,
+            Packets => Total,
+            Total => Name,
+            Name => Rate,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SortBy::Rate => "rate",
+            SortBy::TxRate => "tx/s",
+            SortBy::RxRate => "rx/s",
+            SortBy::Packets => "pkt/s",
+            SortBy::Total => "total",
+            SortBy::Name => "name",
+        }
+    }
+
+    fn order(self, a: &Row, b: &Row) -> std::cmp::Ordering {
+        let key = |r: &Row| match self {
+            SortBy::Rate => r.tx_rate + r.rx_rate,
+            SortBy::TxRate => r.tx_rate,
+            SortBy::RxRate => r.rx_rate,
+            SortBy::Packets => r.pkt_rate,
+            SortBy::Total => (r.total.tx + r.total.rx) as f64,
+            SortBy::Name => 0.0,
+        };
+        key(b).total_cmp(&key(a)).then_with(|| a.name.cmp(&b.name))
+    }
+}
+
+/// A connection (or UDP peer, or session) from flow records.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Conn {
+    pub proto: String,
+    pub process: String,
+    pub pid: Option<u32>,
+    pub label: String,
+    pub remote: String,
+    pub direction: String,
+    pub tx_rate: f64,
+    pub rx_rate: f64,
+    pub total: Traffic,
+    /// The TCP state or end reason once closed.
+    pub closed: Option<String>,
+    last_end: u64,
+    closed_at: Option<u64>,
+}
+
+type ConnKey = (
+    String,
+    String,
+    Option<u16>,
+    String,
+    Option<u16>,
+    Option<u32>,
+);
+
+/// Everything the view knows.
+#[derive(Debug, Default)]
+pub struct Model {
+    labels: HashMap<String, Series>,
+    unattributed: Series,
+    kernel: Series,
+    conns: HashMap<ConnKey, Conn>,
+    /// Unix ms of the first record seen.
+    started: Option<u64>,
+    pub deltas: u64,
+}
+
+fn bracket(ip: &std::net::IpAddr, port: Option<u16>) -> String {
+    match (ip, port) {
+        (std::net::IpAddr::V6(a), Some(p)) => format!("[{a}]:{p}"),
+        (a, Some(p)) => format!("{a}:{p}"),
+        (a, None) => format!("{a}:*"),
+    }
+}
+
+impl Model {
+    /// Takes one line of the stream; other record types are ignored.
+    pub fn feed(&mut self, line: &str, now: u64) -> Result<(), String> {
+        if line.trim().is_empty() {
+            return Ok(());
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| format!("bad line from the agent: {e}"))?;
+        if v["ok"] == false {
+            return Err(v["error"]
+                .as_str()
+                .unwrap_or("the agent ended the stream")
+                .into());
+        }
+        match v["type"].as_str() {
+            Some("delta") => {
+                let ev: DeltaEvent = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                self.delta(&ev);
+            }
+            Some("flow") => {
+                let r: FlowRecord = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                self.flow(&r, now);
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    pub fn delta(&mut self, ev: &DeltaEvent) {
+        let end = ev.t + ev.d;
+        self.started.get_or_insert(ev.t);
+        for (l, t) in &ev.labels {
+            match self.labels.get_mut(l) {
+                Some(s) => s.add(end, t),
+                None => self.labels.entry(l.clone()).or_default().add(end, t),
+            }
+        }
+        self.unattributed.add(end, &ev.unattributed);
+        self.kernel.add(end, &ev.total);
+        self.deltas += 1;
+    }
+
+    pub fn flow(&mut self, r: &FlowRecord, now: u64) {
+        let key = (
+            r.proto.clone(),
+            r.local.to_string(),
+            r.local_port,
+            r.remote.to_string(),
+            r.remote_port,
+            r.pid,
+        );
+        let total = r.traffic();
+        let c = self.conns.entry(key).or_insert_with(|| Conn {
+            proto: r.proto.clone(),
+            process: r.process.clone().unwrap_or_default(),
+            pid: r.pid,
+            label: r.label.clone(),
+            remote: bracket(&r.remote, r.remote_port),
+            direction: serde_json::to_value(r.direction)
+                .ok()
+                .and_then(|v| v.as_str().map(String::from))
+                .unwrap_or_default(),
+            tx_rate: 0.0,
+            rx_rate: 0.0,
+            total: Traffic::default(),
+            closed: None,
+            last_end: r.start,
+            closed_at: None,
+        });
+        let secs = r.end.saturating_sub(c.last_end).max(1) as f64 / 1e3;
+        c.tx_rate = total.tx.saturating_sub(c.total.tx) as f64 / secs;
+        c.rx_rate = total.rx.saturating_sub(c.total.rx) as f64 / secs;
+        c.total = total;
+        c.last_end = r.end;
+        c.label = r.label.clone();
+        if r.event == crate::config::flows::FlowEvent::Close {
+            c.closed = Some(
+                r.tcp_state
+                    .clone()
+                    .or_else(|| {
+                        serde_json::to_value(r.end_reason)
+                            .ok()
+                            .and_then(|v| v.as_str().map(String::from))
+                    })
+                    .unwrap_or_else(|| "closed".into()),
+            );
+            c.closed_at = Some(now);
+            c.tx_rate = 0.0;
+            c.rx_rate = 0.0;
+        }
+    }
+
+    /// Drops what fell out of the window, and closed connections shown long enough.
+    pub fn trim(&mut self, now: u64) {
+        let since = now.saturating_sub(WINDOW_MS);
+        for s in self.labels.values_mut() {
+            s.trim(since);
+        }
+        self.unattributed.trim(since);
+        self.kernel.trim(since);
+        self.conns.retain(|_, c| {
+            c.closed_at
+                .is_none_or(|t| now.saturating_sub(t) < CLOSED_KEPT_MS)
+        });
+    }
+
+    fn row(&self, name: &str, s: &Series, now: u64) -> Row {
+        let since = now.saturating_sub(WINDOW_MS);
+        // Before a whole window has passed, rates are over what the view has seen.
+        let span = match self.started {
+            Some(t0) => now.saturating_sub(t0.max(since)).max(100),
+            None => WINDOW_MS,
+        } as f64
+            / 1e3;
+        let w = s.in_window(since);
+        Row {
+            name: name.to_string(),
+            tx_rate: w.tx as f64 / span,
+            rx_rate: w.rx as f64 / span,
+            pkt_rate: (w.tx_packets + w.rx_packets) as f64 / span,
+            total: s.total,
+        }
+    }
+
+    /// Label rows, sorted.
+    pub fn label_rows(&self, now: u64, sort: SortBy) -> Vec<Row> {
+        let mut rows: Vec<Row> = self
+            .labels
+            .iter()
+            .map(|(l, s)| self.row(l, s, now))
+            .collect();
+        rows.sort_by(|a, b| sort.order(a, b));
+        rows
+    }
+
+    /// The `unattributed` and kernel-total rows (labels + unattributed add up to it).
+    pub fn summary_rows(&self, now: u64) -> (Row, Row) {
+        (
+            self.row("unattributed", &self.unattributed, now),
+            self.row("total (kernel)", &self.kernel, now),
+        )
+    }
+
+    /// Connections, live ones by rate first, closed ones last.
+    pub fn conn_rows(&self) -> Vec<&Conn> {
+        let mut v: Vec<&Conn> = self.conns.values().collect();
+        v.sort_by(|a, b| {
+            a.closed
+                .is_some()
+                .cmp(&b.closed.is_some())
+                .then((b.tx_rate + b.rx_rate).total_cmp(&(a.tx_rate + a.rx_rate)))
+                .then((b.total.tx + b.total.rx).cmp(&(a.total.tx + a.total.rx)))
+                .then(a.remote.cmp(&b.remote))
+        });
+        v
+    }
+}
+
+/// Bytes (or bytes/s) in human units: 1023 B, 1.5 KiB, 12.0 MiB.
+pub fn human(v: f64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = v;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{v:.0} {}", UNITS[0])
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+pub fn unix_ms() -> u64 {
+    crate::poller::unix_ms()
+}
+
+/// `sockacct events`: prints the stream's lines as they come. Without `follow`, stops
+/// after the first record of the first kind asked for (delta by default).
+pub fn events(socket: &Path, types: &[RecordKind], follow: bool) -> anyhow::Result<()> {
+    let mut r = control::subscribe(socket, types)?;
+    let first = types.first().copied().unwrap_or(RecordKind::Delta);
+    let want = match first {
+        RecordKind::Delta => "\"type\":\"delta\"",
+        RecordKind::Flow => "\"type\":\"flow\"",
+        RecordKind::Gap => "\"type\":\"gap\"",
+    };
+    let out = std::io::stdout();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            anyhow::bail!("the agent closed the stream (it stopped?)");
+        }
+        if line.trim().is_empty() {
+            continue;
+        }
+        if line.starts_with("{\"ok\":false") {
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+            anyhow::bail!("{}", v["error"].as_str().unwrap_or(line.trim()));
+        }
+        let mut o = out.lock();
+        if let Err(e) = o.write_all(line.as_bytes()).and_then(|_| o.flush()) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                return Ok(()); // `| head` is done
+            }
+            return Err(e.into());
+        }
+        if !follow && line.contains(want) {
+            return Ok(());
+        }
+    }
+}
+
+/// `sockacct top --once`: the next `secs` of the stream as one plain table with exact
+/// byte counts, labels then `unattributed` and the kernel's total (the rows above it add
+/// up to it).
+pub fn once(socket: &Path, secs: f64) -> anyhow::Result<()> {
+    let mut r = control::subscribe(socket, &[RecordKind::Delta])?;
+    let mut m = Model::default();
+    let end = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+    r.get_ref()
+        .set_read_timeout(Some(std::time::Duration::from_millis(200)))?;
+    let mut line = String::new();
+    while std::time::Instant::now() < end {
+        line.clear();
+        match r.read_line(&mut line) {
+            Ok(0) => anyhow::bail!("the agent closed the stream (it stopped?)"),
+            Ok(_) => m
+                .feed(&line, unix_ms())
+                .map_err(|e| anyhow::anyhow!("{e}"))?,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    print!("{}", once_table(&m, unix_ms(), secs));
+    Ok(())
+}
+
+/// The `--once` table: rates per second over the period, totals in bytes.
+pub fn once_table(m: &Model, _now: u64, secs: f64) -> String {
+    let mut rows: Vec<Row> = m
+        .labels
+        .iter()
+        .map(|(l, s)| Row {
+            name: l.clone(),
+            tx_rate: s.total.tx as f64 / secs,
+            rx_rate: s.total.rx as f64 / secs,
+            pkt_rate: (s.total.tx_packets + s.total.rx_packets) as f64 / secs,
+            total: s.total,
+        })
+        .collect();
+    rows.sort_by(|a, b| SortBy::Total.order(a, b));
+    let fixed = |name: &str, s: &Series| Row {
+        name: name.into(),
+        tx_rate: s.total.tx as f64 / secs,
+        rx_rate: s.total.rx as f64 / secs,
+        pkt_rate: (s.total.tx_packets + s.total.rx_packets) as f64 / secs,
+        total: s.total,
+    };
+    let width = rows
+        .iter()
+        .map(|r| r.name.len())
+        .max()
+        .unwrap_or(0)
+        .max("total (kernel)".len());
+    let mut out = format!(
+        "{:<width$} {:>12} {:>12} {:>10} {:>14} {:>14} {:>10} {:>10}\n",
+        "LABEL", "TX_B/S", "RX_B/S", "PKT/S", "TX_BYTES", "RX_BYTES", "TX_PKTS", "RX_PKTS"
+    );
+    let line = |r: &Row| {
+        format!(
+            "{:<width$} {:>12.0} {:>12.0} {:>10.0} {:>14} {:>14} {:>10} {:>10}\n",
+            r.name,
+            r.tx_rate,
+            r.rx_rate,
+            r.pkt_rate,
+            r.total.tx,
+            r.total.rx,
+            r.total.tx_packets,
+            r.total.rx_packets
+        )
+    };
+    for r in &rows {
+        out.push_str(&line(r));
+    }
+    out.push_str(&line(&fixed("unattributed", &m.unattributed)));
+    out.push_str(&line(&fixed("total (kernel)", &m.kernel)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn t(tx: u64, rx: u64) -> Traffic {
+        Traffic {
+            tx,
+            rx,
+            tx_packets: 1,
+            rx_packets: 1,
+        }
+    }
+
+    fn ev(t0: u64, labels: &[(&str, Traffic)], un: Traffic) -> DeltaEvent {
+        let mut total = un;
+        let mut ls = BTreeMap::new();
+        for (l, x) in labels {
+            ls.insert(l.to_string(), *x);
+            total.add(x);
+        }
+        DeltaEvent {
+            v: 1,
+            kind: "delta".into(),
+            agent: "a".into(),
+            boot: "b".into(),
+            seq: 1,
+            t: t0,
+            d: 100,
+            labels: ls,
+            unattributed: un,
+            total,
+            ifaces: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn rates_over_the_window_and_totals_since_start() {
+        let mut m = Model::default();
+        // 20 intervals of 100 ms: 1000 B out per interval for "web", 10 B for "dns".
+        for i in 0..20 {
+            let e = ev(
+                10_000 + i * 100,
+                &[("web", t(1000, 0)), ("dns", t(10, 10))],
+                t(1, 0),
+            );
+            m.feed(&serde_json::to_string(&e).unwrap(), 0).unwrap();
+        }
+        let now = 12_000;
+        m.trim(now);
+        let rows = m.label_rows(now, SortBy::Rate);
+        assert_eq!(rows[0].name, "web");
+        assert_eq!(rows[0].tx_rate, 10_000.0);
+        assert_eq!(rows[0].total.tx, 20_000);
+        assert_eq!(rows[1].rx_rate, 100.0);
+        let by_name = m.label_rows(now, SortBy::Name);
+        assert_eq!(by_name[0].name, "dns");
+        // The rows add up to the kernel total.
+        let (un, total) = m.summary_rows(now);
+        let sum: u64 = rows.iter().map(|r| r.total.tx).sum::<u64>() + un.total.tx;
+        assert_eq!(sum, total.total.tx);
+        // Nothing moves for a window: rates fall to zero, totals stay.
+        m.trim(now + WINDOW_MS);
+        let rows = m.label_rows(now + WINDOW_MS, SortBy::Rate);
+        let web = rows.iter().find(|r| r.name == "web").unwrap();
+        assert_eq!((web.tx_rate, web.total.tx), (0.0, 20_000));
+    }
+
+    #[test]
+    fn the_once_table_adds_up() {
+        let mut m = Model::default();
+        m.delta(&ev(0, &[("a", t(5, 7)), ("b", t(11, 13))], t(2, 3)));
+        let s = once_table(&m, 100, 1.0);
+        let rows: Vec<Vec<&str>> = s
+            .lines()
+            .skip(1)
+            .map(|l| l.split_whitespace().collect())
+            .collect();
+        let tx = |r: &Vec<&str>| r[r.len() - 4].parse::<u64>().unwrap();
+        let total = rows.last().unwrap();
+        assert_eq!(total[0], "total");
+        assert_eq!(
+            rows[..rows.len() - 1].iter().map(tx).sum::<u64>(),
+            tx(total)
+        );
+        assert_eq!(tx(total), 18);
+    }
+
+    #[test]
+    fn the_end_of_the_stream_is_an_error_with_its_reason() {
+        let mut m = Model::default();
+        let e = m
+            .feed(r#"{"ok":false,"error":"cut off: too slow"}"#, 0)
+            .unwrap_err();
+        assert!(e.contains("too slow"));
+    }
+
+    #[test]
+    fn human_units() {
+        assert_eq!(human(1023.0), "1023 B");
+        assert_eq!(human(1536.0), "1.5 KiB");
+        assert_eq!(human(12.0 * 1024.0 * 1024.0), "12.0 MiB");
+    }
+}

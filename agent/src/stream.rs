@@ -1,0 +1,191 @@
+//! The live record stream: every record the agent writes (delta, flow, gap), as the JSON
+//! lines it wrote, fanned out to control-socket subscribers (`sockacct events`, `top`).
+//!
+//! Publishing never waits: lines go into a bounded broadcast ring, and costs nothing
+//! while nobody listens. A subscriber that falls a whole ring behind, or whose socket
+//! takes no bytes for a while, is cut off with the reason, and counted.
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, AtomicUsize, Ordering},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+/// Batches the ring holds (one to three per tick: a few seconds at 100 ms). What the
+/// ring holds stays in memory until overwritten, so it is kept small.
+pub const RING_BATCHES: usize = 64;
+/// Subscribers at once.
+pub const MAX_SUBSCRIBERS: usize = 16;
+
+/// What a record is (its `type` field).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RecordKind {
+    Delta,
+    Flow,
+    Gap,
+}
+
+impl RecordKind {
+    pub const ALL: [RecordKind; 3] = [RecordKind::Delta, RecordKind::Flow, RecordKind::Gap];
+}
+
+/// One write's lines of one kind (each ending in `\n`).
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub kind: RecordKind,
+    pub lines: Arc<[u8]>,
+}
+
+/// The publishing side, shared by the writer and the control socket.
+#[derive(Debug)]
+pub struct RecordStream {
+    tx: broadcast::Sender<Batch>,
+    subscribers: AtomicUsize,
+    counts: StreamCounts,
+}
+
+/// Counters for `status` and the metrics.
+#[derive(Debug, Default)]
+pub struct StreamCounts {
+    pub subscriptions: AtomicU64,
+    /// Refused: MAX_SUBSCRIBERS were connected.
+    pub refused: AtomicU64,
+    /// Cut off: fell behind the ring, or did not read.
+    pub cut_off: AtomicU64,
+}
+
+/// A snapshot of the stream's state.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StreamStatus {
+    pub subscribers: usize,
+    pub subscriptions: u64,
+    pub refused: u64,
+    pub cut_off: u64,
+}
+
+impl Default for RecordStream {
+    fn default() -> Self {
+        RecordStream::new(RING_BATCHES)
+    }
+}
+
+impl RecordStream {
+    pub fn new(ring: usize) -> RecordStream {
+        RecordStream {
+            tx: broadcast::channel(ring.max(1)).0,
+            subscribers: AtomicUsize::new(0),
+            counts: StreamCounts::default(),
+        }
+    }
+
+    /// Hands `lines` to every subscriber; never blocks.
+    pub fn publish(&self, kind: RecordKind, lines: &[u8]) {
+        if lines.is_empty() || self.tx.receiver_count() == 0 {
+            return;
+        }
+        let _ = self.tx.send(Batch {
+            kind,
+            lines: Arc::from(lines),
+        });
+    }
+
+    /// A new subscriber, unless too many are connected.
+    pub fn subscribe(self: &Arc<Self>) -> Result<Subscription, String> {
+        let n = self.subscribers.fetch_add(1, Ordering::SeqCst);
+        if n >= MAX_SUBSCRIBERS {
+            self.subscribers.fetch_sub(1, Ordering::SeqCst);
+            self.counts.refused.fetch_add(1, Ordering::Relaxed);
+            return Err(format!(
+                "too many subscribers ({MAX_SUBSCRIBERS} are connected); try again when one has left"
+            ));
+        }
+        self.counts.subscriptions.fetch_add(1, Ordering::Relaxed);
+        Ok(Subscription {
+            rx: self.tx.subscribe(),
+            stream: self.clone(),
+        })
+    }
+
+    pub fn status(&self) -> StreamStatus {
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        StreamStatus {
+            subscribers: self.subscribers.load(Ordering::Relaxed),
+            subscriptions: g(&self.counts.subscriptions),
+            refused: g(&self.counts.refused),
+            cut_off: g(&self.counts.cut_off),
+        }
+    }
+}
+
+/// Why a subscriber stops receiving.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The agent is stopping.
+    Closed,
+    /// It fell behind by this many batches.
+    Lagged(u64),
+}
+
+/// The receiving side of one subscriber; leaving frees its place.
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<Batch>,
+    stream: Arc<RecordStream>,
+}
+
+impl Subscription {
+    pub async fn next(&mut self) -> Result<Batch, Ended> {
+        match self.rx.recv().await {
+            Ok(b) => Ok(b),
+            Err(broadcast::error::RecvError::Closed) => Err(Ended::Closed),
+            Err(broadcast::error::RecvError::Lagged(n)) => Err(Ended::Lagged(n)),
+        }
+    }
+
+    /// Counts this subscriber as cut off.
+    pub fn cut_off(&self) {
+        self.stream.counts.cut_off.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.stream.subscribers.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_reader_that_falls_behind_the_ring_is_told_so() {
+        let s = Arc::new(RecordStream::new(4));
+        s.publish(RecordKind::Delta, b"nobody listens\n");
+        let mut sub = s.subscribe().unwrap();
+        s.publish(RecordKind::Flow, b"a\n");
+        let b = sub.next().await.unwrap();
+        assert_eq!((b.kind, &*b.lines), (RecordKind::Flow, &b"a\n"[..]));
+        for _ in 0..10 {
+            s.publish(RecordKind::Delta, b"x\n");
+        }
+        assert_eq!(sub.next().await.unwrap_err(), Ended::Lagged(6));
+        assert_eq!(s.status().subscribers, 1);
+        drop(sub);
+        assert_eq!(s.status().subscribers, 0);
+    }
+
+    #[test]
+    fn subscribers_are_bounded() {
+        let s = Arc::new(RecordStream::default());
+        let subs: Vec<_> = (0..MAX_SUBSCRIBERS)
+            .map(|_| s.subscribe().unwrap())
+            .collect();
+        assert!(s.subscribe().unwrap_err().contains("too many"));
+        assert_eq!(s.status().refused, 1);
+        drop(subs);
+        assert!(s.subscribe().is_ok());
+    }
+}
