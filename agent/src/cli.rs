@@ -71,8 +71,9 @@ pub enum Command {
         /// Keep printing until interrupted.
         #[arg(long, short = 'f')]
         follow: bool,
-        /// Only these record types (repeatable; default all).
-        #[arg(long = "type", value_name = "TYPE", value_parser = ["delta", "flow", "gap"])]
+        /// Only these record types (repeatable; default the written ones: delta, flow,
+        /// gap). `conn`: live per-connection counters of each tick (not written anywhere).
+        #[arg(long = "type", value_name = "TYPE", value_parser = ["delta", "flow", "gap", "conn"])]
         types: Vec<String>,
         #[command(flatten)]
         control: ControlArgs,
@@ -254,6 +255,7 @@ pub fn main() {
                 .map(|t| match t.as_str() {
                     "delta" => RecordKind::Delta,
                     "flow" => RecordKind::Flow,
+                    "conn" => RecordKind::Conn,
                     _ => RecordKind::Gap,
                 })
                 .collect();

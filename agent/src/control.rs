@@ -134,8 +134,8 @@ pub trait Handler: Send + Sync + 'static {
     /// `peer` asks to label socket `cookie`; the handler checks ownership
     /// ([`peer_owns_socket`]).
     fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Labelled, String>;
-    /// A place among the record stream's subscribers.
-    fn subscribe(&self) -> Result<Subscription, String>;
+    /// A place among the record stream's subscribers, for `kinds`.
+    fn subscribe(&self, kinds: &[RecordKind]) -> Result<Subscription, String>;
 }
 
 /// Reply to `pause` and `resume`.
@@ -387,20 +387,22 @@ impl ControlServer {
                             }
                             reply_of(r)
                         }
-                        Request::Subscribe { types } => match handler.subscribe() {
-                            Err(e) => refused(&self.refusals.subscribe_refused, e),
-                            Ok(sub) => {
-                                let kinds = if types.is_empty() {
-                                    RecordKind::ALL.to_vec()
-                                } else {
-                                    types.clone()
-                                };
-                                let ok = json!({"ok": true, "subscribed": kinds});
-                                w.write_all(format!("{ok}\n").as_bytes()).await?;
-                                // The connection is the stream's from here on.
-                                return stream_records(r, w, sub, &kinds).await;
+                        Request::Subscribe { types } => {
+                            let kinds = if types.is_empty() {
+                                RecordKind::ALL.to_vec()
+                            } else {
+                                types.clone()
+                            };
+                            match handler.subscribe(&kinds) {
+                                Err(e) => refused(&self.refusals.subscribe_refused, e),
+                                Ok(sub) => {
+                                    let ok = json!({"ok": true, "subscribed": kinds});
+                                    w.write_all(format!("{ok}\n").as_bytes()).await?;
+                                    // The connection is the stream's from here on.
+                                    return stream_records(r, w, sub, &kinds).await;
+                                }
                             }
-                        },
+                        }
                     },
                 },
             };

@@ -25,9 +25,13 @@ pub enum RecordKind {
     Delta,
     Flow,
     Gap,
+    /// Not a written record: the connections that moved this tick, with their cumulative
+    /// counters (for live views). Built only while a subscriber asks for it.
+    Conn,
 }
 
 impl RecordKind {
+    /// What a subscription without types gets: the records the agent writes.
     pub const ALL: [RecordKind; 3] = [RecordKind::Delta, RecordKind::Flow, RecordKind::Gap];
 }
 
@@ -43,6 +47,8 @@ pub struct Batch {
 pub struct RecordStream {
     tx: broadcast::Sender<Batch>,
     subscribers: AtomicUsize,
+    /// Subscribers that asked for [`RecordKind::Conn`].
+    conn_subscribers: AtomicUsize,
     counts: StreamCounts,
 }
 
@@ -76,6 +82,7 @@ impl RecordStream {
         RecordStream {
             tx: broadcast::channel(ring.max(1)).0,
             subscribers: AtomicUsize::new(0),
+            conn_subscribers: AtomicUsize::new(0),
             counts: StreamCounts::default(),
         }
     }
@@ -91,8 +98,16 @@ impl RecordStream {
         });
     }
 
-    /// A new subscriber, unless too many are connected.
-    pub fn subscribe(self: &Arc<Self>) -> Result<Subscription, String> {
+    /// Whether anyone would receive `kind` (so the caller can skip building it).
+    pub fn wants(&self, kind: RecordKind) -> bool {
+        match kind {
+            RecordKind::Conn => self.conn_subscribers.load(Ordering::Relaxed) > 0,
+            _ => self.tx.receiver_count() > 0,
+        }
+    }
+
+    /// A new subscriber to `kinds`, unless too many are connected.
+    pub fn subscribe(self: &Arc<Self>, kinds: &[RecordKind]) -> Result<Subscription, String> {
         let n = self.subscribers.fetch_add(1, Ordering::SeqCst);
         if n >= MAX_SUBSCRIBERS {
             self.subscribers.fetch_sub(1, Ordering::SeqCst);
@@ -102,9 +117,14 @@ impl RecordStream {
             ));
         }
         self.counts.subscriptions.fetch_add(1, Ordering::Relaxed);
+        let conn = kinds.contains(&RecordKind::Conn);
+        if conn {
+            self.conn_subscribers.fetch_add(1, Ordering::SeqCst);
+        }
         Ok(Subscription {
             rx: self.tx.subscribe(),
             stream: self.clone(),
+            conn,
         })
     }
 
@@ -133,6 +153,7 @@ pub enum Ended {
 pub struct Subscription {
     rx: broadcast::Receiver<Batch>,
     stream: Arc<RecordStream>,
+    conn: bool,
 }
 
 impl Subscription {
@@ -153,6 +174,9 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.stream.subscribers.fetch_sub(1, Ordering::SeqCst);
+        if self.conn {
+            self.stream.conn_subscribers.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -164,7 +188,8 @@ mod tests {
     async fn a_reader_that_falls_behind_the_ring_is_told_so() {
         let s = Arc::new(RecordStream::new(4));
         s.publish(RecordKind::Delta, b"nobody listens\n");
-        let mut sub = s.subscribe().unwrap();
+        let mut sub = s.subscribe(&RecordKind::ALL).unwrap();
+        assert!(s.wants(RecordKind::Delta) && !s.wants(RecordKind::Conn));
         s.publish(RecordKind::Flow, b"a\n");
         let b = sub.next().await.unwrap();
         assert_eq!((b.kind, &*b.lines), (RecordKind::Flow, &b"a\n"[..]));
@@ -181,11 +206,13 @@ mod tests {
     fn subscribers_are_bounded() {
         let s = Arc::new(RecordStream::default());
         let subs: Vec<_> = (0..MAX_SUBSCRIBERS)
-            .map(|_| s.subscribe().unwrap())
+            .map(|_| s.subscribe(&[RecordKind::Conn]).unwrap())
             .collect();
-        assert!(s.subscribe().unwrap_err().contains("too many"));
+        assert!(s.subscribe(&[]).unwrap_err().contains("too many"));
         assert_eq!(s.status().refused, 1);
+        assert!(s.wants(RecordKind::Conn));
         drop(subs);
-        assert!(s.subscribe().is_ok());
+        assert!(!s.wants(RecordKind::Conn));
+        assert!(s.subscribe(&[]).is_ok());
     }
 }

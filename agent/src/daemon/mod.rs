@@ -162,8 +162,8 @@ impl Handler for Arc<Shared> {
         self.status_now()
     }
 
-    fn subscribe(&self) -> Result<Subscription, String> {
-        self.stream.subscribe()
+    fn subscribe(&self, kinds: &[RecordKind]) -> Result<Subscription, String> {
+        self.stream.subscribe(kinds)
     }
 
     fn flush(&self) -> BoxFuture<'_, FlushReceipt> {
@@ -629,7 +629,12 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 peers.len()
             );
             let t0 = Instant::now();
-            let recs = ft.observe(crate::poller::unix_ms(), &socks, &peers);
+            let now = crate::poller::unix_ms();
+            if shared.stream.wants(RecordKind::Conn) {
+                let lines = crate::flows::conn_sample_lines(now, &socks, &peers);
+                shared.stream.publish(RecordKind::Conn, &lines);
+            }
+            let recs = ft.observe(now, &socks, &peers);
             let (observed, nrecs) = (t0.elapsed(), recs.len());
             *lock(&shared.flow_stats) = Some(ft.stats());
             if let Err(e) = writer.write_flows(recs) {

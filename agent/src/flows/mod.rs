@@ -40,7 +40,9 @@ mod state;
 mod tests;
 
 pub use config::{EventSet, FlowConfig};
-pub use record::{EndReason, Family, FlowRecord, proto_name, tcp_state_name};
+pub use record::{
+    ConnSample, EndReason, Family, FlowRecord, conn_sample_lines, proto_name, tcp_state_name,
+};
 use state::*;
 
 const IPPROTO_TCP: u8 = 6;

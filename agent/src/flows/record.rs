@@ -129,3 +129,79 @@ pub fn tcp_state_name(state: u8) -> String {
     };
     name.into()
 }
+
+/// A live sample of one connection (`type: "conn"`): its cumulative counters as of this
+/// tick. Only on the record stream (for `sockacct top`), never written to the spool.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnSample {
+    /// Always "conn".
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Unix ms of the tick.
+    pub t: u64,
+    pub cookie: u64,
+    pub proto: String,
+    /// Unknown for a peer whose socket was not described in the same tick.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local: Option<SocketAddr>,
+    pub remote: SocketAddr,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<Direction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label: Option<String>,
+    pub tx: u64,
+    pub rx: u64,
+    pub tx_packets: u64,
+    pub rx_packets: u64,
+    /// The socket is gone (these are its final counters).
+    pub finished: bool,
+}
+
+/// One JSON line per connection that moved in this tick's views: connected sockets, and
+/// the peers of unconnected ones.
+pub fn conn_sample_lines(now: u64, socks: &[SocketView], peers: &[PeerView]) -> Vec<u8> {
+    let by_cookie: HashMap<u64, &SocketView> = socks.iter().map(|s| (s.cookie, s)).collect();
+    let mut out = Vec::new();
+    let mut push = |c: ConnSample| {
+        if let Ok(mut l) = serde_json::to_vec(&c) {
+            out.append(&mut l);
+            out.push(b'\n');
+        }
+    };
+    let sample =
+        |s: Option<&SocketView>, cookie: u64, remote: SocketAddr, t: Traffic, done| ConnSample {
+            kind: "conn".into(),
+            t: now,
+            cookie,
+            proto: s.map_or_else(|| proto_name(IPPROTO_UDP), |s| proto_name(s.proto)),
+            local: s.map(|s| canon(s.local)),
+            remote: canon(remote),
+            direction: s.map(|s| s.direction),
+            pid: s.map(|s| s.owner.pid),
+            process: s.map(|s| s.owner.process.to_string()),
+            label: s.map(|s| s.label.to_string()),
+            tx: t.tx,
+            rx: t.rx,
+            tx_packets: t.tx_packets,
+            rx_packets: t.rx_packets,
+            finished: done,
+        };
+    for s in socks {
+        if let Some(r) = s.remote {
+            push(sample(Some(s), s.cookie, r, s.counters, s.finished));
+        }
+    }
+    for p in peers {
+        let s = by_cookie.get(&p.cookie).copied();
+        if s.is_some_and(|s| s.remote.is_some()) {
+            continue; // a connected socket's flow is its own counters
+        }
+        let done = s.is_some_and(|s| s.finished);
+        push(sample(s, p.cookie, p.remote, p.counters, done));
+    }
+    out
+}

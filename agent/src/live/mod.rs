@@ -12,7 +12,7 @@ use std::{
 use crate::{
     control,
     event::{DeltaEvent, Traffic},
-    flows::FlowRecord,
+    flows::{ConnSample, FlowRecord},
     stream::RecordKind,
 };
 
@@ -111,32 +111,54 @@ impl SortBy {
     }
 }
 
-/// A connection (or UDP peer, or session) from flow records.
+/// A connection (or UDP peer, or session): live samples each tick it moves, flow
+/// records at open, update and close.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Conn {
     pub proto: String,
     pub process: String,
     pub pid: Option<u32>,
     pub label: String,
+    pub local: String,
     pub remote: String,
     pub direction: String,
-    pub tx_rate: f64,
-    pub rx_rate: f64,
+    /// Cumulative since the connection started (as the agent counts it).
     pub total: Traffic,
     /// The TCP state or end reason once closed.
     pub closed: Option<String>,
-    last_end: u64,
+    /// (unix ms, cumulative counters) of the latest samples; the first is the baseline.
+    samples: VecDeque<(u64, Traffic)>,
     closed_at: Option<u64>,
 }
 
-type ConnKey = (
-    String,
-    String,
-    Option<u16>,
-    String,
-    Option<u16>,
-    Option<u32>,
-);
+impl Conn {
+    /// Bytes/s each way over the latest samples (0 when it stopped moving).
+    pub fn rates(&self, now: u64) -> (f64, f64) {
+        match (self.samples.front(), self.samples.back()) {
+            (Some((t0, a)), Some((_, b))) if self.closed.is_none() => {
+                let secs = now.saturating_sub(*t0).max(100) as f64 / 1e3;
+                (
+                    b.tx.saturating_sub(a.tx) as f64 / secs,
+                    b.rx.saturating_sub(a.rx) as f64 / secs,
+                )
+            }
+            _ => (0.0, 0.0),
+        }
+    }
+}
+
+/// (proto, local, remote) as shown.
+type ConnKey = (String, String, String);
+
+/// What a socket's samples say about it, for its peers' samples that do not.
+#[derive(Debug, Clone)]
+struct SockInfo {
+    local: String,
+    direction: String,
+    pid: Option<u32>,
+    process: String,
+    label: String,
+}
 
 /// Everything the view knows.
 #[derive(Debug, Default)]
@@ -145,6 +167,7 @@ pub struct Model {
     unattributed: Series,
     kernel: Series,
     conns: HashMap<ConnKey, Conn>,
+    socks: HashMap<u64, SockInfo>,
     /// Unix ms of the first record seen.
     started: Option<u64>,
     pub deltas: u64,
@@ -181,6 +204,10 @@ impl Model {
                 let r: FlowRecord = serde_json::from_value(v).map_err(|e| e.to_string())?;
                 self.flow(&r, now);
             }
+            Some("conn") => {
+                let c: ConnSample = serde_json::from_value(v).map_err(|e| e.to_string())?;
+                self.conn(&c, now);
+            }
             _ => {}
         }
         Ok(())
@@ -200,53 +227,88 @@ impl Model {
         self.deltas += 1;
     }
 
-    pub fn flow(&mut self, r: &FlowRecord, now: u64) {
-        let key = (
-            r.proto.clone(),
-            r.local.to_string(),
-            r.local_port,
-            r.remote.to_string(),
-            r.remote_port,
-            r.pid,
-        );
-        let total = r.traffic();
-        let c = self.conns.entry(key).or_insert_with(|| Conn {
-            proto: r.proto.clone(),
-            process: r.process.clone().unwrap_or_default(),
-            pid: r.pid,
-            label: r.label.clone(),
-            remote: bracket(&r.remote, r.remote_port),
-            direction: serde_json::to_value(r.direction)
-                .ok()
-                .and_then(|v| v.as_str().map(String::from))
-                .unwrap_or_default(),
-            tx_rate: 0.0,
-            rx_rate: 0.0,
+    fn entry(&mut self, key: ConnKey, proto: &str, remote: &str) -> &mut Conn {
+        self.conns.entry(key.clone()).or_insert_with(|| Conn {
+            proto: proto.to_string(),
+            process: String::new(),
+            pid: None,
+            label: String::new(),
+            local: key.1,
+            remote: remote.to_string(),
+            direction: String::new(),
             total: Traffic::default(),
             closed: None,
-            last_end: r.start,
+            samples: VecDeque::new(),
             closed_at: None,
-        });
-        let secs = r.end.saturating_sub(c.last_end).max(1) as f64 / 1e3;
-        c.tx_rate = total.tx.saturating_sub(c.total.tx) as f64 / secs;
-        c.rx_rate = total.rx.saturating_sub(c.total.rx) as f64 / secs;
-        c.total = total;
-        c.last_end = r.end;
-        c.label = r.label.clone();
+        })
+    }
+
+    pub fn flow(&mut self, r: &FlowRecord, now: u64) {
+        let (local, remote) = (
+            bracket(&r.local, r.local_port),
+            bracket(&r.remote, r.remote_port),
+        );
+        let c = self.entry((r.proto.clone(), local, remote.clone()), &r.proto, &remote);
+        c.process = r.process.clone().unwrap_or_default();
+        c.pid = r.pid;
+        c.label.clone_from(&r.label);
+        c.direction = name_of(&r.direction);
+        let total = r.traffic();
+        if total.tx + total.rx >= c.total.tx + c.total.rx {
+            c.total = total;
+        }
         if r.event == crate::config::flows::FlowEvent::Close {
             c.closed = Some(
                 r.tcp_state
                     .clone()
-                    .or_else(|| {
-                        serde_json::to_value(r.end_reason)
-                            .ok()
-                            .and_then(|v| v.as_str().map(String::from))
-                    })
+                    .or_else(|| r.end_reason.map(|e| name_of(&e)))
                     .unwrap_or_else(|| "closed".into()),
             );
             c.closed_at = Some(now);
-            c.tx_rate = 0.0;
-            c.rx_rate = 0.0;
+        }
+    }
+
+    pub fn conn(&mut self, s: &ConnSample, now: u64) {
+        let info = match (&s.local, &s.process) {
+            (Some(local), Some(process)) => {
+                let i = SockInfo {
+                    local: local.to_string(),
+                    direction: s.direction.as_ref().map(name_of).unwrap_or_default(),
+                    pid: s.pid,
+                    process: process.clone(),
+                    label: s.label.clone().unwrap_or_default(),
+                };
+                if s.finished {
+                    self.socks.remove(&s.cookie);
+                } else {
+                    self.socks.insert(s.cookie, i.clone());
+                }
+                Some(i)
+            }
+            _ => self.socks.get(&s.cookie).cloned(),
+        };
+        let remote = s.remote.to_string();
+        let local = info
+            .as_ref()
+            .map_or_else(|| "?".to_string(), |i| i.local.clone());
+        let c = self.entry((s.proto.clone(), local, remote.clone()), &s.proto, &remote);
+        if let Some(i) = info {
+            c.process = i.process;
+            c.pid = i.pid;
+            c.label = i.label;
+            c.direction = i.direction;
+        }
+        let t = Traffic {
+            tx: s.tx,
+            rx: s.rx,
+            tx_packets: s.tx_packets,
+            rx_packets: s.rx_packets,
+        };
+        c.total = t;
+        c.samples.push_back((s.t, t));
+        if s.finished {
+            c.closed.get_or_insert_with(|| "closed".into());
+            c.closed_at = Some(now);
         }
     }
 
@@ -262,6 +324,12 @@ impl Model {
             c.closed_at
                 .is_none_or(|t| now.saturating_sub(t) < CLOSED_KEPT_MS)
         });
+        for c in self.conns.values_mut() {
+            // Keep the newest sample at or before the window's start as the baseline.
+            while c.samples.len() >= 2 && c.samples[1].0 <= since {
+                c.samples.pop_front();
+            }
+        }
     }
 
     fn row(&self, name: &str, s: &Series, now: u64) -> Row {
@@ -301,19 +369,28 @@ impl Model {
         )
     }
 
-    /// Connections, live ones by rate first, closed ones last.
-    pub fn conn_rows(&self) -> Vec<&Conn> {
-        let mut v: Vec<&Conn> = self.conns.values().collect();
-        v.sort_by(|a, b| {
+    /// Connections with their rates: live ones by rate first, closed ones last.
+    pub fn conn_rows(&self, now: u64) -> Vec<(&Conn, (f64, f64))> {
+        let mut v: Vec<(&Conn, (f64, f64))> =
+            self.conns.values().map(|c| (c, c.rates(now))).collect();
+        v.sort_by(|(a, ra), (b, rb)| {
             a.closed
                 .is_some()
                 .cmp(&b.closed.is_some())
-                .then((b.tx_rate + b.rx_rate).total_cmp(&(a.tx_rate + a.rx_rate)))
+                .then((rb.0 + rb.1).total_cmp(&(ra.0 + ra.1)))
                 .then((b.total.tx + b.total.rx).cmp(&(a.total.tx + a.total.rx)))
                 .then(a.remote.cmp(&b.remote))
         });
         v
     }
+}
+
+/// A serde enum's name as it is written ("outbound", "agent_stopped").
+fn name_of<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_value(v)
+        .ok()
+        .and_then(|v| v.as_str().map(String::from))
+        .unwrap_or_default()
 }
 
 /// Bytes (or bytes/s) in human units: 1023 B, 1.5 KiB, 12.0 MiB.
@@ -345,6 +422,7 @@ pub fn events(socket: &Path, types: &[RecordKind], follow: bool) -> anyhow::Resu
         RecordKind::Delta => "\"type\":\"delta\"",
         RecordKind::Flow => "\"type\":\"flow\"",
         RecordKind::Gap => "\"type\":\"gap\"",
+        RecordKind::Conn => "\"type\":\"conn\"",
     };
     let out = std::io::stdout();
     let mut line = String::new();
@@ -550,6 +628,49 @@ mod tests {
             .feed(r#"{"ok":false,"error":"cut off: too slow"}"#, 0)
             .unwrap_err();
         assert!(e.contains("too slow"));
+    }
+
+    #[test]
+    fn connection_rates_from_live_samples() {
+        let mut m = Model::default();
+        let line = |t: u64, tx: u64, with_owner: bool, finished: bool| {
+            let mut v = serde_json::json!({"type": "conn", "t": t, "cookie": 7, "proto": "udp",
+                "remote": "127.0.0.1:9000", "tx": tx, "rx": 0, "tx_packets": tx / 60,
+                "rx_packets": 0, "finished": finished});
+            if with_owner {
+                v["local"] = "127.0.0.1:5000".into();
+                v["process"] = "gen".into();
+                v["pid"] = 42.into();
+                v["label"] = "gen".into();
+                v["direction"] = "outbound".into();
+            }
+            v.to_string()
+        };
+        // 600 B per 100 ms for 3 s; the owner only in the first sample (a peer's later
+        // samples may come without their socket).
+        for i in 0..30u64 {
+            m.feed(&line(10_000 + i * 100, i * 600, i == 0, false), 0)
+                .unwrap();
+        }
+        let now = 12_900;
+        m.trim(now);
+        let rows = m.conn_rows(now);
+        assert_eq!(rows.len(), 1);
+        let (c, (tx, _)) = &rows[0];
+        assert_eq!(
+            (c.process.as_str(), c.local.as_str()),
+            ("gen", "127.0.0.1:5000")
+        );
+        assert_eq!(c.total.tx, 29 * 600);
+        assert!((tx - 6000.0).abs() < 1.0, "{tx}");
+        // It stops moving: the rate falls to zero; it finishes: shown as closed.
+        m.trim(now + 5_000);
+        assert_eq!(m.conn_rows(now + 5_000)[0].1, (0.0, 0.0));
+        m.feed(&line(18_000, 29 * 600, false, true), 18_000)
+            .unwrap();
+        assert_eq!(m.conn_rows(18_000)[0].0.closed.as_deref(), Some("closed"));
+        m.trim(18_000 + CLOSED_KEPT_MS);
+        assert!(m.conn_rows(18_000 + CLOSED_KEPT_MS).is_empty());
     }
 
     #[test]

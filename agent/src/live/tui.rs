@@ -60,7 +60,10 @@ impl Drop for Restore {
 /// Runs the view until `q` or Ctrl-C.
 pub fn run(socket: &Path) -> anyhow::Result<()> {
     // Subscribe before taking the screen: "not running" or "not allowed" is printed plainly.
-    let mut stream = control::subscribe(socket, &[RecordKind::Delta, RecordKind::Flow])?;
+    let mut stream = control::subscribe(
+        socket,
+        &[RecordKind::Delta, RecordKind::Flow, RecordKind::Conn],
+    )?;
     let (tx, rx) = mpsc::channel();
     let t = tx.clone();
     thread::spawn(move || {
@@ -194,7 +197,7 @@ fn draw(f: &mut Frame, st: &State, now: u64) {
     f.render_widget(Paragraph::new(title).reversed(), head);
     match st.view {
         View::Labels => labels(f, st, now, body),
-        View::Connections => connections(f, st, body),
+        View::Connections => connections(f, st, now, body),
     }
     f.render_widget(Paragraph::new(status_line(st)), foot);
 }
@@ -260,8 +263,8 @@ fn labels(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect) {
     f.render_widget(t, area);
 }
 
-fn connections(f: &mut Frame, st: &State, area: ratatui::layout::Rect) {
-    let conns = st.model.conn_rows();
+fn connections(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect) {
+    let conns = st.model.conn_rows(now);
     let header = TRow::new([
         "PROTO", "PROCESS", "LABEL", "REMOTE", "DIR", "TX", "RX", "TX total", "RX total", "STATE",
     ])
@@ -269,7 +272,7 @@ fn connections(f: &mut Frame, st: &State, area: ratatui::layout::Rect) {
     let trows: Vec<TRow> = conns
         .iter()
         .take(area.height.saturating_sub(3) as usize)
-        .map(|c| {
+        .map(|(c, (tx_rate, rx_rate))| {
             let process = match c.pid {
                 Some(p) => format!("{}({p})", c.process),
                 None => c.process.clone(),
@@ -280,8 +283,8 @@ fn connections(f: &mut Frame, st: &State, area: ratatui::layout::Rect) {
                 Cell::from(c.label.clone()),
                 Cell::from(c.remote.clone()),
                 Cell::from(c.direction.clone()),
-                Cell::from(rate(c.tx_rate)),
-                Cell::from(rate(c.rx_rate)),
+                Cell::from(rate(*tx_rate)),
+                Cell::from(rate(*rx_rate)),
                 Cell::from(human(c.total.tx as f64)),
                 Cell::from(human(c.total.rx as f64)),
                 Cell::from(c.closed.clone().unwrap_or_else(|| "live".into())),
@@ -303,7 +306,7 @@ fn connections(f: &mut Frame, st: &State, area: ratatui::layout::Rect) {
     let t = Table::new(trows, widths)
         .header(header)
         .block(Block::bordered().title(format!(
-            " {} connections (from flow records: open after 1 s, updates every 10 s) ",
+            " {} connections (those that moved since the view started, and flow records) ",
             conns.len()
         )));
     f.render_widget(t, area);
