@@ -630,11 +630,11 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             );
             let t0 = Instant::now();
             let now = crate::poller::unix_ms();
+            let recs = ft.observe(now, &socks, &peers);
             if shared.stream.wants(RecordKind::Conn) {
-                let lines = crate::flows::conn_sample_lines(now, &socks, &peers);
+                let lines = ft.conn_samples(now, &socks, &peers);
                 shared.stream.publish(RecordKind::Conn, &lines);
             }
-            let recs = ft.observe(now, &socks, &peers);
             let (observed, nrecs) = (t0.elapsed(), recs.len());
             *lock(&shared.flow_stats) = Some(ft.stats());
             if let Err(e) = writer.write_flows(recs) {

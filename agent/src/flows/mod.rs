@@ -40,9 +40,7 @@ mod state;
 mod tests;
 
 pub use config::{EventSet, FlowConfig};
-pub use record::{
-    ConnSample, EndReason, Family, FlowRecord, conn_sample_lines, proto_name, tcp_state_name,
-};
+pub use record::{ConnSample, EndReason, Family, FlowRecord, proto_name, tcp_state_name};
 use state::*;
 
 const IPPROTO_TCP: u8 = 6;
@@ -273,6 +271,14 @@ impl FlowTable {
                 .close(meta, t, EndReason::AgentStopped, now_ms, now_ms, 0);
         }
         self.drain(usize::MAX)
+    }
+
+    /// Live samples (`type: "conn"`) of the connections in this tick's views, for the
+    /// record stream; call after [`FlowTable::observe`] with the same views.
+    pub fn conn_samples(&self, now: u64, socks: &[SocketView], peers: &[PeerView]) -> Vec<u8> {
+        record::conn_sample_lines(now, socks, peers, |cookie| {
+            self.flows.unconns.get(&cookie).map(|u| (&u.meta).into())
+        })
     }
 
     pub fn stats(&self) -> FlowStats {

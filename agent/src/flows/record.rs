@@ -161,38 +161,78 @@ pub struct ConnSample {
     pub finished: bool,
 }
 
+/// The owner facts a sample carries, from a socket view or the flow table.
+pub(super) struct SampleOwner<'a> {
+    pub(super) proto: u8,
+    pub(super) local: SocketAddr,
+    pub(super) direction: Direction,
+    pub(super) owner: &'a OwnerView,
+    pub(super) label: &'a str,
+}
+
+impl<'a> From<&'a SocketView> for SampleOwner<'a> {
+    fn from(s: &'a SocketView) -> Self {
+        SampleOwner {
+            proto: s.proto,
+            local: s.local,
+            direction: s.direction,
+            owner: &s.owner,
+            label: &s.label,
+        }
+    }
+}
+
+impl<'a> From<&'a Meta> for SampleOwner<'a> {
+    fn from(m: &'a Meta) -> Self {
+        SampleOwner {
+            proto: m.proto,
+            local: m.local,
+            direction: m.direction,
+            owner: &m.owner,
+            label: &m.label,
+        }
+    }
+}
+
 /// One JSON line per connection that moved in this tick's views: connected sockets, and
-/// the peers of unconnected ones.
-pub fn conn_sample_lines(now: u64, socks: &[SocketView], peers: &[PeerView]) -> Vec<u8> {
+/// the peers of unconnected ones (`owner_of` finds a peer's socket when the views do not
+/// describe it this tick).
+pub(super) fn conn_sample_lines<'a>(
+    now: u64,
+    socks: &'a [SocketView],
+    peers: &[PeerView],
+    owner_of: impl Fn(u64) -> Option<SampleOwner<'a>>,
+) -> Vec<u8> {
     let by_cookie: HashMap<u64, &SocketView> = socks.iter().map(|s| (s.cookie, s)).collect();
     let mut out = Vec::new();
-    let mut push = |c: ConnSample| {
-        if let Ok(mut l) = serde_json::to_vec(&c) {
-            out.append(&mut l);
-            out.push(b'\n');
-        }
-    };
-    let sample =
-        |s: Option<&SocketView>, cookie: u64, remote: SocketAddr, t: Traffic, done| ConnSample {
+    let mut push = |o: Option<SampleOwner>, cookie: u64, remote: SocketAddr, t: Traffic, done| {
+        let c = ConnSample {
             kind: "conn".into(),
             t: now,
             cookie,
-            proto: s.map_or_else(|| proto_name(IPPROTO_UDP), |s| proto_name(s.proto)),
-            local: s.map(|s| canon(s.local)),
+            proto: o
+                .as_ref()
+                .map_or_else(|| proto_name(IPPROTO_UDP), |o| proto_name(o.proto)),
+            local: o.as_ref().map(|o| canon(o.local)),
             remote: canon(remote),
-            direction: s.map(|s| s.direction),
-            pid: s.map(|s| s.owner.pid),
-            process: s.map(|s| s.owner.process.to_string()),
-            label: s.map(|s| s.label.to_string()),
+            direction: o.as_ref().map(|o| o.direction),
+            pid: o.as_ref().map(|o| o.owner.pid),
+            process: o.as_ref().map(|o| o.owner.process.to_string()),
+            label: o.as_ref().map(|o| o.label.to_string()),
             tx: t.tx,
             rx: t.rx,
             tx_packets: t.tx_packets,
             rx_packets: t.rx_packets,
             finished: done,
         };
+        if let Ok(mut l) = serde_json::to_vec(&c) {
+            out.append(&mut l);
+            out.push(b'\n');
+        }
+    };
     for s in socks {
         if let Some(r) = s.remote {
-            push(sample(Some(s), s.cookie, r, s.counters, s.finished));
+            push(Some(s.into()), s.cookie, r, s.counters, s.finished);
         }
     }
     for p in peers {
@@ -201,7 +241,8 @@ pub fn conn_sample_lines(now: u64, socks: &[SocketView], peers: &[PeerView]) -> 
             continue; // a connected socket's flow is its own counters
         }
         let done = s.is_some_and(|s| s.finished);
-        push(sample(s, p.cookie, p.remote, p.counters, done));
+        let o = s.map(SampleOwner::from).or_else(|| owner_of(p.cookie));
+        push(o, p.cookie, p.remote, p.counters, done);
     }
     out
 }

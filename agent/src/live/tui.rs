@@ -266,7 +266,8 @@ fn labels(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect) {
 fn connections(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect) {
     let conns = st.model.conn_rows(now);
     let header = TRow::new([
-        "PROTO", "PROCESS", "LABEL", "REMOTE", "DIR", "TX", "RX", "TX total", "RX total", "STATE",
+        "PROTO", "PROCESS", "LABEL", "LOCAL", "REMOTE", "DIR", "TX", "RX", "TX total", "RX total",
+        "STATE",
     ])
     .bold();
     let trows: Vec<TRow> = conns
@@ -281,6 +282,7 @@ fn connections(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect)
                 Cell::from(c.proto.clone()),
                 Cell::from(process),
                 Cell::from(c.label.clone()),
+                Cell::from(c.local.clone()),
                 Cell::from(c.remote.clone()),
                 Cell::from(c.direction.clone()),
                 Cell::from(rate(*tx_rate)),
@@ -293,10 +295,11 @@ fn connections(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect)
         .collect();
     let widths = [
         Constraint::Length(5),
-        Constraint::Min(14),
+        Constraint::Min(18),
         Constraint::Min(12),
-        Constraint::Min(22),
-        Constraint::Length(4),
+        Constraint::Min(21),
+        Constraint::Min(21),
+        Constraint::Length(8),
         Constraint::Length(12),
         Constraint::Length(12),
         Constraint::Length(10),
