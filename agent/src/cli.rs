@@ -72,8 +72,8 @@ pub enum Command {
         #[arg(long, short = 'f')]
         follow: bool,
         /// Only these record types (repeatable; default the written ones: delta, flow,
-        /// gap). `conn`: live per-connection counters of each tick (not written anywhere).
-        #[arg(long = "type", value_name = "TYPE", value_parser = ["delta", "flow", "gap", "conn"])]
+        /// gap, agent). `conn`: live per-connection counters of each tick (not written anywhere).
+        #[arg(long = "type", value_name = "TYPE", value_parser = ["delta", "flow", "gap", "agent", "conn"])]
         types: Vec<String>,
         #[command(flatten)]
         control: ControlArgs,
@@ -90,6 +90,11 @@ pub enum Command {
         seconds: f64,
         #[command(flatten)]
         control: ControlArgs,
+    },
+    /// Print the DDL of the store the upload can feed (docs/clickhouse.md).
+    Schema {
+        #[command(subcommand)]
+        store: SchemaStore,
     },
     /// Read the on-disk spool without the agent.
     Spool {
@@ -111,6 +116,20 @@ pub struct ControlArgs {
     /// The agent's control socket.
     #[arg(long, value_name = "PATH", default_value = crate::control::DEFAULT_SOCKET)]
     pub control_socket: PathBuf,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum SchemaStore {
+    /// ClickHouse: the table the upload inserts into and the views to query.
+    Clickhouse {
+        /// Replicated tables on every shard of this cluster and Distributed tables over
+        /// them (sharded by agent); without it, plain MergeTree on one server.
+        #[arg(long, value_name = "NAME")]
+        cluster: Option<String>,
+        /// Database for the tables.
+        #[arg(long, value_name = "DB", default_value = "sockacct")]
+        database: String,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -256,6 +275,7 @@ pub fn main() {
                     "delta" => RecordKind::Delta,
                     "flow" => RecordKind::Flow,
                     "conn" => RecordKind::Conn,
+                    "agent" => RecordKind::Agent,
                     _ => RecordKind::Gap,
                 })
                 .collect();
@@ -272,6 +292,15 @@ pub fn main() {
             } else {
                 crate::live::tui::run(&c.control_socket)
             }
+        }
+        Command::Schema {
+            store: SchemaStore::Clickhouse { cluster, database },
+        } => {
+            print!(
+                "{}",
+                crate::schema::clickhouse(&database, cluster.as_deref())
+            );
+            Ok(())
         }
         Command::Spool { cmd, spool_dir } => spool(cmd, &spool_dir),
     };

@@ -25,6 +25,8 @@ pub enum RecordKind {
     Delta,
     Flow,
     Gap,
+    /// Coverage: the agent started or stopped.
+    Agent,
     /// Not a written record: the connections that moved this tick, with their cumulative
     /// counters (for live views). Built only while a subscriber asks for it.
     Conn,
@@ -32,7 +34,12 @@ pub enum RecordKind {
 
 impl RecordKind {
     /// What a subscription without types gets: the records the agent writes.
-    pub const ALL: [RecordKind; 3] = [RecordKind::Delta, RecordKind::Flow, RecordKind::Gap];
+    pub const ALL: [RecordKind; 4] = [
+        RecordKind::Delta,
+        RecordKind::Flow,
+        RecordKind::Gap,
+        RecordKind::Agent,
+    ];
 }
 
 /// One write's lines of one kind (each ending in `\n`).

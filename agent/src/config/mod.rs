@@ -171,6 +171,32 @@ pub struct UploadSection {
     pub deadline_ms: u64,
     /// Upload on its own every this many seconds; 0 = only when an admin asks (default).
     pub every_secs: u64,
+    /// `body` (default): POST the bodies to `url` as they are. `clickhouse`: `url` is a
+    /// ClickHouse HTTP endpoint; the agent builds each INSERT into `table` itself, with
+    /// the body's idempotency key as `insert_deduplication_token` (docs/clickhouse.md).
+    pub format: UploadFormat,
+    /// The table of `format = "clickhouse"`.
+    pub table: String,
+}
+
+/// A table name ClickHouse takes as is: `db.table` or `table`, letters, digits, `_`.
+fn is_table_name(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('.').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && !p.starts_with(|c: char| c.is_ascii_digit())
+                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+}
+
+/// How bodies are uploaded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UploadFormat {
+    #[default]
+    Body,
+    Clickhouse,
 }
 
 impl Default for UploadSection {
@@ -182,6 +208,8 @@ impl Default for UploadSection {
             timeout_ms: 10_000,
             deadline_ms: 60_000,
             every_secs: 0,
+            format: UploadFormat::Body,
+            table: "sockacct.records".into(),
         }
     }
 }
@@ -793,6 +821,27 @@ impl Config {
                     r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#
                 ),
             ));
+        }
+        if self.upload.format == UploadFormat::Clickhouse {
+            if !is_table_name(&self.upload.table) {
+                return Err(ConfigError::field(
+                    "upload.table",
+                    format!(
+                        "{:?} is not a table name (expected db.table or table: letters, digits, _)",
+                        self.upload.table
+                    ),
+                ));
+            }
+            if let Some(url) = &self.upload.url
+                && url.contains("query=")
+            {
+                return Err(ConfigError::field(
+                    "upload.url",
+                    format!(
+                        "{url:?} has a query= parameter; with format = \"clickhouse\" the agent builds the INSERT itself: give the server's address only (e.g. \"https://ch.example:8443/\")"
+                    ),
+                ));
+            }
         }
         if self.upload.max_body_bytes < 4096 {
             return Err(ConfigError::field(
@@ -1515,5 +1564,43 @@ protocol = "ICMP"
         let e = Config::load(&dir.join("missing.toml")).unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));
         assert!(e.to_string().contains("missing.toml: cannot read"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod upload_format_tests {
+    use super::*;
+
+    #[test]
+    fn clickhouse_upload_settings_are_checked() {
+        for good in ["sockacct.records", "records"] {
+            assert!(is_table_name(good), "{good}");
+        }
+        for bad in ["", "a.b.c", "x;DROP", "1t", "a b", "db."] {
+            assert!(!is_table_name(bad), "{bad}");
+        }
+        let e = Config::parse(
+            "[upload]\nformat = \"clickhouse\"\nurl = \"http://h:8123/?query=INSERT\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("upload.url") && e.contains("builds the INSERT"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[upload]\nformat = \"clickhouse\"\ntable = \"a;b\"\n",
+            "t.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("upload.table"), "{e}");
+        let c = Config::parse(
+            "[upload]\nformat = \"clickhouse\"\nurl = \"http://h:8123/\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(c.upload.format, UploadFormat::Clickhouse);
     }
 }

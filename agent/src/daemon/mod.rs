@@ -27,6 +27,7 @@ use crate::{
     discover,
     event::{DeltaEvent, Identity, SeqAllocator},
     flows::{FlowRecord, FlowStats, FlowTable},
+    lifecycle::{self, AgentRecord, Previous, RunFacts, RunMarker},
     loader,
     metrics::{self, LabelTotals, MetricsServer, ProcessStats, Scrape, serve::ServeStats},
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
@@ -375,6 +376,19 @@ impl Writer {
         Ok(())
     }
 
+    /// Coverage records are written at once, paused or not.
+    fn write_agent(&mut self, rec: AgentRecord) -> anyhow::Result<()> {
+        let mut one = [rec];
+        match &self.shared.spool {
+            Some(sp) => {
+                let out = lock(sp).append(&mut one, SystemTime::now());
+                self.emit(RecordKind::Agent, &out.lines)?;
+                self.emit(RecordKind::Gap, &out.gaps)
+            }
+            None => self.stamp_and_emit(RecordKind::Agent, &mut one),
+        }
+    }
+
     /// Without a spool: stamps the envelope (the sequence from the writer's own
     /// allocator), prints and publishes.
     fn stamp_and_emit<R: SpoolRecord>(
@@ -440,6 +454,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         )
     })?;
     let seq_path = o.state_dir.join("seq");
+    let had_state = seq_path.exists();
     let seq =
         SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
     let uploader = match &s.config.upload.url {
@@ -450,6 +465,9 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             cfg.timeout = Duration::from_millis(s.config.upload.timeout_ms);
             cfg.deadline = Duration::from_millis(s.config.upload.deadline_ms);
             cfg.max_body_bytes = s.config.upload.max_body_bytes;
+            if s.config.upload.format == crate::config::UploadFormat::Clickhouse {
+                cfg.clickhouse_table = Some(s.config.upload.table.clone());
+            }
             Some(Uploader::new(cfg)?)
         }
         None => None,
@@ -461,7 +479,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         install_flag(sig, &stop)?;
     }
     let identity = Identity::detect(s.config.agent_id.as_deref());
-    let (spool, writer_seq) = if o.spool {
+    let (spool, writer_seq, resumes_after) = if o.spool {
         let (sp, report) = Spool::open_dir(spool_config(&s.config), identity.clone(), seq)
             .with_context(|| {
                 format!(
@@ -470,9 +488,10 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 )
             })?;
         info!("spool {}: {report:?}", s.config.spool.dir.display());
-        (Some(Arc::new(Mutex::new(sp))), None)
+        let last = report.last_seq.or(report.acked_seq);
+        (Some(Arc::new(Mutex::new(sp))), None, last)
     } else {
-        (None, Some(seq))
+        (None, Some(seq), None)
     };
 
     crate::process::tune_allocator();
@@ -571,6 +590,31 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         held_flows: vec![],
         spool_failing: false,
     };
+    // Coverage: this run starts (and says how the previous one ended).
+    let facts = RunFacts {
+        kernel: crate::procfs::kernel_release(),
+        hooks: loaded
+            .hooks
+            .iter()
+            .map(|h| format!("{}={}", h.purpose, h.program.unwrap_or("none")))
+            .collect(),
+        config_digest: lifecycle::digest(format!("{:?}", s.config).as_bytes()),
+    };
+    let (marker, previous) = RunMarker::create(&o.state_dir, had_state).with_context(|| {
+        format!(
+            "writing the run marker in {} (set --state-dir)",
+            o.state_dir.display()
+        )
+    })?;
+    if previous == Previous::Recovered {
+        warn!("the previous run did not stop cleanly (killed or crashed); its spool was recovered");
+    }
+    writer.write_agent(AgentRecord::start(
+        crate::poller::unix_ms(),
+        &facts,
+        previous,
+        resumes_after,
+    ))?;
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     let mut result = Ok(());
@@ -686,10 +730,25 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             result = result.and(Err(e));
         }
     }
+    let stop = AgentRecord::stop(
+        crate::poller::unix_ms(),
+        &facts,
+        shared.started.elapsed().as_millis() as u64,
+    );
+    if let Err(e) = writer.write_agent(stop) {
+        warn!("final coverage record: {e:#}");
+        result = result.and(Err(e));
+    }
+    let mut durable = true;
     if let Some(sp) = &shared.spool
         && let Err(e) = lock(sp).flush()
     {
         warn!("spool: final fsync: {e}");
+        durable = false;
+    }
+    // Only a run whose last records are durable counts as a clean stop.
+    if durable && let Err(e) = marker.remove() {
+        warn!("removing the run marker: {e}");
     }
     let st = &poller.stats;
     info!(

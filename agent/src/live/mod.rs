@@ -427,6 +427,7 @@ pub fn events(socket: &Path, types: &[RecordKind], follow: bool) -> anyhow::Resu
         RecordKind::Flow => "\"type\":\"flow\"",
         RecordKind::Gap => "\"type\":\"gap\"",
         RecordKind::Conn => "\"type\":\"conn\"",
+        RecordKind::Agent => "\"type\":\"agent\"",
     };
     let out = std::io::stdout();
     let mut line = String::new();

@@ -57,6 +57,7 @@ use reqwest::{
     },
 };
 
+pub mod clickhouse;
 pub mod flush;
 pub use tokio::time::Instant;
 
@@ -98,6 +99,9 @@ pub struct UploadConfig {
     pub initial_backoff: Duration,
     /// Cap of the doubled wait (default 10 s).
     pub max_backoff: Duration,
+    /// Insert into this ClickHouse table: the query is built per body, with the body's
+    /// idempotency key as `insert_deduplication_token` ([`clickhouse`]).
+    pub clickhouse_table: Option<String>,
 }
 
 impl UploadConfig {
@@ -111,6 +115,7 @@ impl UploadConfig {
             max_body_bytes: DEFAULT_MAX_BODY_BYTES,
             initial_backoff: DEFAULT_INITIAL_BACKOFF,
             max_backoff: DEFAULT_MAX_BACKOFF,
+            clickhouse_table: None,
         }
     }
 }
@@ -417,7 +422,10 @@ impl Uploader {
 
         let mut request = self
             .client
-            .post(self.cfg.url.clone())
+            .post(match &self.cfg.clickhouse_table {
+                Some(t) => clickhouse::insert_url(&self.cfg.url, t, &body.idempotency_key()),
+                None => self.cfg.url.clone(),
+            })
             .body(body.data.clone())
             .build()
             .map_err(|e| UploadError::Client {

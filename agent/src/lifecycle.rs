@@ -1,0 +1,197 @@
+//! Coverage records (`type: "agent"`): one when the agent starts and one when it stops
+//! cleanly, so a consumer can tell "this host moved nothing" from "the agent was not
+//! running". Whether the previous run ended cleanly is told by a marker file in the
+//! state directory that exists exactly while an agent runs.
+use std::{
+    fs, io,
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::event::{FORMAT_VERSION, Identity, SpoolRecord};
+
+/// How the previous run ended, as seen at start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Previous {
+    /// No earlier run in this state directory.
+    None,
+    /// It stopped cleanly (final poll written, spool fsynced).
+    Clean,
+    /// It was killed or crashed: records after its last fsync may be missing (the spool
+    /// was recovered; gaps say what is known to be lost).
+    Recovered,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AgentEvent {
+    Start,
+    Stop,
+}
+
+/// The coverage record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AgentRecord {
+    pub v: u32,
+    /// Always "agent".
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub agent: String,
+    pub boot: String,
+    pub seq: u64,
+    pub event: AgentEvent,
+    /// Unix ms.
+    pub t: u64,
+    pub version: String,
+    pub kernel: String,
+    /// `purpose=program` per hook purpose, as chosen on this kernel.
+    pub hooks: Vec<String>,
+    /// FNV-1a 64 of the effective configuration, hex: equal digests, equal settings.
+    pub config_digest: String,
+    /// `start` only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Previous>,
+    /// `start` only: the last seq the spool held when this run began (records after it
+    /// are this run's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumes_after: Option<u64>,
+    /// `stop` only: how long this run lasted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_ms: Option<u64>,
+}
+
+impl SpoolRecord for AgentRecord {
+    fn stamp(&mut self, id: &Identity, seq: u64) {
+        self.agent.clone_from(&id.agent);
+        self.boot.clone_from(&id.boot);
+        self.seq = seq;
+    }
+    fn to_json_line(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+}
+
+/// What a start record says; the rest is filled in by [`AgentRecord::start`].
+#[derive(Debug, Clone)]
+pub struct RunFacts {
+    pub kernel: String,
+    pub hooks: Vec<String>,
+    pub config_digest: String,
+}
+
+impl AgentRecord {
+    fn new(event: AgentEvent, now_ms: u64, f: &RunFacts) -> AgentRecord {
+        AgentRecord {
+            v: FORMAT_VERSION,
+            kind: "agent".into(),
+            agent: String::new(),
+            boot: String::new(),
+            seq: 0,
+            event,
+            t: now_ms,
+            version: env!("CARGO_PKG_VERSION").into(),
+            kernel: f.kernel.clone(),
+            hooks: f.hooks.clone(),
+            config_digest: f.config_digest.clone(),
+            previous: None,
+            resumes_after: None,
+            uptime_ms: None,
+        }
+    }
+
+    pub fn start(
+        now_ms: u64,
+        f: &RunFacts,
+        previous: Previous,
+        resumes_after: Option<u64>,
+    ) -> Self {
+        let mut r = AgentRecord::new(AgentEvent::Start, now_ms, f);
+        r.previous = Some(previous);
+        r.resumes_after = resumes_after;
+        r
+    }
+
+    pub fn stop(now_ms: u64, f: &RunFacts, uptime_ms: u64) -> Self {
+        let mut r = AgentRecord::new(AgentEvent::Stop, now_ms, f);
+        r.uptime_ms = Some(uptime_ms);
+        r
+    }
+}
+
+/// FNV-1a 64, hex (stable across builds, unlike the std hasher).
+pub fn digest(bytes: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
+/// The marker that exists while an agent runs with this state directory.
+pub struct RunMarker {
+    path: PathBuf,
+}
+
+impl RunMarker {
+    /// Creates the marker; returns how the previous run ended. `had_state`: the state
+    /// directory held an earlier run's sequence file.
+    pub fn create(state_dir: &Path, had_state: bool) -> io::Result<(RunMarker, Previous)> {
+        let path = state_dir.join("running");
+        let previous = if path.exists() {
+            Previous::Recovered
+        } else if had_state {
+            Previous::Clean
+        } else {
+            Previous::None
+        };
+        fs::write(&path, format!("{}\n", std::process::id()))?;
+        Ok((RunMarker { path }, previous))
+    }
+
+    /// The run ended cleanly: its last records are durable.
+    pub fn remove(self) -> io::Result<()> {
+        fs::remove_file(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_marker_tells_a_crash_from_a_clean_stop() {
+        let dir = std::env::temp_dir().join(format!("sockacct-marker-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let (m, p) = RunMarker::create(&dir, false).unwrap();
+        assert_eq!(p, Previous::None);
+        m.remove().unwrap();
+        let (m, p) = RunMarker::create(&dir, true).unwrap();
+        assert_eq!(p, Previous::Clean);
+        drop(m); // a crash: the marker stays
+        let (_m, p) = RunMarker::create(&dir, true).unwrap();
+        assert_eq!(p, Previous::Recovered);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn records_serialize_with_their_fields() {
+        let f = RunFacts {
+            kernel: "6.1.0".into(),
+            hooks: vec!["tcp_close=tp_btf".into()],
+            config_digest: digest(b"x"),
+        };
+        let r = AgentRecord::start(5, &f, Previous::Recovered, Some(41));
+        let v: serde_json::Value = serde_json::from_slice(&r.to_json_line()).unwrap();
+        assert_eq!(v["type"], "agent");
+        assert_eq!(v["event"], "start");
+        assert_eq!(v["previous"], "recovered");
+        assert_eq!(v["resumes_after"], 41);
+        assert!(v.get("uptime_ms").is_none());
+        assert_eq!(digest(b"x"), digest(b"x"));
+        assert_ne!(digest(b"x"), digest(b"y"));
+    }
+}
