@@ -108,6 +108,64 @@ fn cargo(args: &[&str]) -> anyhow::Result<()> {
     )
 }
 
+/// Where the ClickHouse tests find chdb (ClickHouse's engine in-process, from PyPI): a
+/// virtualenv outside the repository, so a reused machine skips the download.
+const CHDB_VENV: &str = "/var/cache/sockacct-tools/chdb-venv";
+const CHDB_VERSION: &str = "4.4.0";
+
+/// Makes sure `CHDB_VENV` has chdb; returns its python.
+fn ensure_chdb() -> anyhow::Result<PathBuf> {
+    let venv = PathBuf::from(std::env::var("SOCKACCT_CHDB_VENV").unwrap_or(CHDB_VENV.into()));
+    let py = venv.join("bin/python");
+    let works = |py: &Path| {
+        Command::new(py)
+            .args(["-c", &format!("import chdb, importlib.metadata as m; assert m.version('chdb') == '{CHDB_VERSION}'")])
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if works(&py) {
+        return Ok(py);
+    }
+    ensure_debian_packages(&[("python3", "python3")])?;
+    let venv_ok = |py3: &str| {
+        Command::new(py3)
+            .args(["-m", "venv", "--help"])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !venv_ok("python3") {
+        // Debian ships the venv module separately.
+        ensure_debian_packages(&[("false", "python3-venv")])?;
+    }
+    eprintln!(
+        "xtask: installing chdb {CHDB_VERSION} into {}",
+        venv.display()
+    );
+    check(
+        Command::new("python3")
+            .arg("-m")
+            .arg("venv")
+            .arg(&venv)
+            .status()?,
+        "python3 -m venv",
+    )?;
+    check(
+        Command::new(venv.join("bin/pip"))
+            .args(["install", "-q", &format!("chdb=={CHDB_VERSION}")])
+            .status()?,
+        "pip install chdb",
+    )?;
+    if !works(&py) {
+        bail!(
+            "chdb does not import from {} after installing it",
+            py.display()
+        );
+    }
+    Ok(py)
+}
+
 /// Installs the Debian packages providing `cmds` that are missing (as root, via apt).
 fn ensure_debian_packages(cmds: &[(&str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = cmds
@@ -185,6 +243,8 @@ fn test(kernels: Vec<String>, no_vm: bool, args: Vec<String>) -> anyhow::Result<
         // `sockacct top` runs in a real terminal.
         ("tmux", "tmux"),
     ])?;
+    // The ClickHouse tests run the real engine (chdb).
+    ensure_chdb()?;
     let mut failed = vec![];
     if host {
         let mut a = vec!["test", "--release", "-p", "sockacct-tests", "--"];
