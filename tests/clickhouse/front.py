@@ -14,7 +14,7 @@ and returns its result as TabSeparated.
 import subprocess
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, HTTPServer
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
 
 from chdb import session
@@ -76,6 +76,7 @@ class Front(BaseHTTPRequestHandler):
         self.reply(code, text)
 
 
-server = HTTPServer(("127.0.0.1", 0), Front)
+# One thread per connection: clients keep theirs open between requests.
+server = ThreadingHTTPServer(("127.0.0.1", 0), Front)
 print(f"port {server.server_address[1]}", flush=True)
 server.serve_forever()
