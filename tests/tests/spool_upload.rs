@@ -301,7 +301,7 @@ fn sigkill_at_random_points_loses_nothing_written() {
         let v: Value = serde_json::from_str(l)
             .unwrap_or_else(|e| panic!("corrupt record uploaded: {l:?}: {e}"));
         assert!(
-            v["type"] == "delta" || v["type"] == "gap" || v["type"] == "flow",
+            ["delta", "gap", "flow", "agent"].contains(&v["type"].as_str().unwrap_or("")),
             "{l}"
         );
         if let Some(prev) = by_seq.insert(seq_of(l), l) {
@@ -321,6 +321,18 @@ fn sigkill_at_random_points_loses_nothing_written() {
         "printed (so written) but never uploaded: {missing:?}"
     );
     assert!(printed.len() > 20, "the rounds should have written events");
+    // Every start after a SIGKILL says so; the first found a fresh state directory.
+    let starts: Vec<Value> = up
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|v| v["type"] == "agent" && v["event"] == "start")
+        .collect();
+    assert!(starts.len() >= 2, "{starts:?}");
+    assert_eq!(starts[0]["previous"], "none", "{starts:?}");
+    assert!(
+        starts[1..].iter().all(|s| s["previous"] == "recovered"),
+        "{starts:?}"
+    );
     assert!(
         !up.iter().any(|l| l.contains("\"type\":\"gap\"")),
         "nothing should have been dropped"
