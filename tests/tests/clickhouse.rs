@@ -93,13 +93,18 @@ struct Host {
 
 impl Host {
     fn new(i: usize, front: &Front) -> Host {
+        Host::with(i, front, "")
+    }
+
+    /// With `extra` appended to its config.
+    fn with(i: usize, front: &Front, extra: &str) -> Host {
         let cg = TestCgroup::new(&format!("ch{i}"));
         let dir = TempDir::new(&format!("ch{i}"));
         let cfg = dir.0.join("config.toml");
         std::fs::write(
             &cfg,
             format!(
-                "[upload]\nformat = \"clickhouse\"\nurl = \"http://{}/\"\n\n[flows]\nconsolidate_gap_ms = 0\n",
+                "[upload]\nformat = \"clickhouse\"\nurl = \"http://{}/\"\n\n[flows]\nconsolidate_gap_ms = 0\n{extra}",
                 front.addr
             ),
         )
@@ -271,11 +276,60 @@ fn three_agents_into_clickhouse_exactly_once_with_coverage() {
     assert_eq!(starts.len(), 3, "{starts:?}");
     assert!(starts.iter().all(|r| r[1] == "none"), "{starts:?}");
 
-    // SIGKILL agent 0 and start it again on the same state: a recovered start.
+    // A host whose spool is far too small: it drops the oldest records and says so in a
+    // gap record, which lands in the gaps view.
+    let tiny = Host::with(
+        3,
+        &front,
+        "\n[spool]\nsegment_max_bytes = 4096\nmax_bytes = 8192\n\n[[rule]]\nlabel = \"port-{local_port}\"\n",
+    );
+    let dt = tiny.start();
+    let mut churn = Peer::spawn(
+        Some(&tiny.cg),
+        None,
+        "ch-churn",
+        &["udp-churn", "200", "20", "48"],
+    );
+    churn.value("sockets");
+    sockacct_tests::wait_for(
+        "the small spool to drop records",
+        std::time::Duration::from_secs(30),
+        || {
+            let st = dt.control(serde_json::json!({"cmd": "status"}));
+            (st["spool"]["gap_records"].as_u64() > Some(0)).then_some(())
+        },
+    );
+    churn.send_line("stop");
+    churn.finish();
+    flush(&dt);
+    let gaps = front.rows(
+        "SELECT reason, sum(lost_records) > 0, min(lost_first_seq) <= max(lost_last_seq) FROM sockacct.gaps WHERE agent = 'ch-agent-3' GROUP BY reason",
+    );
+    assert_eq!(gaps, [["spool_full", "1", "1"]], "{gaps:?}");
+    dt.stop();
+
+    // SIGKILL agent 0 and start it again on the same state: a recovered start. Stop
+    // agent 1 cleanly and start it again: a stop, then a start after a clean stop.
     let d0 = agents.remove(0);
     d0.kill9();
     let d0 = hosts[0].start();
     flush(&d0);
+    let d1 = agents.remove(0);
+    d1.stop();
+    let d1 = hosts[1].start();
+    flush(&d1);
+    let clean = front.rows(
+        "SELECT event, previous, uptime_ms > 0 FROM sockacct.agent_lifecycle WHERE agent = 'ch-agent-1' ORDER BY at, seq",
+    );
+    assert_eq!(
+        clean,
+        [
+            ["start", "none", "\\N"],
+            ["stop", "\\N", "1"],
+            ["start", "clean", "\\N"]
+        ],
+        "{clean:?}"
+    );
     let rec = front.rows(
         "SELECT previous, resumes_after IS NOT NULL FROM sockacct.agent_lifecycle WHERE agent = 'ch-agent-0' AND event = 'start' ORDER BY at, seq",
     );
@@ -311,14 +365,24 @@ fn three_agents_into_clickhouse_exactly_once_with_coverage() {
         dest.iter().any(|r| r[1] == ports[1]),
         "destinations: {dest:?}"
     );
-    front.rows(queries[2]); // no gaps here; the query must run
+    let gappy = front.rows(queries[2]);
+    assert!(
+        gappy.iter().any(|r| r[0] == "ch-agent-3" && r[1] != "0"),
+        "hosts with gaps: {gappy:?}"
+    );
     let down = front.rows(queries[3]);
     assert!(
         down.iter()
             .any(|r| r[0] == "ch-agent-0" && r[1] == "start" && r[3] == "recovered"),
         "hosts that were down: {down:?}"
     );
+    assert!(
+        down.iter()
+            .any(|r| r[0] == "ch-agent-1" && r[1] == "stop" && !r[4].starts_with("1970")),
+        "hosts that were down: {down:?}"
+    );
     d0.stop();
+    d1.stop();
     for d in agents {
         d.stop();
     }
