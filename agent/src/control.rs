@@ -44,6 +44,10 @@ pub enum ControlError {
     NoGroup(String),
     #[error("cannot reach the agent at {path}: {source} (is `sockacct run` running? as root?)")]
     Connect { path: PathBuf, source: io::Error },
+    #[error(
+        "you may not use the agent's control socket {0}: run as root, or as a member of the group set with [control] group / --control-group"
+    )]
+    NotAllowed(PathBuf),
     #[error("bad reply from the agent: {0}")]
     BadReply(String),
     #[error("the agent refused: {0}")]
@@ -515,13 +519,24 @@ pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
     found
 }
 
+/// Connects to the control socket, saying what to do when that is not allowed.
+fn connect(path: &Path) -> Result<StdUnixStream, ControlError> {
+    StdUnixStream::connect(path).map_err(|source| {
+        if source.kind() == io::ErrorKind::PermissionDenied {
+            ControlError::NotAllowed(path.to_owned())
+        } else {
+            ControlError::Connect {
+                path: path.to_owned(),
+                source,
+            }
+        }
+    })
+}
+
 /// Sends one request and returns the reply object (blocking; used by the CLI).
 pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Value, ControlError> {
     let req = serde_json::to_string(req).expect("requests serialize");
-    let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
-        path: path.to_owned(),
-        source,
-    })?;
+    let s = connect(path)?;
     s.set_read_timeout(Some(timeout)).ok();
     let mut w = &s;
     w.write_all(format!("{req}\n").as_bytes())
@@ -603,10 +618,7 @@ pub fn subscribe(
         types: types.to_vec(),
     })
     .expect("requests serialize");
-    let s = StdUnixStream::connect(path).map_err(|source| ControlError::Connect {
-        path: path.to_owned(),
-        source,
-    })?;
+    let s = connect(path)?;
     (&s).write_all(format!("{req}\n").as_bytes()).map_err(io)?;
     let mut r = BufReader::new(s);
     let mut line = String::new();

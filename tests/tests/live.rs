@@ -216,6 +216,31 @@ fn top_and_events_say_what_to_do_when_no_agent_runs() {
     }
 }
 
+#[test]
+fn top_says_what_to_do_when_the_caller_may_not_use_the_control_socket() {
+    if !require_root("top_not_allowed") {
+        return;
+    }
+    let dir = TempDir::new("notallowed");
+    let sock = dir.0.join("control.sock");
+    // A root-owned socket nobody else may write to (as the agent's, mode 0600 or 0660).
+    let _l = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let o = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(sockacct_tests::world_exe("sockacct-agent"))
+        .args(["top", "--once", "--control-socket"])
+        .arg(&sock)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("you may not use the agent's control socket"),
+        "{err}"
+    );
+    assert!(err.contains("run as root"), "{err}");
+}
+
 /// A tmux server of the test's own, killed on drop.
 struct Tmux {
     socket: String,
