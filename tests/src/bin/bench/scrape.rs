@@ -35,7 +35,24 @@ pub struct Phase {
 #[derive(Debug, Clone, Default)]
 pub struct ScrapeRun {
     phases: Vec<Phase>,
+    /// Phases with a record-stream subscriber that never reads (issue: it is cut off and
+    /// the loop does not wait for it), and the subscribers cut off meanwhile.
+    stalled: Vec<Phase>,
+    cut_off: u64,
     series: f64,
+}
+
+/// A subscriber to the delta records that reads nothing (the written records cost the
+/// loop nothing extra to publish; `conn` samples would add their building).
+fn stalled_subscriber(d: &Daemon) -> std::os::unix::net::UnixStream {
+    use std::io::{BufRead, Write};
+    let s = std::os::unix::net::UnixStream::connect(d.control_socket()).expect("control socket");
+    (&s).write_all(b"{\"cmd\":\"subscribe\",\"types\":[\"delta\"]}\n")
+        .unwrap();
+    let mut ack = String::new();
+    std::io::BufReader::new(&s).read_line(&mut ack).unwrap();
+    assert!(ack.contains("\"ok\":true"), "{ack}");
+    s
 }
 
 /// utime + stime of `pid`, seconds.
@@ -148,6 +165,20 @@ pub fn run(rounds: usize) -> anyhow::Result<ScrapeRun> {
             ));
             r.phases.push(phase(&d, &addr, scraper));
         }
+        progress(format!(
+            "metrics: round {}/{rounds}, a stalled stream subscriber",
+            round + 1
+        ));
+        let cut = |d: &Daemon| {
+            d.control(json!({"cmd": "status"}))["stream"]["cut_off"]
+                .as_u64()
+                .unwrap_or(0)
+        };
+        let before = cut(&d);
+        let sub = stalled_subscriber(&d);
+        r.stalled.push(phase(&d, &addr, false));
+        r.cut_off += cut(&d) - before;
+        drop(sub);
     }
     let body = prom::get(&addr, "/metrics", None)?.body;
     r.series =
@@ -240,11 +271,21 @@ pub fn report(out: &mut String, js: &mut serde_json::Map<String, Value>, r: &Scr
     line(format!(
         "tick work with scraper / without: {work:.3} (wall), {cpu:.3} (CPU) [medians of the phases; target: the same]; the agent's CPU per scrape ~{cpu_per_scrape_ms:.2} ms"
     ));
+    let stalled = |f: fn(&Phase) -> f64| median(&r.stalled.iter().map(f).collect::<Vec<_>>());
+    let s_work = stalled(|p| p.mean_work_ms) / of(false, |p| p.mean_work_ms);
+    let s_cpu = stalled(|p| p.mean_cpu_ms) / of(false, |p| p.mean_cpu_ms);
+    line(format!(
+        "tick work with a record-stream subscriber that reads nothing / none: {s_work:.3} (wall), {s_cpu:.3} (CPU) over {} phases; subscribers cut off: {} of {} (target: the same, each cut off)",
+        r.stalled.len(),
+        r.cut_off,
+        r.stalled.len()
+    ));
     js.insert(
         "metrics".into(),
         json!({
             "series": r.series,
             "work_ratio": work, "cpu_ratio": cpu, "agent_cpu_ms_per_scrape": cpu_per_scrape_ms,
+            "stalled_subscriber_work_ratio": s_work, "stalled_subscriber_cpu_ratio": s_cpu, "subscribers_cut_off": r.cut_off,
             "phases": r.phases.iter().map(|p| json!({"scraper": p.scraper, "ticks": p.ticks,
                 "mean_work_ms": p.mean_work_ms, "mean_cpu_ms": p.mean_cpu_ms, "agent_cpu": p.agent_cpu,
                 "scrapes": p.scrape_ms.len(), "scrape_p50_ms": median(&p.scrape_ms), "body_bytes": p.body_bytes})).collect::<Vec<_>>(),
