@@ -45,9 +45,9 @@ pub enum ControlError {
     #[error("cannot reach the agent at {path}: {source} (is `sockacct run` running? as root?)")]
     Connect { path: PathBuf, source: io::Error },
     #[error(
-        "you may not use the agent's control socket {0}: run as root, or as a member of the group set with [control] group / --control-group"
+        "you may not use the agent's control socket {path} ({source}): run as root, or as a member of the group set with [control] group / --control-group"
     )]
-    NotAllowed(PathBuf),
+    NotAllowed { path: PathBuf, source: io::Error },
     #[error("bad reply from the agent: {0}")]
     BadReply(String),
     #[error("the agent refused: {0}")]
@@ -523,7 +523,10 @@ pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
 fn connect(path: &Path) -> Result<StdUnixStream, ControlError> {
     StdUnixStream::connect(path).map_err(|source| {
         if source.kind() == io::ErrorKind::PermissionDenied {
-            ControlError::NotAllowed(path.to_owned())
+            ControlError::NotAllowed {
+                path: path.to_owned(),
+                source,
+            }
         } else {
             ControlError::Connect {
                 path: path.to_owned(),

@@ -491,7 +491,8 @@ fn the_control_socket_refuses_what_it_must() {
         .unwrap();
     assert_eq!(o.status.code(), Some(1));
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("Permission denied"),
+        String::from_utf8_lossy(&o.stderr).contains("Permission denied")
+            && String::from_utf8_lossy(&o.stderr).contains("run as root, or as a member"),
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
