@@ -182,10 +182,14 @@ impl SeqAllocator {
 /// A record with the envelope every record carries: (agent, boot, seq). The producers
 /// (poller, flow table) leave it empty; it is stamped exactly once, where the record is
 /// written: by the spool as it numbers records, or by the writer when there is no spool.
-pub trait SpoolRecord {
+pub trait SpoolRecord: Serialize {
     fn stamp(&mut self, id: &Identity, seq: u64);
     /// One JSON object, no trailing newline, with the envelope last given to `stamp`.
-    fn to_json_line(&self) -> Vec<u8>;
+    fn to_json_line(&self) -> Vec<u8> {
+        // Records are plain structs and string-keyed maps: serializing cannot fail; an
+        // empty line is refused by `append` (counted as invalid_record), never a panic.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
 }
 
 impl SpoolRecord for DeltaEvent {
@@ -193,11 +197,6 @@ impl SpoolRecord for DeltaEvent {
         self.agent.clone_from(&id.agent);
         self.boot.clone_from(&id.boot);
         self.seq = seq;
-    }
-    fn to_json_line(&self) -> Vec<u8> {
-        // Serializing plain structs and string-keyed maps cannot fail; an empty line is
-        // refused by `append` (counted as invalid_record) rather than panicking here.
-        serde_json::to_vec(self).unwrap_or_default()
     }
 }
 

@@ -68,9 +68,6 @@ impl SpoolRecord for AgentRecord {
         self.boot.clone_from(&id.boot);
         self.seq = seq;
     }
-    fn to_json_line(&self) -> Vec<u8> {
-        serde_json::to_vec(self).unwrap_or_default()
-    }
 }
 
 /// What a start record says; the rest is filled in by [`AgentRecord::start`].

@@ -320,7 +320,8 @@ impl Writer {
         if batch.is_empty() {
             return self.tick_spool();
         }
-        {
+        // Only the metrics endpoint reads the label totals.
+        if self.shared.metrics.is_some() {
             let mut totals = lock(&self.shared.totals);
             for ev in &batch {
                 totals.add(ev);
@@ -596,7 +597,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         hooks: loaded
             .hooks
             .iter()
-            .map(|h| format!("{}={}", h.purpose, h.program.unwrap_or("none")))
+            .map(crate::loader::hooks::HookChoice::short)
             .collect(),
         config_digest: lifecycle::digest(format!("{:?}", s.config).as_bytes()),
     };

@@ -93,11 +93,6 @@ impl crate::event::SpoolRecord for FlowRecord {
         self.boot.clone_from(&id.boot);
         self.seq = seq;
     }
-    fn to_json_line(&self) -> Vec<u8> {
-        // Plain fields only: serialization cannot fail; an empty line would be refused by
-        // the spool (counted) rather than panicking here.
-        serde_json::to_vec(self).unwrap_or_default()
-    }
 }
 
 /// "tcp", "udp", else the number.

@@ -481,24 +481,13 @@ pub fn once(socket: &Path, secs: f64) -> anyhow::Result<()> {
             Err(e) => return Err(e.into()),
         }
     }
-    print!("{}", once_table(&m, unix_ms(), secs));
+    print!("{}", once_table(&m, secs));
     Ok(())
 }
 
 /// The `--once` table: rates per second over the period, totals in bytes.
-pub fn once_table(m: &Model, _now: u64, secs: f64) -> String {
-    let mut rows: Vec<Row> = m
-        .labels
-        .iter()
-        .map(|(l, s)| Row {
-            name: l.clone(),
-            tx_rate: s.total.tx as f64 / secs,
-            rx_rate: s.total.rx as f64 / secs,
-            pkt_rate: (s.total.tx_packets + s.total.rx_packets) as f64 / secs,
-            total: s.total,
-        })
-        .collect();
-    rows.sort_by(|a, b| SortBy::Total.order(a, b));
+pub fn once_table(m: &Model, secs: f64) -> String {
+    // Everything seen, as rates over the whole period.
     let fixed = |name: &str, s: &Series| Row {
         name: name.into(),
         tx_rate: s.total.tx as f64 / secs,
@@ -506,6 +495,8 @@ pub fn once_table(m: &Model, _now: u64, secs: f64) -> String {
         pkt_rate: (s.total.tx_packets + s.total.rx_packets) as f64 / secs,
         total: s.total,
     };
+    let mut rows: Vec<Row> = m.labels.iter().map(|(l, s)| fixed(l, s)).collect();
+    rows.sort_by(|a, b| SortBy::Total.order(a, b));
     let width = rows
         .iter()
         .map(|r| r.name.len())
@@ -610,7 +601,7 @@ mod tests {
     fn the_once_table_adds_up() {
         let mut m = Model::default();
         m.delta(&ev(0, &[("a", t(5, 7)), ("b", t(11, 13))], t(2, 3)));
-        let s = once_table(&m, 100, 1.0);
+        let s = once_table(&m, 1.0);
         let rows: Vec<Vec<&str>> = s
             .lines()
             .skip(1)

@@ -141,6 +141,14 @@ pub struct HookChoice {
     pub lost: Option<&'static str>,
 }
 
+impl HookChoice {
+    /// `purpose=program` (`none` when nothing serves it), as logs, metrics and coverage
+    /// records show it.
+    pub fn short(&self) -> String {
+        format!("{}={}", self.purpose, self.program.unwrap_or("none"))
+    }
+}
+
 pub(crate) struct Chooser<'a> {
     pub ebpf: &'a mut Ebpf,
     pub aya_btf: &'a aya::Btf,

@@ -452,7 +452,7 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         },
         chosen
             .iter()
-            .map(|c| format!("{}={}", c.purpose, c.program.unwrap_or("none")))
+            .map(hooks::HookChoice::short)
             .collect::<Vec<_>>()
             .join(" ")
     );

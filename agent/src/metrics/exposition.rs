@@ -8,7 +8,9 @@ use std::fmt::Write as _;
 
 use prometheus_client::{
     collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelValue, EncodeMetric, LabelValueEncoder},
+    encoding::{
+        DescriptorEncoder, EncodeCounterValue, EncodeLabelValue, EncodeMetric, LabelValueEncoder,
+    },
     metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
@@ -120,15 +122,7 @@ type Labels<'a> = Vec<(&'static str, Lv<'a>)>;
 struct Out<'a, 'b>(&'a mut DescriptorEncoder<'b>);
 
 impl Out<'_, '_> {
-    fn counter(&mut self, name: &str, help: &str, v: u64) -> std::fmt::Result {
-        let c = ConstCounter::new(v);
-        let m = self
-            .0
-            .encode_descriptor(name, help, None, c.metric_type())?;
-        c.encode(m)
-    }
-
-    fn counter_f(&mut self, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    fn counter<V: EncodeCounterValue>(&mut self, name: &str, help: &str, v: V) -> std::fmt::Result {
         let c = ConstCounter::new(v);
         let m = self
             .0
@@ -525,7 +519,7 @@ impl Collector for Scrape {
             .fixed
             .hooks
             .iter()
-            .map(|h| format!("{}={}", h.purpose, h.program.unwrap_or("none")))
+            .map(crate::loader::hooks::HookChoice::short)
             .collect();
         let hooks = hooks.join(",");
         o.gauges(
@@ -545,7 +539,7 @@ impl Collector for Scrape {
             "Seconds since the agent started",
             st.uptime_s as f64,
         )?;
-        o.counter_f(
+        o.counter(
             "process_cpu_seconds",
             "User and system CPU time of the agent process",
             p.cpu_seconds,
