@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod poller;
 pub mod process;
 pub mod procfs;
+pub mod quota;
 pub mod schema;
 pub mod settings;
 pub mod spool;

@@ -9,7 +9,7 @@ use crate::{
     event::Traffic,
     flows::FlowStats,
     loader::hooks::HookChoice,
-    poller::{PollStats, TickTimes},
+    poller::{LabelSetStats, PollStats, TickTimes},
     spool::SpoolStats,
     stream::StreamStatus,
     upload::flush::FlushReceipt,
@@ -65,6 +65,8 @@ pub struct Status {
     pub upload: UploadStatus,
     /// Sockets named through the control socket.
     pub labels_named: usize,
+    /// Distinct labels held, their cap, releases and sockets put in the overflow label.
+    pub labels: LabelSetStats,
     /// None when flow records are off.
     pub flows: Option<FlowsStatus>,
     /// Control requests refused, by why.
@@ -143,6 +145,7 @@ impl Status {
             spool: None,
             upload: UploadStatus::default(),
             labels_named: 0,
+            labels: st.labels.clone(),
             flows: None,
             control_refused: BTreeMap::new(),
             metrics: None,

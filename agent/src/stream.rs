@@ -12,11 +12,16 @@ use std::sync::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
+use crate::quota::{Place, Quota};
+
 /// Batches the ring holds (one to three per tick: a few seconds at 100 ms). What the
 /// ring holds stays in memory until overwritten, so it is kept small.
 pub const RING_BATCHES: usize = 64;
-/// Subscribers at once.
+/// Subscribers at once (besides the places kept for root), and per uid.
 pub const MAX_SUBSCRIBERS: usize = 16;
+pub const MAX_SUBSCRIBERS_PER_UID: usize = 4;
+/// Places only root may take, so no other user can lock `top` and `events` out.
+pub const ROOT_SUBSCRIBERS: usize = 2;
 
 /// What a record is (its `type` field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -53,7 +58,7 @@ pub struct Batch {
 #[derive(Debug)]
 pub struct RecordStream {
     tx: broadcast::Sender<Batch>,
-    subscribers: AtomicUsize,
+    places: Arc<Quota>,
     /// Subscribers that asked for [`RecordKind::Conn`].
     conn_subscribers: AtomicUsize,
     counts: StreamCounts,
@@ -63,7 +68,7 @@ pub struct RecordStream {
 #[derive(Debug, Default)]
 pub struct StreamCounts {
     pub subscriptions: AtomicU64,
-    /// Refused: MAX_SUBSCRIBERS were connected.
+    /// Refused: every place open to the caller, or its uid's share, was taken.
     pub refused: AtomicU64,
     /// Cut off: fell behind the ring, or did not read.
     pub cut_off: AtomicU64,
@@ -80,15 +85,15 @@ pub struct StreamStatus {
 
 impl Default for RecordStream {
     fn default() -> Self {
-        RecordStream::new(RING_BATCHES)
+        RecordStream::new(RING_BATCHES, MAX_SUBSCRIBERS, MAX_SUBSCRIBERS_PER_UID)
     }
 }
 
 impl RecordStream {
-    pub fn new(ring: usize) -> RecordStream {
+    pub fn new(ring: usize, max: usize, per_uid: usize) -> RecordStream {
         RecordStream {
             tx: broadcast::channel(ring.max(1)).0,
-            subscribers: AtomicUsize::new(0),
+            places: Quota::new(max, per_uid, ROOT_SUBSCRIBERS),
             conn_subscribers: AtomicUsize::new(0),
             counts: StreamCounts::default(),
         }
@@ -113,16 +118,16 @@ impl RecordStream {
         }
     }
 
-    /// A new subscriber to `kinds`, unless too many are connected.
-    pub fn subscribe(self: &Arc<Self>, kinds: &[RecordKind]) -> Result<Subscription, String> {
-        let n = self.subscribers.fetch_add(1, Ordering::SeqCst);
-        if n >= MAX_SUBSCRIBERS {
-            self.subscribers.fetch_sub(1, Ordering::SeqCst);
+    /// A new subscriber to `kinds` for `uid`, unless its places are taken.
+    pub fn subscribe(
+        self: &Arc<Self>,
+        uid: u32,
+        kinds: &[RecordKind],
+    ) -> Result<Subscription, String> {
+        let place = self.places.acquire(uid).map_err(|why| {
             self.counts.refused.fetch_add(1, Ordering::Relaxed);
-            return Err(format!(
-                "too many subscribers ({MAX_SUBSCRIBERS} are connected); try again when one has left"
-            ));
-        }
+            format!("too many subscribers ({why}); try again when one has left")
+        })?;
         self.counts.subscriptions.fetch_add(1, Ordering::Relaxed);
         let conn = kinds.contains(&RecordKind::Conn);
         if conn {
@@ -132,13 +137,14 @@ impl RecordStream {
             rx: self.tx.subscribe(),
             stream: self.clone(),
             conn,
+            _place: place,
         })
     }
 
     pub fn status(&self) -> StreamStatus {
         let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
         StreamStatus {
-            subscribers: self.subscribers.load(Ordering::Relaxed),
+            subscribers: self.places.held(),
             subscriptions: g(&self.counts.subscriptions),
             refused: g(&self.counts.refused),
             cut_off: g(&self.counts.cut_off),
@@ -161,6 +167,7 @@ pub struct Subscription {
     rx: broadcast::Receiver<Batch>,
     stream: Arc<RecordStream>,
     conn: bool,
+    _place: Place,
 }
 
 impl Subscription {
@@ -180,7 +187,6 @@ impl Subscription {
 
 impl Drop for Subscription {
     fn drop(&mut self) {
-        self.stream.subscribers.fetch_sub(1, Ordering::SeqCst);
         if self.conn {
             self.stream.conn_subscribers.fetch_sub(1, Ordering::SeqCst);
         }
@@ -193,9 +199,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_reader_that_falls_behind_the_ring_is_told_so() {
-        let s = Arc::new(RecordStream::new(4));
+        let s = Arc::new(RecordStream::new(4, 2, 1));
         s.publish(RecordKind::Delta, b"nobody listens\n");
-        let mut sub = s.subscribe(&RecordKind::ALL).unwrap();
+        let mut sub = s.subscribe(0, &RecordKind::ALL).unwrap();
         assert!(s.wants(RecordKind::Delta) && !s.wants(RecordKind::Conn));
         s.publish(RecordKind::Flow, b"a\n");
         let b = sub.next().await.unwrap();
@@ -212,14 +218,30 @@ mod tests {
     #[test]
     fn subscribers_are_bounded() {
         let s = Arc::new(RecordStream::default());
-        let subs: Vec<_> = (0..MAX_SUBSCRIBERS)
-            .map(|_| s.subscribe(&[RecordKind::Conn]).unwrap())
+        // A group member (uid 1000) takes its share; other uids fill the rest.
+        let mut subs: Vec<_> = (0..MAX_SUBSCRIBERS_PER_UID)
+            .map(|_| s.subscribe(1000, &[RecordKind::Conn]).unwrap())
             .collect();
-        assert!(s.subscribe(&[]).unwrap_err().contains("too many"));
-        assert_eq!(s.status().refused, 1);
+        assert!(s.subscribe(1000, &[]).unwrap_err().contains("uid 1000"));
+        for uid in 1001.. {
+            match s.subscribe(uid, &[]) {
+                Ok(sub) => subs.push(sub),
+                Err(e) => {
+                    assert!(e.contains("too many"), "{e}");
+                    break;
+                }
+            }
+        }
+        assert_eq!(subs.len(), MAX_SUBSCRIBERS);
+        assert_eq!(s.status().refused, 2);
+        // Root is never locked out by the others.
+        let root: Vec<_> = (0..ROOT_SUBSCRIBERS)
+            .map(|_| s.subscribe(0, &[]).unwrap())
+            .collect();
         assert!(s.wants(RecordKind::Conn));
         drop(subs);
+        drop(root);
         assert!(!s.wants(RecordKind::Conn));
-        assert!(s.subscribe(&[]).is_ok());
+        assert!(s.subscribe(1000, &[]).is_ok());
     }
 }

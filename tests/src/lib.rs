@@ -671,6 +671,22 @@ impl Daemon {
         v
     }
 
+    /// Sends `sig` and waits for the agent to exit (and its last lines to be read).
+    pub fn stop_with(&mut self, sig: libc::c_int) -> std::process::ExitStatus {
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        let st = wait_for("the agent to exit", Duration::from_secs(30), || {
+            self.child.try_wait().unwrap()
+        });
+        wait_for("the last lines", Duration::from_secs(5), || {
+            self.stderr()
+                .iter()
+                .any(|l| l.contains("detached; bye"))
+                .then_some(())
+        });
+        thread::sleep(Duration::from_millis(100));
+        st
+    }
+
     /// SIGTERM, wait for a clean exit, return every event it wrote.
     pub fn stop(mut self) -> Vec<DeltaEvent> {
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };

@@ -33,6 +33,8 @@ pub const DEFAULT_MAX_SOCKETS: u32 = agent_common::DEFAULT_MAX_SOCKETS;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/sockacct";
 pub const DEFAULT_SPOOL_DIR: &str = "/var/lib/sockacct/spool";
 pub const MIN_MAX_SOCKETS: u32 = 1024;
+/// Distinct labels held at once; beyond it sockets share the overflow label.
+pub const DEFAULT_MAX_LABELS: usize = 10_000;
 /// Longest label kept, in bytes; longer ones are cut at a char boundary.
 pub const MAX_LABEL_BYTES: usize = 128;
 
@@ -48,6 +50,9 @@ pub struct Config {
     pub interfaces: Vec<String>,
     /// Capacity of the per-socket kernel map.
     pub max_sockets: u32,
+    /// Distinct labels in use at once (any local user can make new ones: every process
+    /// name is one); beyond it sockets get the label `_overflow`, counted in `status`.
+    pub max_labels: usize,
     pub agent_id: Option<String>,
     /// How a socket that no rule matches is labelled.
     pub default_label: DefaultLabel,
@@ -223,6 +228,18 @@ pub struct ControlSection {
     pub group: Option<String>,
     /// Most sockets one uid may name with `label`.
     pub max_labels_per_uid: usize,
+    /// Connections open at once from everyone but root (root always has a few more).
+    pub max_connections: usize,
+    /// Connections open at once from one uid (root excepted).
+    pub max_connections_per_uid: usize,
+    /// A connection that sends no complete request for this long is closed.
+    pub idle_timeout_ms: u64,
+    /// A reply the peer does not take within this long closes the connection.
+    pub write_timeout_ms: u64,
+    /// Record-stream subscribers at once (`events`, `top`); two more are kept for root.
+    pub max_subscribers: usize,
+    /// Subscribers at once from one uid (root excepted).
+    pub max_subscribers_per_uid: usize,
 }
 
 impl Default for ControlSection {
@@ -231,6 +248,12 @@ impl Default for ControlSection {
             socket: PathBuf::from("/run/sockacct/control.sock"),
             group: None,
             max_labels_per_uid: 1024,
+            max_connections: 64,
+            max_connections_per_uid: 8,
+            idle_timeout_ms: 60_000,
+            write_timeout_ms: 5_000,
+            max_subscribers: 16,
+            max_subscribers_per_uid: 4,
         }
     }
 }
@@ -242,6 +265,7 @@ impl Default for Config {
             cgroup: None,
             interfaces: Vec::new(),
             max_sockets: DEFAULT_MAX_SOCKETS,
+            max_labels: DEFAULT_MAX_LABELS,
             agent_id: None,
             default_label: DefaultLabel::Process,
             rules: Vec::new(),
@@ -882,6 +906,31 @@ impl Config {
                     self.max_sockets
                 ),
             ));
+        }
+        if self.max_labels < 16 {
+            return Err(ConfigError::field(
+                "max_labels",
+                format!(
+                    "{} is too small (expected at least 16; default {DEFAULT_MAX_LABELS})",
+                    self.max_labels
+                ),
+            ));
+        }
+        let c = &self.control;
+        for (key, v, min) in [
+            ("control.max_connections", c.max_connections as u64, 1),
+            ("control.max_connections_per_uid", c.max_connections_per_uid as u64, 1),
+            ("control.idle_timeout_ms", c.idle_timeout_ms, 100),
+            ("control.write_timeout_ms", c.write_timeout_ms, 100),
+            ("control.max_subscribers", c.max_subscribers as u64, 1),
+            ("control.max_subscribers_per_uid", c.max_subscribers_per_uid as u64, 1),
+        ] {
+            if v < min {
+                return Err(ConfigError::field(
+                    key,
+                    format!("{v} is too small (expected at least {min})"),
+                ));
+            }
         }
         if let Some(dir) = &self.cgroup {
             // A relative path would depend on the daemon's working directory.

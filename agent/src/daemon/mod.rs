@@ -37,6 +37,8 @@ use crate::{
     upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
 
+mod signals;
+
 use crate::status::{self, FlowsStatus, MetricsStatus, Status, UploadStatus};
 
 /// Upload bookkeeping for `status`.
@@ -163,8 +165,8 @@ impl Handler for Arc<Shared> {
         self.status_now()
     }
 
-    fn subscribe(&self, kinds: &[RecordKind]) -> Result<Subscription, String> {
-        self.stream.subscribe(kinds)
+    fn subscribe(&self, uid: u32, kinds: &[RecordKind]) -> Result<Subscription, String> {
+        self.stream.subscribe(uid, kinds)
     }
 
     fn flush(&self) -> BoxFuture<'_, FlushReceipt> {
@@ -192,7 +194,7 @@ impl Handler for Arc<Shared> {
         }
     }
 
-    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Labelled, String> {
+    fn label(&self, peer: &Peer, cookie: u64, label: &str) -> Result<Labelled, String> {
         if label.is_empty()
             || label.len() > crate::config::MAX_LABEL_BYTES
             || label.chars().any(char::is_control)
@@ -202,12 +204,7 @@ impl Handler for Arc<Shared> {
                 crate::config::MAX_LABEL_BYTES
             ));
         }
-        if !control::peer_owns_socket(self.owners.as_fd(), &peer, cookie) {
-            return Err(format!(
-                "socket {cookie} is not yours: process {} neither created it nor holds it (get your socket's cookie with getsockopt SO_COOKIE)",
-                peer.pid
-            ));
-        }
+        control::owns_socket(self.owners.as_fd(), peer, cookie)?;
         let mut o = lock(&self.overrides);
         if !peer.is_root() && !o.contains_key(&cookie) {
             let mine = o.values().filter(|n| n.uid == peer.uid).count();
@@ -474,11 +471,9 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
 
-    // Handlers first: a SIGTERM at any point from here on still detaches cleanly.
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        install_flag(sig, &stop)?;
-    }
+    // Handlers first: a SIGTERM (or any other terminating signal) at any point from
+    // here on still detaches cleanly.
+    let stop = signals::install()?;
     let identity = Identity::detect(s.config.agent_id.as_deref());
     let (spool, writer_seq, resumes_after) = if o.spool {
         let (sp, report) = Spool::open_dir(spool_config(&s.config), identity.clone(), seq)
@@ -509,6 +504,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     };
     info!("{} existing sockets discovered", discovered.len());
     let mut poller = Poller::new(&mut loaded, labeler, discovered)?;
+    poller.limit_labels(s.config.max_labels);
     // Loading parsed the kernel's BTF (megabytes of small allocations, all freed now):
     // hand the freed heap back instead of holding it for the agent's lifetime.
     crate::process::release_free_heap();
@@ -529,9 +525,16 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         .build()?;
     let server = {
         let _g = rt.enter();
+        let c = &s.config.control;
         ControlServer::bind(&ControlConfig {
-            path: s.config.control.socket.clone(),
-            group: s.config.control.group.clone(),
+            path: c.socket.clone(),
+            group: c.group.clone(),
+            limits: control::Limits {
+                max_connections: c.max_connections,
+                max_connections_per_uid: c.max_connections_per_uid,
+                idle_timeout: Duration::from_millis(c.idle_timeout_ms),
+                write_timeout: Duration::from_millis(c.write_timeout_ms),
+            },
         })?
     };
     info!("control socket {}", server.path().display());
@@ -556,7 +559,11 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         refusals: server.refusals(),
         totals: Mutex::new(LabelTotals::new(s.config.metrics.max_label_series)),
         metrics,
-        stream: Arc::default(),
+        stream: Arc::new(RecordStream::new(
+            crate::stream::RING_BATCHES,
+            s.config.control.max_subscribers,
+            s.config.control.max_subscribers_per_uid,
+        )),
     });
 
     if let Some(m) = metrics_server {
@@ -621,6 +628,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     let mut result = Ok(());
     let mut failing = 0u32;
     while !stop.load(Ordering::Relaxed) {
+        signals::note_hangups();
         let now = Instant::now();
         if now < next {
             std::thread::sleep((next - now).min(Duration::from_millis(20)));
@@ -708,7 +716,10 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             .record(crate::process::thread_cpu_time().saturating_sub(cycle_cpu));
         lock(&shared.poll_stats).clone_from(&poller.stats);
     }
-    info!("stopping: detaching programs, final poll");
+    info!(
+        "stopping{}: detaching programs, final poll",
+        signals::stopped_by().map_or(String::new(), |s| format!(" on {s}"))
+    );
     loaded.detach();
     // Whatever was held during a pause is written now: nothing counted is dropped.
     shared.paused.store(false, Ordering::SeqCst);
@@ -816,27 +827,4 @@ fn bind_metrics(
             (None, Some(ep))
         }
     }
-}
-
-static STOP_FLAGS: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
-
-extern "C" fn on_signal(_: libc::c_int) {
-    if let Some(f) = STOP_FLAGS.get() {
-        f.store(true, Ordering::Relaxed);
-    }
-}
-
-/// Sets `flag` on `sig`. The handler only stores to an atomic (async-signal-safe).
-fn install_flag(sig: libc::c_int, flag: &Arc<AtomicBool>) -> anyhow::Result<()> {
-    let _ = STOP_FLAGS.set(flag.clone());
-    let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-    sa.sa_sigaction = on_signal as *const () as usize;
-    unsafe { libc::sigemptyset(&mut sa.sa_mask) };
-    if unsafe { libc::sigaction(sig, &sa, std::ptr::null_mut()) } != 0 {
-        anyhow::bail!(
-            "installing handler for signal {sig}: {}",
-            std::io::Error::last_os_error()
-        );
-    }
-    Ok(())
 }

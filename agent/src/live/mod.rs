@@ -497,9 +497,12 @@ pub fn once_table(m: &Model, secs: f64) -> String {
     };
     let mut rows: Vec<Row> = m.labels.iter().map(|(l, s)| fixed(l, s)).collect();
     rows.sort_by(|a, b| SortBy::Total.order(a, b));
+    for r in &mut rows {
+        r.name = printable(&r.name);
+    }
     let width = rows
         .iter()
-        .map(|r| r.name.len())
+        .map(|r| r.name.chars().count())
         .max()
         .unwrap_or(0)
         .max("total (kernel)".len());
@@ -528,9 +531,38 @@ pub fn once_table(m: &Model, secs: f64) -> String {
     out
 }
 
+/// `s` safe to print on a terminal: control characters (C0, DEL, C1) and the Unicode
+/// controls that reorder text are shown as `\u{..}` escapes. Names come from any local
+/// user (a process names itself), so none reaches a terminal as it is.
+pub fn printable(s: &str) -> String {
+    let unsafe_char =
+        |c: char| c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+    if !s.chars().any(unsafe_char) {
+        return s.to_string();
+    }
+    let mut out = String::with_capacity(s.len() + 8);
+    for c in s.chars() {
+        if unsafe_char(c) {
+            out.push_str(&c.escape_unicode().to_string());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    #[test]
+    fn printable_escapes_terminal_controls_only() {
+        assert_eq!(super::printable("nginx é"), "nginx é");
+        assert_eq!(
+            super::printable("a\u{1b}]0;pwn\u{7}b\u{9b}c\u{202e}"),
+            "a\\u{1b}]0;pwn\\u{7}b\\u{9b}c\\u{202e}"
+        );
+    }
 
     use super::*;
 

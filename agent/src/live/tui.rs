@@ -20,7 +20,7 @@ use ratatui::{
 };
 use serde_json::Value;
 
-use super::{Model, Row, SortBy, WINDOW_MS, human, unix_ms};
+use super::{Model, Row, SortBy, WINDOW_MS, human, printable, unix_ms};
 use crate::{control, stream::RecordKind};
 
 const REDRAW: Duration = Duration::from_millis(500);
@@ -204,7 +204,7 @@ fn draw(f: &mut Frame, st: &State, now: u64) {
 
 fn label_cells(r: &Row) -> Vec<Cell<'static>> {
     vec![
-        Cell::from(r.name.clone()),
+        Cell::from(printable(&r.name)),
         Cell::from(rate(r.tx_rate)),
         Cell::from(rate(r.rx_rate)),
         Cell::from(format!("{:.0}", r.pkt_rate)),
@@ -275,21 +275,21 @@ fn connections(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect)
         .take(area.height.saturating_sub(3) as usize)
         .map(|(c, (tx_rate, rx_rate))| {
             let process = match c.pid {
-                Some(p) => format!("{}({p})", c.process),
-                None => c.process.clone(),
+                Some(p) => format!("{}({p})", printable(&c.process)),
+                None => printable(&c.process),
             };
             TRow::new(vec![
-                Cell::from(c.proto.clone()),
+                Cell::from(printable(&c.proto)),
                 Cell::from(process),
-                Cell::from(c.label.clone()),
-                Cell::from(c.local.clone()),
-                Cell::from(c.remote.clone()),
-                Cell::from(c.direction.clone()),
+                Cell::from(printable(&c.label)),
+                Cell::from(printable(&c.local)),
+                Cell::from(printable(&c.remote)),
+                Cell::from(printable(&c.direction)),
                 Cell::from(rate(*tx_rate)),
                 Cell::from(rate(*rx_rate)),
                 Cell::from(human(c.total.tx as f64)),
                 Cell::from(human(c.total.rx as f64)),
-                Cell::from(c.closed.clone().unwrap_or_else(|| "live".into())),
+                Cell::from(printable(c.closed.as_deref().unwrap_or("live"))),
             ])
         })
         .collect();
@@ -317,12 +317,12 @@ fn connections(f: &mut Frame, st: &State, now: u64, area: ratatui::layout::Rect)
 
 fn status_line(st: &State) -> Line<'static> {
     if let Some(why) = &st.ended {
-        return Line::from(format!(" stream ended: {why} (q: quit)"))
+        return Line::from(format!(" stream ended: {} (q: quit)", printable(why)))
             .red()
             .bold();
     }
     if let Some(e) = &st.status_error {
-        return Line::from(format!(" status: {e}")).red();
+        return Line::from(format!(" status: {}", printable(e))).red();
     }
     let Some(s) = &st.status else {
         return Line::from(" waiting for the agent's status…");
@@ -358,7 +358,7 @@ fn status_line(st: &State) -> Line<'static> {
     };
     let line = format!(
         " agent {} · {} sockets · map {:.1}% · drops {drops} · spool {spool} · upload {upload}{}",
-        s["agent"].as_str().unwrap_or("?"),
+        printable(s["agent"].as_str().unwrap_or("?")),
         s["sockets_tracked"].as_u64().unwrap_or(0),
         s["map_fill"].as_f64().unwrap_or(0.0) * 100.0,
         if s["paused"] == true {

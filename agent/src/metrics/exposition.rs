@@ -386,6 +386,21 @@ impl Collector for Scrape {
             "Sockets named through the control socket",
             st.labels_named as f64,
         )?;
+        o.gauge(
+            "sockacct_labels",
+            "Distinct labels held (at most max_labels, the overflow label included)",
+            st.labels.labels as f64,
+        )?;
+        o.gauge(
+            "sockacct_labels_max",
+            "The cap on distinct labels (max_labels)",
+            st.labels.max_labels as f64,
+        )?;
+        o.counter(
+            "sockacct_labels_overflowed_sockets",
+            "Sockets given the label _overflow because max_labels labels were in use",
+            st.labels.overflowed_sockets,
+        )?;
 
         // Flow records.
         if let Some(f) = &st.flows {

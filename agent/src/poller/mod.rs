@@ -43,6 +43,7 @@ use crate::{
     procfs::{self, CgroupPaths, UserNames},
 };
 
+mod label_set;
 #[cfg(test)]
 mod model;
 mod owners;
@@ -50,6 +51,8 @@ mod stats;
 mod table;
 mod views;
 
+pub use label_set::{LabelSetStats, OVERFLOW_LABEL};
+use label_set::LabelSet;
 pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
 pub use table::{ActiveReads, Harvested, Read, Scope, SockTable, WhyAll};
 
@@ -347,10 +350,12 @@ pub struct Poller {
     last_unattr: [Counters; SLOTS],
     last_ifaces: IntMap<u32, [Counters; SLOTS]>,
     iface_names: IntMap<u32, String>,
-    label_names: Vec<Arc<str>>,
-    /// Process names and cgroup paths, one shared copy each (flow facts hold many).
+    /// Labels in use, bounded (a sweep releases those no tracked socket holds).
+    labels: LabelSet,
+    /// Process names and cgroup paths, one shared copy each (flow facts hold many);
+    /// swept with the labels, or when it doubled since the last sweep.
     names: HashMap<String, Arc<str>>,
-    label_index: HashMap<String, u32>,
+    names_after_sweep: usize,
     discovered: IntMap<u64, DiscoveredSocket>,
     /// TCP listening port -> owner, for server-side sockets not yet accept()ed.
     listeners: HashMap<u16, Owner>,
@@ -404,9 +409,9 @@ impl Poller {
             last_unattr: [Counters::ZERO; SLOTS],
             last_ifaces: IntMap::default(),
             iface_names,
-            label_names: vec![],
+            labels: LabelSet::new(crate::config::DEFAULT_MAX_LABELS),
             names: HashMap::new(),
-            label_index: HashMap::new(),
+            names_after_sweep: 0,
             discovered: discovered.into_iter().map(|d| (d.cookie, d)).collect(),
             listeners: HashMap::new(),
             users: UserNames::new(),
@@ -453,6 +458,28 @@ impl Poller {
             p.note_listener(&o);
         }
         Ok(p)
+    }
+
+    /// At most `max` distinct labels at once (the rest share the overflow label).
+    pub fn limit_labels(&mut self, max: usize) {
+        self.labels = LabelSet::new(max);
+    }
+
+    /// Releases labels and names no tracked socket (or flow) holds any more: any local
+    /// user can make new ones (every process name is one), so none is kept for good.
+    fn sweep_names(&mut self) {
+        if self.labels.sweep_due() {
+            self.labels
+                .sweep(self.table.socks.values().filter_map(|s| s.label));
+        }
+        let n = self.names.len();
+        if n >= 256 && n >= 2 * self.names_after_sweep.max(1) {
+            // Held elsewhere (flow facts, flow records) means in use.
+            self.names.retain(|_, a| Arc::strong_count(a) > 1);
+            self.names.shrink_to_fit();
+            self.names_after_sweep = self.names.len();
+        }
+        self.stats.labels = self.labels.stats();
     }
 
     /// Labels applications asked for; entries are removed when their socket is gone.
@@ -815,7 +842,7 @@ impl Poller {
         self.owner_prefetch = None;
         for (l, t) in by_label {
             labels
-                .entry(self.label_names[l as usize].to_string())
+                .entry(self.labels.name(l).map_or_else(String::new, |n| n.to_string()))
                 .or_default()
                 .add(&t);
         }
@@ -878,6 +905,7 @@ impl Poller {
             self.collect_flow_views(deltas, &finished, &end_states, &done);
         }
         self.table.forget(&done);
+        self.sweep_names();
         if !done.is_empty()
             && let Ok(mut o) = self.overrides.lock()
             && !o.is_empty()

@@ -14,13 +14,7 @@ fn intern(names: &mut HashMap<String, Arc<str>>, s: &str) -> Arc<str> {
 
 impl Poller {
     pub(super) fn label_id(&mut self, label: String) -> u32 {
-        if let Some(&i) = self.label_index.get(&label) {
-            return i;
-        }
-        let i = self.label_names.len() as u32;
-        self.label_names.push(label.as_str().into());
-        self.label_index.insert(label, i);
-        i
+        self.labels.id(&label)
     }
 
     pub(super) fn facts_from_owner(&mut self, o: &Owner) -> OwnerFacts {

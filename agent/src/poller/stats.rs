@@ -65,6 +65,8 @@ impl TickTimes {
 #[derive(Debug, Clone, Default)]
 pub struct PollStats {
     pub ticks: u64,
+    /// The label set: size, cap, releases, overflow.
+    pub labels: super::LabelSetStats,
     pub events: u64,
     pub sockets_tracked: usize,
     /// Entries in the socket map: counted exactly by whole-map reads, estimated in

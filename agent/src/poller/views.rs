@@ -127,8 +127,7 @@ impl Poller {
             st.flow_closed = done;
             let label = st
                 .label
-                .and_then(|l| self.label_names.get(l as usize))
-                .cloned()
+                .and_then(|l| self.labels.name(l).cloned())
                 .unwrap_or_else(|| "".into());
             self.flow_socks.push(SocketView {
                 cookie,

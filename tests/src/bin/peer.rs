@@ -9,6 +9,9 @@
 //!                                                              waits for a line on stdin, sends, closes)
 //!   peer [--name N] short-tcp ADDR PORT SEND_BYTES            (connect, send, close at once)
 //!
+//! Trust-boundary modes (a local attacker's moves): names-churn, names-hold, control-hold,
+//! orphan-label, udp-cookie, setuid-label; see tests/src/peer_modes/trust.rs.
+//!
 //! Benchmark modes (sockacct-bench):
 //!   peer [--name N] tcp-sink LISTEN_ADDR                      (prints "port P"; one connection read to
 //!                                                              EOF; prints "received B", "nanos T")
@@ -21,6 +24,9 @@
 //!                                                              listeners on 127.0.0.FIRST…, both ends here;
 //!                                                              prints "sockets S"; keeps light traffic on
 //!                                                              ACTIVE pairs until a line on stdin)
+#[path = "../peer_modes/trust.rs"]
+mod trust;
+
 use std::{
     io::{BufRead, Read, Write},
     net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket},
@@ -412,6 +418,13 @@ fn main() {
             }
             out(format!("sent {}", n * ports.split(',').count() as u64));
         }
+        // Trust-boundary modes (tests/tests/trust.rs).
+        ["names-churn", addr, port, n, size] => trust::names_churn(addr, port, n, size),
+        ["names-hold", addr, port, n, size] => trust::names_hold(addr, port, n, size),
+        ["control-hold", path, n] => trust::control_hold(path, n),
+        ["orphan-label", path] => trust::orphan_label(path),
+        ["udp-cookie", addr, port, size] => trust::udp_cookie(addr, port, size),
+        ["setuid-label", path, addr, port] => trust::setuid_label(path, addr, port),
         _ => {
             eprintln!("peer: bad arguments {a:?}");
             std::process::exit(2);

@@ -8,8 +8,12 @@
 use std::{
     collections::BTreeMap,
     ffi::CString,
-    io::{self, BufRead, BufReader, Write},
-    os::{fd::AsRawFd, unix::fs::PermissionsExt, unix::net::UnixStream as StdUnixStream},
+    io,
+    os::{
+        fd::AsFd,
+        unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+        unix::net::UnixStream as StdUnixStream,
+    },
     path::{Path, PathBuf},
     sync::{
         Arc,
@@ -22,7 +26,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use thiserror::Error;
 
-use crate::stream::{Ended, RecordKind, Subscription};
+use crate::{
+    quota::Quota,
+    stream::{Ended, RecordKind, Subscription},
+};
 use tokio::{
     io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader as TokioBufReader},
     net::{UnixListener, UnixStream},
@@ -48,25 +55,25 @@ pub enum ControlError {
         "you may not use the agent's control socket {path} ({source}): run as root, or as a member of the group set with [control] group / --control-group"
     )]
     NotAllowed { path: PathBuf, source: io::Error },
+    #[error(
+        "{path} exists and is not a socket: refusing to replace it (move it away if it is not needed, or set another [control] socket / --control-socket)"
+    )]
+    NotASocket { path: PathBuf },
+    #[error(
+        "the control socket's directory {dir} is {why}: it must belong to root and not be writable by group or others (fix its owner and mode, or set another [control] socket / --control-socket)"
+    )]
+    UnsafeDir { dir: PathBuf, why: String },
     #[error("bad reply from the agent: {0}")]
     BadReply(String),
     #[error("the agent refused: {0}")]
     Refused(String),
 }
 
-/// Who is on the other end, from SO_PEERCRED.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Peer {
-    pub pid: i32,
-    pub uid: u32,
-    pub gid: u32,
-}
+mod client;
+mod peer;
 
-impl Peer {
-    pub fn is_root(&self) -> bool {
-        self.uid == 0
-    }
-}
+pub use client::{request, subscribe};
+pub use peer::{Peer, owns_socket};
 
 /// A request, as the CLI sends it and the server parses it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -136,10 +143,11 @@ pub trait Handler: Send + Sync + 'static {
     fn pause(&self) -> Paused;
     fn resume(&self) -> Paused;
     /// `peer` asks to label socket `cookie`; the handler checks ownership
-    /// ([`peer_owns_socket`]).
-    fn label(&self, peer: Peer, cookie: u64, label: &str) -> Result<Labelled, String>;
-    /// A place among the record stream's subscribers, for `kinds`.
-    fn subscribe(&self, kinds: &[RecordKind]) -> Result<Subscription, String>;
+    /// ([`owns_socket`]). Runs on a blocking thread: the check may walk the peer's
+    /// descriptors.
+    fn label(&self, peer: &Peer, cookie: u64, label: &str) -> Result<Labelled, String>;
+    /// A place among the record stream's subscribers, for `kinds`, for `uid`.
+    fn subscribe(&self, uid: u32, kinds: &[RecordKind]) -> Result<Subscription, String>;
 }
 
 /// Reply to `pause` and `resume`.
@@ -156,19 +164,6 @@ pub struct Paused {
 pub struct Labelled {
     pub cookie: u64,
     pub label: String,
-}
-
-/// Whether `peer` may name socket `cookie`: root may; anyone else must own it, by the
-/// kernel's owner record (the process that created or accepted it) or by holding it now.
-pub fn peer_owns_socket(owners: std::os::fd::BorrowedFd<'_>, peer: &Peer, cookie: u64) -> bool {
-    if peer.is_root() {
-        return true;
-    }
-    let owner = crate::bpfsys::lookup::<u64, agent_common::Owner>(owners, &cookie)
-        .ok()
-        .flatten();
-    owner.is_some_and(|o| o.origin != 0 && o.tgid as i32 == peer.pid)
-        || process_holds_socket(peer.pid, cookie)
 }
 
 fn reply_of<T: Serialize>(r: Result<T, String>) -> Value {
@@ -191,39 +186,45 @@ pub struct ControlConfig {
     pub path: PathBuf,
     /// A group whose members may connect (mode 0660) and use `status` and `label`.
     pub group: Option<String>,
+    pub limits: Limits,
 }
+
+/// What one connection, one uid and everyone together may hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections from everyone but root; root has [`ROOT_CONNECTIONS`] more.
+    pub max_connections: usize,
+    pub max_connections_per_uid: usize,
+    /// No complete request within this long closes the connection.
+    pub idle_timeout: Duration,
+    /// A reply not taken within this long closes the connection.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 64,
+            max_connections_per_uid: 8,
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Connections only root may open, so no other user can lock the administrator out.
+pub const ROOT_CONNECTIONS: usize = 4;
 
 fn group_id(name: &str) -> Option<u32> {
     let c = CString::new(name).ok()?;
+    // SAFETY: a valid C string; the result is read before any other getgr* call.
     let g = unsafe { libc::getgrnam(c.as_ptr()) };
     if g.is_null() {
         None
     } else {
+        // SAFETY: non-null, points to libc's static group entry.
         Some(unsafe { (*g).gr_gid })
     }
-}
-
-/// Supplementary groups of a process, from /proc/<pid>/status.
-fn groups_of(pid: i32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Groups:")).map(|g| {
-                g.split_whitespace()
-                    .filter_map(|x| x.parse().ok())
-                    .collect()
-            })
-        })
-        .unwrap_or_default()
-}
-
-fn peer_of(s: &UnixStream) -> io::Result<Peer> {
-    let c = s.peer_cred()?;
-    Ok(Peer {
-        pid: c.pid().unwrap_or(0),
-        uid: c.uid(),
-        gid: c.gid(),
-    })
 }
 
 /// Requests refused, by why (for `status` and the metrics).
@@ -236,6 +237,15 @@ pub struct Refusals {
     pub label_refused: AtomicU64,
     /// `subscribe` requests refused (too many subscribers).
     pub subscribe_refused: AtomicU64,
+    /// Connections closed at once: every place open to the caller, or its uid's share,
+    /// was taken.
+    pub too_many_connections: AtomicU64,
+    /// Connections closed after sending no complete request for the idle timeout.
+    pub idle_timeout: AtomicU64,
+    /// Connections closed because the peer did not take a reply.
+    pub write_timeout: AtomicU64,
+    /// Requests refused because the process that connected had exited.
+    pub peer_gone: AtomicU64,
 }
 
 impl Refusals {
@@ -247,6 +257,10 @@ impl Refusals {
             ("permission_denied", g(&self.permission_denied)),
             ("label_refused", g(&self.label_refused)),
             ("subscribe_refused", g(&self.subscribe_refused)),
+            ("too_many_connections", g(&self.too_many_connections)),
+            ("idle_timeout", g(&self.idle_timeout)),
+            ("write_timeout", g(&self.write_timeout)),
+            ("peer_gone", g(&self.peer_gone)),
         ])
     }
 }
@@ -256,13 +270,40 @@ pub struct ControlServer {
     listener: UnixListener,
     path: PathBuf,
     group: Option<u32>,
+    limits: Limits,
+    places: Arc<Quota>,
     refusals: Arc<Refusals>,
 }
 
+/// Refuses a directory another user could swap the socket out of.
+fn check_dir(dir: &Path) -> Result<(), ControlError> {
+    let md = std::fs::symlink_metadata(dir).map_err(|source| ControlError::Io {
+        path: dir.to_owned(),
+        source,
+    })?;
+    let why = if md.file_type().is_symlink() {
+        Some("a symbolic link".to_string())
+    } else if md.uid() != 0 {
+        Some(format!("owned by uid {}", md.uid()))
+    } else if md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0 {
+        Some(format!("writable by group or others (mode {:o})", md.mode() & 0o7777))
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(ControlError::UnsafeDir {
+            dir: dir.to_owned(),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
 impl ControlServer {
-    /// Binds the socket: parent directory created (0755), a stale socket file replaced
-    /// (but not one a live agent listens on), mode 0600 root-only, or 0660 with the
-    /// configured group.
+    /// Binds the socket: parent directory created (0755) or checked (root's, not
+    /// writable by others), a stale socket file replaced (but not one a live agent
+    /// listens on, and never a file that is not a socket), mode 0600 root-only, or 0660
+    /// with the configured group.
     pub fn bind(cfg: &ControlConfig) -> Result<ControlServer, ControlError> {
         let path = cfg.path.clone();
         let io = |source| ControlError::Io {
@@ -273,31 +314,61 @@ impl ControlServer {
             Some(g) => Some(group_id(g).ok_or_else(|| ControlError::NoGroup(g.clone()))?),
             None => None,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(io)?;
-        }
-        if path.exists() {
-            if StdUnixStream::connect(&path).is_ok() {
-                return Err(ControlError::InUse(path));
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            if !dir.exists() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o755)
+                    .create(dir)
+                    .map_err(io)?;
             }
-            std::fs::remove_file(&path).map_err(io)?;
+            check_dir(dir)?;
+        }
+        match std::fs::symlink_metadata(&path) {
+            Ok(md) if !md.file_type().is_socket() => {
+                return Err(ControlError::NotASocket { path });
+            }
+            Ok(_) => {
+                if StdUnixStream::connect(&path).is_ok() {
+                    return Err(ControlError::InUse(path));
+                }
+                std::fs::remove_file(&path).map_err(io)?;
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
         }
         // Bind with a restrictive umask so there is no window with a wider mode.
+        // SAFETY: umask only swaps the process's mask.
         let old = unsafe { libc::umask(0o177) };
         let listener = UnixListener::bind(&path);
+        // SAFETY: as above.
         unsafe { libc::umask(old) };
         let listener = listener.map_err(io)?;
         if let Some(gid) = group {
-            let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
-            if unsafe { libc::chown(c.as_ptr(), 0, gid) } != 0 {
-                return Err(io(io::Error::last_os_error()));
+            let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
+                io(io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))
+            })?;
+            // SAFETY: a valid C string; lchown does not follow a link planted there.
+            if unsafe { libc::lchown(c.as_ptr(), 0, gid) } != 0 {
+                let e = io::Error::last_os_error();
+                return Err(io(io::Error::new(
+                    e.kind(),
+                    format!("giving it to group {gid}: {e} (the agent needs CAP_CHOWN for [control] group)"),
+                )));
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
         }
+        let l = &cfg.limits;
         Ok(ControlServer {
             listener,
             path,
             group,
+            places: Quota::new(
+                l.max_connections,
+                l.max_connections_per_uid,
+                ROOT_CONNECTIONS,
+            ),
+            limits: cfg.limits.clone(),
             refusals: Arc::default(),
         })
     }
@@ -316,7 +387,7 @@ impl ControlServer {
         }
         let in_group = self
             .group
-            .is_some_and(|g| peer.gid == g || groups_of(peer.pid).contains(&g));
+            .is_some_and(|g| peer.gid == g || peer.groups.contains(&g));
         if !in_group {
             return Err(format!(
                 "permission denied: uid {} is not root and not in the control group",
@@ -336,40 +407,92 @@ impl ControlServer {
             let (stream, _) = match me.listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
+                    // Out of descriptors, most likely: back off instead of spinning.
                     log::warn!("control socket accept: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             };
+            let peer = match peer::pin(stream.as_fd()) {
+                Ok(p) => p,
+                Err(e) => {
+                    me.refusals.peer_gone.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("control connection: {e}");
+                    continue;
+                }
+            };
+            let place = match me.places.acquire(peer.uid) {
+                Ok(p) => p,
+                Err(why) => {
+                    me.refusals
+                        .too_many_connections
+                        .fetch_add(1, Ordering::Relaxed);
+                    // Tell it without waiting for it: a full socket buffer drops the line.
+                    let e = json!({"ok": false, "error": format!("too many control connections ({why}); close some and try again")});
+                    let _ = stream.try_write(format!("{e}\n").as_bytes());
+                    continue;
+                }
+            };
             let (me, handler) = (me.clone(), handler.clone());
             tokio::spawn(async move {
-                if let Err(e) = me.session(stream, handler).await {
+                if let Err(e) = me.session(stream, peer, handler).await {
                     log::debug!("control session: {e}");
                 }
+                drop(place);
             });
         }
     }
 
-    async fn session<H: Handler>(&self, stream: UnixStream, handler: Arc<H>) -> io::Result<()> {
-        let peer = peer_of(&stream)?;
+    /// Writes one reply line, giving up (and closing) when the peer does not take it.
+    async fn send(
+        &self,
+        w: &mut tokio::net::unix::OwnedWriteHalf,
+        v: Value,
+    ) -> io::Result<()> {
+        let bytes = format!("{v}\n").into_bytes();
+        match tokio::time::timeout(self.limits.write_timeout, w.write_all(&bytes)).await {
+            Ok(r) => r,
+            Err(_) => {
+                self.refusals.write_timeout.fetch_add(1, Ordering::Relaxed);
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the peer did not take its reply",
+                ))
+            }
+        }
+    }
+
+    async fn session<H: Handler>(
+        &self,
+        stream: UnixStream,
+        peer: Peer,
+        handler: Arc<H>,
+    ) -> io::Result<()> {
         let (r, mut w) = stream.into_split();
         let mut r = TokioBufReader::new(r);
         let mut line = Vec::new();
         loop {
             line.clear();
-            // Read at most MAX_REQUEST + 1 bytes of this line.
-            let n = (&mut r)
-                .take(MAX_REQUEST as u64 + 1)
-                .read_until(b'\n', &mut line)
-                .await?;
+            // Read at most MAX_REQUEST + 1 bytes of this line, within the idle timeout
+            // (a line trickled in byte by byte gets no more time than a silent one).
+            let mut limited = (&mut r).take(MAX_REQUEST as u64 + 1);
+            let read = limited.read_until(b'\n', &mut line);
+            let n = match tokio::time::timeout(self.limits.idle_timeout, read).await {
+                Ok(n) => n?,
+                Err(_) => {
+                    self.refusals.idle_timeout.fetch_add(1, Ordering::Relaxed);
+                    let e = json!({"ok": false, "error": format!("no complete request for {} s; connection closed", self.limits.idle_timeout.as_secs())});
+                    let _ = self.send(&mut w, e).await;
+                    return Ok(());
+                }
+            };
             if n == 0 {
                 return Ok(());
             }
             if line.len() > MAX_REQUEST {
                 self.refusals.too_large.fetch_add(1, Ordering::Relaxed);
                 let e = json!({"ok": false, "error": format!("request too large (limit {MAX_REQUEST} bytes); connection closed")});
-                w.write_all(format!("{e}\n").as_bytes()).await?;
-                return Ok(());
+                return self.send(&mut w, e).await;
             }
             let refused = |count: &AtomicU64, e: String| {
                 count.fetch_add(1, Ordering::Relaxed);
@@ -377,6 +500,7 @@ impl ControlServer {
             };
             let reply = match parse_request(line.trim_ascii()) {
                 Err(e) => refused(&self.refusals.bad_request, e),
+                Ok(_) if !peer.alive() => refused(&self.refusals.peer_gone, peer::gone(&peer)),
                 Ok(req) => match self.allowed(&peer, &req) {
                     Err(e) => refused(&self.refusals.permission_denied, e),
                     Ok(()) => match &req {
@@ -385,7 +509,13 @@ impl ControlServer {
                         Request::Pause => reply_of(Ok(handler.pause())),
                         Request::Resume => reply_of(Ok(handler.resume())),
                         Request::Label { cookie, label } => {
-                            let r = handler.label(peer, *cookie, label);
+                            // The ownership check walks the peer's descriptors: not on
+                            // a runtime worker, which other connections share.
+                            let (h, p, c, l) =
+                                (handler.clone(), peer.clone(), *cookie, label.clone());
+                            let r = tokio::task::spawn_blocking(move || h.label(&p, c, &l))
+                                .await
+                                .unwrap_or_else(|e| Err(format!("label failed: {e}")));
                             if r.is_err() {
                                 self.refusals.label_refused.fetch_add(1, Ordering::Relaxed);
                             }
@@ -397,11 +527,11 @@ impl ControlServer {
                             } else {
                                 types.clone()
                             };
-                            match handler.subscribe(&kinds) {
+                            match handler.subscribe(peer.uid, &kinds) {
                                 Err(e) => refused(&self.refusals.subscribe_refused, e),
                                 Ok(sub) => {
                                     let ok = json!({"ok": true, "subscribed": kinds});
-                                    w.write_all(format!("{ok}\n").as_bytes()).await?;
+                                    self.send(&mut w, ok).await?;
                                     // The connection is the stream's from here on.
                                     return stream_records(r, w, sub, &kinds).await;
                                 }
@@ -410,7 +540,7 @@ impl ControlServer {
                     },
                 },
             };
-            w.write_all(format!("{reply}\n").as_bytes()).await?;
+            self.send(&mut w, reply).await?;
         }
     }
 }
@@ -472,117 +602,9 @@ impl Drop for ControlServer {
     }
 }
 
-/// Whether process `pid` holds a socket whose cookie is `cookie`: each of its socket
-/// descriptors is duplicated with pidfd_getfd (needs ptrace rights over it, which the
-/// root daemon has) and asked for SO_COOKIE.
-pub fn process_holds_socket(pid: i32, cookie: u64) -> bool {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return false;
-    };
-    let pidfd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as i32;
-    if pidfd < 0 {
-        return false;
-    }
-    let mut found = false;
-    for e in dir.flatten() {
-        let is_socket = std::fs::read_link(e.path())
-            .map(|t| t.to_string_lossy().starts_with("socket:"))
-            .unwrap_or(false);
-        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        if !is_socket {
-            continue;
-        }
-        let dup = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) } as i32;
-        if dup < 0 {
-            continue;
-        }
-        let mut v: u64 = 0;
-        let mut len = 8 as libc::socklen_t;
-        let r = unsafe {
-            libc::getsockopt(
-                dup,
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut v).cast(),
-                &mut len,
-            )
-        };
-        unsafe { libc::close(dup) };
-        if r == 0 && v == cookie {
-            found = true;
-            break;
-        }
-    }
-    unsafe { libc::close(pidfd) };
-    found
-}
-
-/// Connects to the control socket, saying what to do when that is not allowed.
-fn connect(path: &Path) -> Result<StdUnixStream, ControlError> {
-    StdUnixStream::connect(path).map_err(|source| {
-        if source.kind() == io::ErrorKind::PermissionDenied {
-            ControlError::NotAllowed {
-                path: path.to_owned(),
-                source,
-            }
-        } else {
-            ControlError::Connect {
-                path: path.to_owned(),
-                source,
-            }
-        }
-    })
-}
-
-/// Sends one request and returns the reply object (blocking; used by the CLI).
-pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Value, ControlError> {
-    let req = serde_json::to_string(req).expect("requests serialize");
-    let s = connect(path)?;
-    s.set_read_timeout(Some(timeout)).ok();
-    let mut w = &s;
-    w.write_all(format!("{req}\n").as_bytes())
-        .map_err(|source| ControlError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-    let mut line = String::new();
-    BufReader::new(&s)
-        .read_line(&mut line)
-        .map_err(|source| ControlError::Io {
-            path: path.to_owned(),
-            source,
-        })?;
-    let _ = s.as_raw_fd();
-    serde_json::from_str(&line).map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn finds_a_socket_this_process_holds() {
-        use std::os::fd::AsRawFd;
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let mut v: u64 = 0;
-        let mut len = 8 as libc::socklen_t;
-        unsafe {
-            libc::getsockopt(
-                l.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_COOKIE,
-                (&raw mut v).cast(),
-                &mut len,
-            )
-        };
-        assert!(process_holds_socket(std::process::id() as i32, v));
-        assert!(!process_holds_socket(
-            std::process::id() as i32,
-            v + 1_000_000
-        ));
-    }
 
     #[test]
     fn parse_accepts_the_commands_and_explains_the_rest() {
@@ -607,31 +629,3 @@ mod tests {
     }
 }
 
-/// Subscribes to the record stream (blocking; used by `events` and `top`): returns the
-/// connection, positioned after the agent's acknowledgement, to read JSON lines from.
-pub fn subscribe(
-    path: &Path,
-    types: &[RecordKind],
-) -> Result<BufReader<StdUnixStream>, ControlError> {
-    let io = |source| ControlError::Io {
-        path: path.to_owned(),
-        source,
-    };
-    let req = serde_json::to_string(&Request::Subscribe {
-        types: types.to_vec(),
-    })
-    .expect("requests serialize");
-    let s = connect(path)?;
-    (&s).write_all(format!("{req}\n").as_bytes()).map_err(io)?;
-    let mut r = BufReader::new(s);
-    let mut line = String::new();
-    r.read_line(&mut line).map_err(io)?;
-    let v: Value = serde_json::from_str(&line)
-        .map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))?;
-    if v["ok"] != true {
-        return Err(ControlError::Refused(
-            v["error"].as_str().unwrap_or("refused").to_string(),
-        ));
-    }
-    Ok(r)
-}
