@@ -124,7 +124,7 @@ impl<S: Storage> Spool<S> {
                  were in it and are lost (seq {}..={}, {} bytes; a dir_lost gap record says so); \
                  {kept_records} records of the segment being written are kept and written again",
                 note.lost_records,
-                note.lost_last_seq.map_or(0, |_| note.lost_first_seq.unwrap_or(0)),
+                note.lost_first_seq.unwrap_or(0),
                 note.lost_last_seq.unwrap_or(0),
                 note.lost_bytes,
             );

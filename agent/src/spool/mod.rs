@@ -946,10 +946,13 @@ impl<S: Storage> Spool<S> {
             };
             let mut json = serde_json::to_vec(&rec).unwrap_or_default();
             json.push(b'\n');
-            warn!(
-                "spool: lost {} records ({}, seq {:?}..={:?}); gap record seq {seq}",
-                g.lost_records, g.reason, g.lost_first_seq, g.lost_last_seq
-            );
+            // (A removed directory was told in full where it was noticed.)
+            if g.reason != Reason::DirLost.as_str() {
+                warn!(
+                    "spool: lost {} records ({}, seq {:?}..={:?}); gap record seq {seq}",
+                    g.lost_records, g.reason, g.lost_first_seq, g.lost_last_seq
+                );
+            }
             self.new_gap_lines.extend_from_slice(&json);
             match self.compress(&json) {
                 Ok(data) => {
