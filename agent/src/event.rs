@@ -2,9 +2,11 @@
 use std::{
     collections::BTreeMap,
     fs,
-    io::{self, Write as _},
-    path::{Path, PathBuf},
+    io::{self, Read as _, Write as _},
+    path::Path,
 };
+
+use crate::safedir::{DirStatus, SafeDir};
 
 use agent_common::Counters;
 use serde::{Deserialize, Serialize};
@@ -121,29 +123,57 @@ fn read_trim(p: &str) -> Option<String> {
 /// Hands out sequence numbers that are never reused, across restarts too: numbers are
 /// reserved in blocks whose upper bound is written (and fsynced) to a state file before
 /// any number of the block is used. A crash wastes at most one block; it never repeats.
+///
+/// The state file is reached through its directory's descriptor without following links
+/// (a link planted at `seq` is refused, one at `seq.tmp` removed, never written through);
+/// if the directory is removed while running, it is made again (0700) at the next block.
 pub struct SeqAllocator {
-    path: Option<PathBuf>,
+    file: Option<SeqFile>,
     next: u64,
     reserved_until: u64,
+}
+
+struct SeqFile {
+    dir: SafeDir,
+    name: String,
 }
 
 const SEQ_BLOCK: u64 = 4096;
 
 impl SeqAllocator {
-    /// Persistent allocator whose state lives at `path`.
+    /// Persistent allocator whose state lives at `path` (its directory must exist).
     pub fn open(path: &Path) -> io::Result<SeqAllocator> {
-        let next = match fs::read_to_string(path) {
-            Ok(s) => s.trim().parse::<u64>().map_err(|_| {
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
                 io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("{}: not a sequence number: {:?} (delete the file only if no event was ever written)", path.display(), s.trim()),
+                    io::ErrorKind::InvalidInput,
+                    format!("{}: not a file path", path.display()),
                 )
-            })?,
+            })?
+            .to_owned();
+        let parent = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let dir = SafeDir::open(parent)?;
+        let next = match dir.open_file(&name, libc::O_RDONLY, 0) {
+            Ok(mut f) => {
+                let mut s = String::new();
+                f.read_to_string(&mut s)?;
+                s.trim().parse::<u64>().map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("{}: not a sequence number: {:?} (delete the file only if no event was ever written)", path.display(), s.trim()),
+                    )
+                })?
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound => 0,
             Err(e) => return Err(e),
         };
         Ok(SeqAllocator {
-            path: Some(path.to_owned()),
+            file: Some(SeqFile { dir, name }),
             next,
             reserved_until: next,
         })
@@ -152,7 +182,7 @@ impl SeqAllocator {
     /// In-memory allocator starting at 0 (tests).
     pub fn ephemeral() -> SeqAllocator {
         SeqAllocator {
-            path: None,
+            file: None,
             next: 0,
             reserved_until: u64::MAX,
         }
@@ -161,21 +191,52 @@ impl SeqAllocator {
     pub fn next(&mut self) -> io::Result<u64> {
         if self.next >= self.reserved_until {
             let until = self.next + SEQ_BLOCK;
-            if let Some(p) = &self.path {
-                let tmp = p.with_extension("tmp");
-                let mut f = fs::File::create(&tmp)?;
-                writeln!(f, "{until}")?;
-                f.sync_all()?;
-                fs::rename(&tmp, p)?;
-                if let Some(dir) = p.parent() {
-                    fs::File::open(dir)?.sync_all()?;
-                }
+            if let Some(f) = &mut self.file {
+                f.reserve(until)?;
             }
             self.reserved_until = until;
         }
         let s = self.next;
         self.next += 1;
         Ok(s)
+    }
+}
+
+impl SeqFile {
+    /// Writes the new upper bound durably: temp file, fsync, rename, fsync of the directory.
+    fn reserve(&mut self, until: u64) -> io::Result<()> {
+        let r = self.write(until);
+        if r.is_ok() || self.dir.status().is_ok_and(|s| s == DirStatus::Same) {
+            return r;
+        }
+        // The state directory was removed or replaced: make it again (checked as at start)
+        // and write there. The bound in memory is what counts: nothing is handed out twice.
+        let d = SafeDir::create(self.dir.path(), 0o700)?;
+        d.check_trusted()?;
+        log::warn!(
+            "state directory {} was removed or replaced while running; made again",
+            d.path().display()
+        );
+        self.dir = d;
+        self.write(until)
+    }
+
+    fn write(&self, until: u64) -> io::Result<()> {
+        let tmp = format!("{}.tmp", self.name);
+        // Whatever is at the temp name (a leftover, or a planted link) goes; then a new file.
+        match self.dir.remove(&tmp) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = self.dir.open_file(
+            &tmp,
+            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
+            0o600,
+        )?;
+        writeln!(f, "{until}")?;
+        f.sync_all()?;
+        self.dir.rename(&tmp, &self.name)?;
+        self.dir.sync()
     }
 }
 
@@ -219,6 +280,37 @@ mod tests {
         fs::write(&p, "garbage").unwrap();
         let e = SeqAllocator::open(&p).err().unwrap().to_string();
         assert!(e.contains("not a sequence number"), "{e}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn seq_never_writes_through_a_link() {
+        let dir = std::env::temp_dir().join(format!("sockacct-seqlink-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("state")).unwrap();
+        let target = dir.join("root-only");
+        fs::write(&target, "precious\n").unwrap();
+        // A link at `seq`: refused, naming it.
+        std::os::unix::fs::symlink(&target, dir.join("state/seq")).unwrap();
+        let e = SeqAllocator::open(&dir.join("state/seq"))
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("symbolic link") && e.contains("state/seq"), "{e}");
+        fs::remove_file(dir.join("state/seq")).unwrap();
+        // A link at the temp name: removed, never followed.
+        std::os::unix::fs::symlink(&target, dir.join("state/seq.tmp")).unwrap();
+        let mut a = SeqAllocator::open(&dir.join("state/seq")).unwrap();
+        assert_eq!(a.next().unwrap(), 0);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious\n");
+        assert_eq!(fs::read_to_string(dir.join("state/seq")).unwrap(), "4096\n");
+        // The directory removed while running: made again at the next block.
+        for _ in 1..SEQ_BLOCK {
+            a.next().unwrap();
+        }
+        fs::remove_dir_all(dir.join("state")).unwrap();
+        assert_eq!(a.next().unwrap(), SEQ_BLOCK);
+        assert_eq!(fs::read_to_string(dir.join("state/seq")).unwrap(), "8192\n");
         fs::remove_dir_all(&dir).unwrap();
     }
 

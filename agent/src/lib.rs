@@ -8,7 +8,7 @@
 //! - [`labels`] / [`config`]: the rules that give every socket exactly one label.
 //! - [`event`]: the delta event written as one JSON line.
 //! - [`bpfsys`]: the few bpf(2) calls aya lacks (batched map reads).
-//! - [`spool`]: crash-safe zstd segments on disk; [`upload`]: acknowledged HTTP upload.
+//! - [`spool`]: crash-safe zstd segments on disk (in directories opened by [`safedir`]); [`upload`]: acknowledged HTTP upload.
 //! - [`status`]: the agent's health snapshot; [`control`] serves it as JSON, [`metrics`]
 //!   to Prometheus (with byte totals by label); [`stream`]: the written records, live, to
 //!   control-socket subscribers (`sockacct events`, `sockacct top`).
@@ -30,6 +30,7 @@ pub mod poller;
 pub mod process;
 pub mod procfs;
 pub mod quota;
+pub mod safedir;
 pub mod schema;
 pub mod settings;
 pub mod spool;

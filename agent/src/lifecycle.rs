@@ -2,14 +2,12 @@
 //! cleanly, so a consumer can tell "this host moved nothing" from "the agent was not
 //! running". Whether the previous run ended cleanly is told by a marker file in the
 //! state directory that exists exactly while an agent runs.
-use std::{
-    fs, io,
-    path::{Path, PathBuf},
-};
+use std::{io, io::Write as _, path::Path};
 
 use serde::{Deserialize, Serialize};
 
 use crate::event::{FORMAT_VERSION, Identity, SpoolRecord};
+use crate::safedir::SafeDir;
 
 /// How the previous run ended, as seen at start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,36 +125,78 @@ pub fn digest(bytes: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-/// The marker that exists while an agent runs with this state directory.
+/// Name of the marker in the state directory.
+pub const MARKER: &str = "running";
+
+/// The marker that exists while an agent runs with this state directory. It is reached
+/// through the directory's descriptor and never through a link: a link at `running` (which
+/// the agent never makes) is refused with an error naming it, and what it points to is left
+/// untouched.
 pub struct RunMarker {
-    path: PathBuf,
+    dir: SafeDir,
 }
 
 impl RunMarker {
+    /// Err, naming the path and the fix, if something other than a plain file is at the
+    /// marker's name (checked at start, before anything is loaded).
+    pub fn check(state_dir: &Path) -> io::Result<()> {
+        SafeDir::open(state_dir)?.refuse_non_file(MARKER)
+    }
+
     /// Creates the marker; returns how the previous run ended. `had_state`: the state
     /// directory held an earlier run's sequence file.
     pub fn create(state_dir: &Path, had_state: bool) -> io::Result<(RunMarker, Previous)> {
-        let path = state_dir.join("running");
-        let previous = if path.exists() {
+        let dir = SafeDir::open(state_dir)?;
+        dir.refuse_non_file(MARKER)?;
+        let previous = if dir.stat_at(MARKER)?.is_some() {
             Previous::Recovered
         } else if had_state {
             Previous::Clean
         } else {
             Previous::None
         };
-        fs::write(&path, format!("{}\n", std::process::id()))?;
-        Ok((RunMarker { path }, previous))
+        let mut f = dir.open_file(
+            MARKER,
+            libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+            0o600,
+        )?;
+        writeln!(f, "{}", std::process::id())?;
+        Ok((RunMarker { dir }, previous))
     }
 
     /// The run ended cleanly: its last records are durable.
     pub fn remove(self) -> io::Result<()> {
-        fs::remove_file(&self.path)
+        self.dir.remove(MARKER)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
+
+    #[test]
+    fn a_link_at_the_marker_is_refused_and_its_target_untouched() {
+        let base = std::env::temp_dir().join(format!("sockacct-markerlink-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("state")).unwrap();
+        let target = base.join("root-only");
+        fs::write(&target, "precious\n").unwrap();
+        std::os::unix::fs::symlink(&target, base.join("state/running")).unwrap();
+        let e = RunMarker::check(&base.join("state")).unwrap_err().to_string();
+        assert!(e.contains("state/running") && e.contains("symbolic link"), "{e}");
+        let e = RunMarker::create(&base.join("state"), true)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("symbolic link"), "{e}");
+        assert_eq!(fs::read_to_string(&target).unwrap(), "precious\n");
+        // A dangling link too (the probe's case: a file root may create).
+        fs::remove_file(&target).unwrap();
+        assert!(RunMarker::create(&base.join("state"), true).is_err());
+        assert!(!target.exists());
+        fs::remove_dir_all(&base).unwrap();
+    }
 
     #[test]
     fn the_marker_tells_a_crash_from_a_clean_stop() {

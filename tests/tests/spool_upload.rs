@@ -568,7 +568,7 @@ fn a_full_disk_holds_events_in_memory_until_space_returns() {
     fs::create_dir_all(&spool).unwrap();
     assert!(
         Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=24k", "tmpfs"])
+            .args(["-t", "tmpfs", "-o", "size=24k,mode=0700", "tmpfs"])
             .arg(&spool)
             .status()
             .unwrap()

@@ -103,8 +103,11 @@ pub struct SpoolSection {
     /// "always", "never", or a duration in milliseconds: at most that much of the most
     /// recent events is at risk in a power loss.
     pub fsync: FsyncSetting,
-    /// Events kept in memory while the disk is full or read-only.
-    pub memory_backlog: usize,
+    /// Compressed bytes of records kept in memory while the disk is full or read-only, or
+    /// the spool directory is gone; beyond it records are dropped (and a gap record says so).
+    pub memory_backlog_bytes: u64,
+    /// Deprecated (the backlog was capped in records): accepted, ignored, warned about.
+    pub memory_backlog: Option<u64>,
 }
 
 impl Default for SpoolSection {
@@ -115,7 +118,8 @@ impl Default for SpoolSection {
             segment_max_age_secs: 600,
             max_bytes: 1 << 30,
             fsync: FsyncSetting::IntervalMs(1000),
-            memory_backlog: 100_000,
+            memory_backlog_bytes: crate::spool::DEFAULT_MEMORY_BACKLOG_BYTES,
+            memory_backlog: None,
         }
     }
 }
@@ -886,6 +890,23 @@ impl Config {
                     self.spool.segment_max_bytes, self.spool.max_bytes
                 ),
             ));
+        }
+        if self.spool.memory_backlog_bytes < crate::spool::MIN_MEMORY_BACKLOG_BYTES {
+            return Err(ConfigError::field(
+                "spool",
+                format!(
+                    "memory_backlog_bytes {} is too small (at least {})",
+                    self.spool.memory_backlog_bytes,
+                    crate::spool::MIN_MEMORY_BACKLOG_BYTES
+                ),
+            ));
+        }
+        if let Some(n) = self.spool.memory_backlog {
+            log::warn!(
+                "config: [spool] memory_backlog = {n} is deprecated and ignored: the backlog is \
+                 bounded in bytes now, [spool] memory_backlog_bytes = {} (remove memory_backlog)",
+                self.spool.memory_backlog_bytes
+            );
         }
         if !INTERVAL_MS_RANGE.contains(&self.interval_ms) {
             return Err(ConfigError::field(

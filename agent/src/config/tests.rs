@@ -508,3 +508,19 @@ mod upload_format {
         assert_eq!(c.upload.format, UploadFormat::Clickhouse);
     }
 }
+
+// [spool] memory backlog: bounded in bytes; the old key in records is accepted and ignored.
+#[test]
+fn spool_memory_backlog_is_in_bytes_and_the_old_key_still_parses() {
+    let c = Config::parse("[spool]\nmemory_backlog_bytes = 1048576\n", "t").unwrap();
+    assert_eq!(c.spool.memory_backlog_bytes, 1 << 20);
+    let c = Config::parse("[spool]\nmemory_backlog = 5000\n", "t").unwrap();
+    assert_eq!(
+        c.spool.memory_backlog_bytes,
+        crate::spool::DEFAULT_MEMORY_BACKLOG_BYTES
+    );
+    let e = Config::parse("[spool]\nmemory_backlog_bytes = 10\n", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("memory_backlog_bytes 10 is too small"), "{e}");
+}

@@ -13,7 +13,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::Context as _;
@@ -32,7 +32,8 @@ use crate::{
     metrics::{self, LabelTotals, MetricsServer, ProcessStats, Scrape, serve::ServeStats},
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
-    spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
+    safedir::SafeDir,
+    spool::{FsyncPolicy, Now, Spool, SpoolConfig, SpoolRecord},
     stream::{RecordKind, RecordStream, Subscription},
     upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
@@ -253,7 +254,7 @@ fn spool_config(c: &Config) -> SpoolConfig {
             FsyncSetting::Never => FsyncPolicy::Never,
             FsyncSetting::IntervalMs(ms) => FsyncPolicy::Interval(Duration::from_millis(ms.max(1))),
         },
-        memory_backlog_records: c.spool.memory_backlog,
+        memory_backlog_bytes: c.spool.memory_backlog_bytes,
     }
 }
 
@@ -326,15 +327,15 @@ impl Writer {
         }
         match &self.shared.spool {
             Some(sp) => {
-                let out = lock(sp).append(&mut batch, SystemTime::now());
-                // Say it when the state changes, not every interval.
+                let out = lock(sp).append(&mut batch, Now::system());
+                // Say it when the state changes, not every interval (the spool itself logs
+                // its errors and "writing works again" once per change).
                 if out.error.is_some() != self.spool_failing {
                     self.spool_failing = out.error.is_some();
-                    match &out.error {
-                        Some(e) => {
-                            warn!("spool: {e} (events are held in memory; see `sockacct status`)")
-                        }
-                        None => info!("spool: writing again"),
+                    if out.error.is_some() && out.backlogged > 0 {
+                        warn!(
+                            "spool: events are held in memory until writing works again (see `sockacct status`)"
+                        );
                     }
                 }
                 self.emit(RecordKind::Delta, &out.lines)?;
@@ -364,7 +365,7 @@ impl Writer {
         for chunk in all.chunks_mut(FLOW_RECORDS_PER_FRAME) {
             match &self.shared.spool {
                 Some(sp) => {
-                    let out = lock(sp).append(chunk, SystemTime::now());
+                    let out = lock(sp).append(chunk, Now::system());
                     self.emit(RecordKind::Flow, &out.lines)?;
                     self.emit(RecordKind::Gap, &out.gaps)?;
                 }
@@ -379,7 +380,7 @@ impl Writer {
         let mut one = [rec];
         match &self.shared.spool {
             Some(sp) => {
-                let out = lock(sp).append(&mut one, SystemTime::now());
+                let out = lock(sp).append(&mut one, Now::system());
                 self.emit(RecordKind::Agent, &out.lines)?;
                 self.emit(RecordKind::Gap, &out.gaps)
             }
@@ -420,7 +421,7 @@ impl Writer {
         if let Some(sp) = &self.shared.spool {
             let gaps = {
                 let mut sp = lock(sp);
-                sp.tick(SystemTime::now());
+                sp.tick(Now::system());
                 sp.take_gap_lines()
             };
             self.emit(RecordKind::Gap, &gaps)?;
@@ -445,14 +446,14 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     let cgroup = loader::preflight(s.config.cgroup.as_deref())?;
     let opts = s.load_options();
     let labeler = s.labeler.clone();
-    std::fs::create_dir_all(&o.state_dir).with_context(|| {
-        format!(
-            "creating state directory {} (set --state-dir)",
-            o.state_dir.display()
-        )
-    })?;
+    // Only root may be able to change what the agent writes as root: the state directory
+    // and its parent are checked, and nothing in it is reached through a link.
+    SafeDir::create(&o.state_dir, 0o700)
+        .and_then(|d| d.check_trusted())
+        .map_err(|e| anyhow::anyhow!("state directory: {e} (or set --state-dir)"))?;
+    RunMarker::check(&o.state_dir).context("state directory")?;
     let seq_path = o.state_dir.join("seq");
-    let had_state = seq_path.exists();
+    let had_state = std::fs::symlink_metadata(&seq_path).is_ok();
     let seq =
         SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
     let uploader = match &s.config.upload.url {

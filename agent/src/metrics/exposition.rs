@@ -286,6 +286,7 @@ impl Collector for Scrape {
                 sp.dropped.seq_unavailable.records,
             );
             drop("spool", "invalid_record", sp.dropped.invalid_record.records);
+            drop("spool", "dir_lost", sp.dropped.dir_lost.records);
         }
         if let Some(f) = &st.flows {
             drop("flows", "flow_table_full", f.table.overflow);
@@ -464,6 +465,21 @@ impl Collector for Scrape {
                 "sockacct_spool_backlog_records",
                 "Records held in memory because the disk refused writes",
                 sp.backlog_records as f64,
+            )?;
+            o.gauge(
+                "sockacct_spool_backlog_bytes",
+                "Compressed bytes held in memory because the disk refused writes (or the directory was gone)",
+                sp.backlog_bytes as f64,
+            )?;
+            o.gauge(
+                "sockacct_spool_backlog_max_bytes",
+                "[spool] memory_backlog_bytes: beyond it records are dropped (reason backlog_full)",
+                sp.backlog_max_bytes as f64,
+            )?;
+            o.counter(
+                "sockacct_spool_dir_lost",
+                "Times the spool directory was found removed or replaced while running (it is made again)",
+                sp.dir_lost,
             )?;
             if let Some(a) = sp.fs_available_bytes {
                 o.gauge(

@@ -9,7 +9,10 @@
 //! - faults: ENOSPC when a capacity would be exceeded (the part that fits is written, as a
 //!   short write does), EIO (or any errno) on the next N calls of an operation, a torn append
 //!   (a prefix is written, then EIO), EROFS, and "kill": after N more mutating operations the
-//!   process is considered dead: nothing reaches the storage any more, every call fails.
+//!   process is considered dead: nothing reaches the storage any more, every call fails;
+//! - the directory removed at run time ([`FaultStorage::lose_dir`]): every name is gone,
+//!   calls by name fail with ENOENT, but files that were open (all of them, here) can still
+//!   be appended to, synced and read back (as through an open descriptor), until `reattach`.
 use std::{
     collections::{BTreeMap, HashMap},
     io,
@@ -17,6 +20,7 @@ use std::{
 };
 
 use super::storage::Storage;
+use crate::safedir::DirStatus;
 
 /// Which operation a fault applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -62,6 +66,12 @@ struct State {
     kill_after: Option<usize>,
     dead: bool,
     mutations: u64,
+    /// The directory was removed: `names` is empty, the files it held live on in `orphans`.
+    gone: bool,
+    orphans: BTreeMap<String, u64>,
+    /// The next `n` calls of `reattach` fail.
+    reattach_fail: usize,
+    reattaches: u64,
 }
 
 /// Cloneable handle: the test keeps one clone, the spool owns another.
@@ -123,6 +133,17 @@ impl State {
             .copied()
             .ok_or_else(|| err(libc::ENOENT))
     }
+    /// A file by name, or one still open although its directory was removed.
+    fn held_id(&self, name: &str) -> io::Result<u64> {
+        self.id(name).or_else(|e| self.orphans.get(name).copied().ok_or(e))
+    }
+    /// Calls that go through the directory fail once it was removed.
+    fn by_path(&self) -> io::Result<()> {
+        if self.gone {
+            return Err(err(libc::ENOENT));
+        }
+        Ok(())
+    }
 }
 
 impl FaultStorage {
@@ -141,6 +162,10 @@ impl FaultStorage {
             kill_after: None,
             dead: false,
             mutations: 0,
+            gone: false,
+            orphans: BTreeMap::new(),
+            reattach_fail: 0,
+            reattaches: 0,
         })))
     }
 
@@ -189,6 +214,23 @@ impl FaultStorage {
         s.read_only = false;
         s.kill_after = None;
         s.dead = false;
+    }
+    /// The directory is removed (`rm -rf`) while the spool runs: see the module doc.
+    pub fn lose_dir(&self) {
+        let mut s = self.st();
+        let names = std::mem::take(&mut s.names);
+        s.orphans.extend(names);
+        s.durable_names.clear();
+        s.ns_log.clear();
+        s.gone = true;
+    }
+    /// The next `n` calls of `reattach` fail (the directory cannot be made again).
+    pub fn fail_reattach(&self, n: usize) {
+        self.st().reattach_fail = n;
+    }
+    /// Successful `reattach` calls so far.
+    pub fn reattaches(&self) -> u64 {
+        self.st().reattaches
     }
     /// Power loss: keep what was durable plus random parts of what was not (see module doc).
     /// Clears every injected fault.
@@ -243,6 +285,9 @@ impl FaultStorage {
         s.read_only = false;
         s.kill_after = None;
         s.dead = false;
+        // A removed directory is made again by the next open.
+        s.gone = false;
+        s.orphans.clear();
     }
 
     /// Test access: current contents of a file.
@@ -282,6 +327,7 @@ impl Storage for FaultStorage {
     fn create(&mut self, name: &str) -> io::Result<()> {
         let mut s = self.st();
         s.gate(FaultOp::Create, true)?;
+        s.by_path()?;
         if let Some(id) = s.names.get(name).copied() {
             let f = s.files.get_mut(&id).expect("named file exists");
             f.data.clear();
@@ -299,7 +345,7 @@ impl Storage for FaultStorage {
     fn append(&mut self, name: &str, data: &[u8]) -> io::Result<()> {
         let mut s = self.st();
         s.gate(FaultOp::Append, true)?;
-        let id = s.id(name)?;
+        let id = s.held_id(name)?;
         let mut n = data.len();
         let mut result = Ok(());
         if let Some(keep) = s.tear_next.take()
@@ -326,7 +372,7 @@ impl Storage for FaultStorage {
     fn sync(&mut self, name: &str) -> io::Result<()> {
         let mut s = self.st();
         s.gate(FaultOp::Sync, true)?;
-        let id = s.id(name)?;
+        let id = s.held_id(name)?;
         let f = s.files.get_mut(&id).expect("named file exists");
         f.durable = f.data.clone();
         f.min_len = f.data.len();
@@ -336,6 +382,7 @@ impl Storage for FaultStorage {
     fn read(&self, name: &str) -> io::Result<Vec<u8>> {
         let mut s = self.st();
         s.gate(FaultOp::Read, false)?;
+        s.by_path()?;
         let id = s.id(name)?;
         Ok(s.files[&id].data.clone())
     }
@@ -343,6 +390,7 @@ impl Storage for FaultStorage {
     fn list(&self) -> io::Result<Vec<(String, u64)>> {
         let mut s = self.st();
         s.gate(FaultOp::List, false)?;
+        s.by_path()?;
         Ok(s.names
             .iter()
             .map(|(n, id)| (n.clone(), s.files[id].data.len() as u64))
@@ -352,6 +400,7 @@ impl Storage for FaultStorage {
     fn rename(&mut self, from: &str, to: &str) -> io::Result<()> {
         let mut s = self.st();
         s.gate(FaultOp::Rename, true)?;
+        s.by_path()?;
         let id = s.id(from)?;
         s.names.remove(from);
         s.names.insert(to.to_owned(), id);
@@ -362,6 +411,7 @@ impl Storage for FaultStorage {
     fn remove(&mut self, name: &str) -> io::Result<()> {
         let mut s = self.st();
         s.gate(FaultOp::Remove, true)?;
+        s.by_path()?;
         s.id(name)?;
         s.names.remove(name);
         s.ns_log.push(NsOp::Remove(name.to_owned()));
@@ -371,7 +421,7 @@ impl Storage for FaultStorage {
     fn truncate(&mut self, name: &str, len: u64) -> io::Result<()> {
         let mut s = self.st();
         s.gate(FaultOp::Truncate, true)?;
-        let id = s.id(name)?;
+        let id = s.held_id(name)?;
         let f = s.files.get_mut(&id).expect("named file exists");
         f.data.resize(len as usize, 0);
         f.min_len = f.min_len.min(f.data.len());
@@ -392,5 +442,40 @@ impl Storage for FaultStorage {
             Some(c) => c.saturating_sub(s.used()),
             None => u64::MAX / 2,
         })
+    }
+
+    fn dir_status(&self) -> io::Result<DirStatus> {
+        Ok(if self.st().gone {
+            DirStatus::Gone
+        } else {
+            DirStatus::Same
+        })
+    }
+
+    fn read_held(&self, name: &str) -> io::Result<Vec<u8>> {
+        let s = self.st();
+        let id = s.held_id(name)?;
+        Ok(s.files[&id].data.clone())
+    }
+
+    fn reattach(&mut self) -> io::Result<()> {
+        let mut s = self.st();
+        if s.dead {
+            return Err(err(libc::EIO));
+        }
+        if s.reattach_fail > 0 {
+            s.reattach_fail -= 1;
+            return Err(err(libc::EACCES));
+        }
+        // The removed files are closed: their data is gone for good.
+        let orphans = std::mem::take(&mut s.orphans);
+        for id in orphans.values() {
+            if !s.names.values().any(|v| v == id) {
+                s.files.remove(id);
+            }
+        }
+        s.gone = false;
+        s.reattaches += 1;
+        Ok(())
     }
 }

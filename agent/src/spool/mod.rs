@@ -13,6 +13,7 @@ use std::{
     collections::{BTreeSet, VecDeque},
     fmt,
     io::{self, Write},
+    ops::{Add, AddAssign},
     path::{Path, PathBuf},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -22,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::event::{FORMAT_VERSION, Identity, SeqAllocator};
 
+mod dirloss;
 mod fault;
 mod frame;
 mod reader;
@@ -34,12 +36,50 @@ pub use reader::{cat, cat_storage, verify, verify_storage};
 pub use report::*;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_safety;
 
 pub use fault::{FaultOp, FaultStorage};
 pub use frame::Damage;
-pub use storage::{FsStorage, LOCK_FILE, Storage};
+pub use storage::{DIR_MODE, FsStorage, LOCK_FILE, Storage};
 
 pub use crate::event::SpoolRecord;
+
+/// The time as the spool sees it: a monotonic instant drives every timer and age (fsync
+/// interval, sealing by age), so a wall clock stepped backwards (or forwards) stalls or
+/// rushes nothing; the wall clock is only written into records (`t` of a gap record).
+/// Tests drive both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Now {
+    pub mono: Instant,
+    pub wall: SystemTime,
+}
+
+impl Now {
+    pub fn system() -> Now {
+        Now {
+            mono: Instant::now(),
+            wall: SystemTime::now(),
+        }
+    }
+}
+
+/// Both clocks advance.
+impl Add<Duration> for Now {
+    type Output = Now;
+    fn add(self, d: Duration) -> Now {
+        Now {
+            mono: self.mono + d,
+            wall: self.wall + d,
+        }
+    }
+}
+
+impl AddAssign<Duration> for Now {
+    fn add_assign(&mut self, d: Duration) {
+        *self = *self + d;
+    }
+}
 
 /// When segment data is fsynced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,12 +103,18 @@ pub struct SpoolConfig {
     /// dropped (and a gap record written). Must be at least twice `segment_max_bytes`.
     pub total_max_bytes: u64,
     pub fsync: FsyncPolicy,
-    /// Records held in memory while the disk refuses writes; beyond it records are dropped
-    /// (and counted, and a gap record written once writing works again).
-    pub memory_backlog_records: usize,
+    /// Compressed bytes held in memory while the disk refuses writes (or the directory is
+    /// gone); beyond it records are dropped (and counted, and a gap record written once
+    /// writing works again). One batch may always wait, whatever its size.
+    pub memory_backlog_bytes: u64,
 }
 
 pub const DEFAULT_DIR: &str = crate::config::DEFAULT_SPOOL_DIR;
+
+/// 32 MiB: about 95 000 typical 100 ms events (~350 compressed bytes each), 2.6 hours.
+pub const DEFAULT_MEMORY_BACKLOG_BYTES: u64 = 32 << 20;
+/// Below this the bound means nothing (one batch may always wait anyway).
+pub const MIN_MEMORY_BACKLOG_BYTES: u64 = 4096;
 
 /// At most this many bytes of bodies per [`Spool::bodies`] call (but always one segment).
 pub const BODIES_BUDGET: u64 = 64 << 20;
@@ -81,7 +127,7 @@ impl Default for SpoolConfig {
             segment_max_age: Duration::from_secs(600),
             total_max_bytes: 1 << 30,
             fsync: FsyncPolicy::Interval(Duration::from_secs(1)),
-            memory_backlog_records: 100_000,
+            memory_backlog_bytes: DEFAULT_MEMORY_BACKLOG_BYTES,
         }
     }
 }
@@ -110,6 +156,12 @@ impl SpoolConfig {
         }
         if self.segment_max_age.is_zero() {
             return bad("segment_max_age must be above zero".into());
+        }
+        if self.memory_backlog_bytes < MIN_MEMORY_BACKLOG_BYTES {
+            return bad(format!(
+                "memory_backlog_bytes {} is below {MIN_MEMORY_BACKLOG_BYTES}",
+                self.memory_backlog_bytes
+            ));
         }
         if self.fsync == FsyncPolicy::Interval(Duration::ZERO) {
             return bad("fsync interval must be above zero (or use Always)".into());
@@ -240,6 +292,10 @@ pub struct Drops {
     pub seq_unavailable: DropCount,
     /// Records whose serialization was empty or contained a newline, or that failed to compress.
     pub invalid_record: DropCount,
+    /// Records not yet acknowledged in segments whose directory was removed or replaced
+    /// while the agent ran (what the agent could read back of the segment it was writing is
+    /// not counted: it was written again).
+    pub dir_lost: DropCount,
 }
 
 impl Drops {
@@ -248,6 +304,7 @@ impl Drops {
             + self.backlog_full.records
             + self.seq_unavailable.records
             + self.invalid_record.records
+            + self.dir_lost.records
     }
     fn get(&mut self, r: Reason) -> &mut DropCount {
         match r {
@@ -255,6 +312,7 @@ impl Drops {
             Reason::BacklogFull => &mut self.backlog_full,
             Reason::SeqUnavailable => &mut self.seq_unavailable,
             Reason::InvalidRecord => &mut self.invalid_record,
+            Reason::DirLost => &mut self.dir_lost,
         }
     }
 }
@@ -277,7 +335,14 @@ pub struct SpoolStats {
     pub fsyncs: u64,
     pub backlog_records: u64,
     pub backlog_bytes: u64,
+    /// `[spool] memory_backlog_bytes`: the bound of `backlog_bytes`.
+    pub backlog_max_bytes: u64,
     pub dropped: Drops,
+    /// Times the spool directory was found removed or replaced while running.
+    pub dir_lost: u64,
+    /// True while the directory is gone and could not be made again (records wait in the
+    /// backlog); `last_error` says why.
+    pub dir_missing: bool,
     pub gap_records: u64,
     pub errors: u64,
     pub last_error: Option<String>,
@@ -340,6 +405,7 @@ enum Reason {
     BacklogFull,
     SeqUnavailable,
     InvalidRecord,
+    DirLost,
 }
 
 impl Reason {
@@ -349,6 +415,7 @@ impl Reason {
             Reason::BacklogFull => "backlog_full",
             Reason::SeqUnavailable => "seq_unavailable",
             Reason::InvalidRecord => "invalid_record",
+            Reason::DirLost => "dir_lost",
         }
     }
 }
@@ -444,6 +511,9 @@ struct SegMeta {
     records: u64,
     frames: u64,
     bytes: u64,
+    /// For a partly acknowledged segment: first seq, records and bytes of the part not
+    /// acknowledged (known without reading the file, which may be gone when it is needed).
+    unacked: Option<(u64, u64, u64)>,
 }
 
 /// A compressed frame waiting to be written (or written, not yet fsynced).
@@ -476,8 +546,8 @@ struct Active {
     synced: Counts,
     /// Frames written since the last fsync, kept so a failed fsync can write them again.
     unsynced: Vec<QFrame>,
-    created: SystemTime,
-    oldest_unsynced: Option<SystemTime>,
+    created: Instant,
+    oldest_unsynced: Option<Instant>,
     dir_synced: bool,
     /// A failed write may have left a partial frame beyond `len`: cut before writing again.
     needs_truncate: bool,
@@ -511,7 +581,6 @@ pub struct Spool<S: Storage = FsStorage> {
     sealed: VecDeque<SegMeta>,
     active: Option<Active>,
     queue: VecDeque<QFrame>,
-    queue_records: usize,
     queue_bytes: u64,
     /// Losses not yet turned into gap records (in order).
     open_gaps: Vec<GapNote>,
@@ -522,6 +591,10 @@ pub struct Spool<S: Storage = FsStorage> {
     /// Highest seq ever sealed (acknowledging beyond it is refused).
     max_sealed_seq: Option<u64>,
     last_log: Option<Instant>,
+    /// The directory was removed or replaced and is not back yet.
+    dir_lost: bool,
+    /// Why it could not be made again (logged once per distinct reason).
+    dir_error: Option<String>,
     stats: SpoolStats,
 }
 
@@ -567,7 +640,6 @@ impl<S: Storage> Spool<S> {
             sealed: VecDeque::new(),
             active: None,
             queue: VecDeque::new(),
-            queue_records: 0,
             queue_bytes: 0,
             open_gaps: Vec::new(),
             cursor: CursorFile::default(),
@@ -576,6 +648,8 @@ impl<S: Storage> Spool<S> {
             durable_seq: None,
             max_sealed_seq: None,
             last_log: None,
+            dir_lost: false,
+            dir_error: None,
             stats: SpoolStats {
                 healthy: true,
                 ..SpoolStats::default()
@@ -597,9 +671,11 @@ impl<S: Storage> Spool<S> {
             }
             Err(e) => sp.note_error(format!("sequence allocator: {e}")),
         }
-        let now = SystemTime::now();
+        let now = Now::system();
+        let errors = sp.stats.errors;
         sp.drain(now);
         sp.maintain(now);
+        sp.settle(errors);
         rep.gap_lines = std::mem::take(&mut sp.new_gap_lines);
         sp.stats.damaged_segments = rep.damaged.len() as u64;
         sp.stats.torn_bytes_cut = rep.torn.as_ref().map(|t| t.bytes_cut).unwrap_or(0);
@@ -611,26 +687,24 @@ impl<S: Storage> Spool<S> {
     /// the active segment (after anything waiting in the backlog). Never panics and never
     /// fails: when the disk refuses, the batch waits in the memory backlog (bounded; the rest
     /// is dropped and counted) and the outcome says so.
-    pub fn append<R: SpoolRecord>(&mut self, records: &mut [R], now: SystemTime) -> AppendOutcome {
+    pub fn append<R: SpoolRecord>(&mut self, records: &mut [R], now: Now) -> AppendOutcome {
         let mut out = AppendOutcome::default();
+        let errors = self.stats.errors;
+        self.check_dir(now);
         // Older records first: retry the backlog.
         self.drain(now);
-        let room = if self.queue_records == 0 {
-            usize::MAX // one batch can always wait
-        } else {
-            self.cfg
-                .memory_backlog_records
-                .saturating_sub(self.queue_records)
-        };
-        let n_keep = records.len().min(room);
-        if n_keep > 0 && !self.open_gaps.is_empty() {
-            // Losses before this batch are stated before it.
+        // One batch can always wait; beyond that the backlog is bounded in bytes. The bound
+        // applies to the compressed frames, so it is checked as they are queued (below).
+        let bounded = !self.queue.is_empty();
+        if !records.is_empty() && !bounded && !self.open_gaps.is_empty() {
+            // Losses before this batch are stated before it. (While the disk refuses, losses
+            // add up in one open gap, stated by `drain` once the backlog is written.)
             self.close_gaps(now);
         }
         let mut chunks: Vec<(Vec<u8>, u64, u64, u64)> = Vec::new(); // (json, first, last, n)
         let mut kept_seqs: Vec<u64> = Vec::new();
         let mut numbered = 0;
-        for (i, r) in records.iter_mut().enumerate() {
+        for r in records.iter_mut() {
             let seq = match self.alloc_seq() {
                 Ok(s) => s,
                 Err(e) => {
@@ -650,11 +724,6 @@ impl<S: Storage> Spool<S> {
             }
             out.lines.extend_from_slice(&line);
             out.lines.push(b'\n');
-            if i >= n_keep {
-                out.dropped += 1;
-                self.drop_records(Reason::BacklogFull, Some(seq), 1, line.len() as u64 + 1);
-                continue;
-            }
             let need_new = match chunks.last() {
                 None => true,
                 Some((j, ..)) => j.len() + line.len() + 1 > frame::MAX_FRAME_RAW,
@@ -675,8 +744,22 @@ impl<S: Storage> Spool<S> {
             out.dropped += n;
             self.drop_records(Reason::SeqUnavailable, None, n as u64, 0);
         }
+        let mut full = false;
         for (json, first, last, n) in chunks {
-            match self.compress(&json) {
+            let data = if full { None } else { Some(self.compress(&json)) };
+            // Beyond the bound: this chunk and the rest of the batch (so always the last
+            // records of the batch) are dropped.
+            full = full
+                || bounded
+                    && matches!(&data, Some(Ok(d))
+                        if self.queue_bytes + d.len() as u64 > self.cfg.memory_backlog_bytes);
+            if full {
+                kept_seqs.retain(|s| *s < first || *s > last);
+                out.dropped += n as usize;
+                self.drop_records_range(Reason::BacklogFull, first, last, n, json.len() as u64);
+                continue;
+            }
+            match data.expect("compressed unless full") {
                 Ok(data) => self.push_queue(QFrame {
                     data,
                     raw: json.len() as u64,
@@ -701,6 +784,7 @@ impl<S: Storage> Spool<S> {
         }
         self.drain(now);
         self.maintain(now);
+        self.settle(errors);
         // Fate of the kept records: still queued, or written.
         let queued_from = self
             .queue
@@ -719,14 +803,18 @@ impl<S: Storage> Spool<S> {
 
     /// Periodic work: retry the backlog, fsync when due, seal by age, retry deletions and the
     /// cursor file. Call it every few hundred milliseconds.
-    pub fn tick(&mut self, now: SystemTime) {
+    pub fn tick(&mut self, now: Now) {
+        let errors = self.stats.errors;
+        self.check_dir(now);
         self.drain(now);
         self.maintain(now);
+        self.settle(errors);
     }
 
     /// Writes what waits in the backlog and fsyncs the active segment now (shutdown).
     pub fn flush(&mut self) -> Result<(), SpoolError> {
-        let now = SystemTime::now();
+        let now = Now::system();
+        self.check_dir(now);
         self.drain(now);
         self.sync_active()?;
         if !self.queue.is_empty() {
@@ -741,7 +829,8 @@ impl<S: Storage> Spool<S> {
     /// Closes the active segment: writes the backlog if it can, fsyncs, renames it to its
     /// sealed name. Afterwards it is listed by `pending()` and can be uploaded.
     pub fn seal(&mut self) -> Result<(), SpoolError> {
-        let now = SystemTime::now();
+        let now = Now::system();
+        self.check_dir(now);
         self.drain(now);
         self.seal_active()
     }
@@ -787,26 +876,17 @@ impl<S: Storage> Spool<S> {
     }
 
     fn push_queue(&mut self, f: QFrame) {
-        if f.gap.is_none() {
-            self.queue_records += f.records as usize;
-        }
         self.queue_bytes += f.data.len() as u64;
         self.queue.push_back(f);
     }
 
     fn pop_queue(&mut self) -> Option<QFrame> {
         let f = self.queue.pop_front()?;
-        if f.gap.is_none() {
-            self.queue_records -= f.records as usize;
-        }
         self.queue_bytes -= f.data.len() as u64;
         Some(f)
     }
 
     fn unpop_queue(&mut self, f: QFrame) {
-        if f.gap.is_none() {
-            self.queue_records += f.records as usize;
-        }
         self.queue_bytes += f.data.len() as u64;
         self.queue.push_front(f);
     }
@@ -841,7 +921,7 @@ impl<S: Storage> Spool<S> {
     }
 
     /// Turns the open losses into gap records at the end of the queue.
-    fn close_gaps(&mut self, now: SystemTime) {
+    fn close_gaps(&mut self, now: Now) {
         while !self.open_gaps.is_empty() {
             let seq = match self.alloc_seq() {
                 Ok(s) => s,
@@ -857,7 +937,7 @@ impl<S: Storage> Spool<S> {
                 agent: &self.id.agent,
                 boot: &self.id.boot,
                 seq,
-                t: unix_ms(now),
+                t: unix_ms(now.wall),
                 reason: &g.reason,
                 lost_first_seq: g.lost_first_seq,
                 lost_last_seq: g.lost_last_seq,
@@ -866,10 +946,13 @@ impl<S: Storage> Spool<S> {
             };
             let mut json = serde_json::to_vec(&rec).unwrap_or_default();
             json.push(b'\n');
-            warn!(
-                "spool: lost {} records ({}, seq {:?}..={:?}); gap record seq {seq}",
-                g.lost_records, g.reason, g.lost_first_seq, g.lost_last_seq
-            );
+            // (A removed directory was told in full where it was noticed.)
+            if g.reason != Reason::DirLost.as_str() {
+                warn!(
+                    "spool: lost {} records ({}, seq {:?}..={:?}); gap record seq {seq}",
+                    g.lost_records, g.reason, g.lost_first_seq, g.lost_last_seq
+                );
+            }
             self.new_gap_lines.extend_from_slice(&json);
             match self.compress(&json) {
                 Ok(data) => {
@@ -890,7 +973,10 @@ impl<S: Storage> Spool<S> {
 
     /// Writes the backlog in order until it is empty or the disk refuses; then states open
     /// losses as gap records and writes those too.
-    fn drain(&mut self, now: SystemTime) {
+    fn drain(&mut self, now: Now) {
+        if self.dir_lost {
+            return; // nowhere to write: `check_dir` retries the directory first
+        }
         let mut wrote_gap = false;
         for _round in 0..4 {
             while let Some(f) = self.pop_queue() {
@@ -913,10 +999,6 @@ impl<S: Storage> Spool<S> {
                 break;
             }
         }
-        if !self.stats.healthy && self.queue.is_empty() {
-            info!("spool: writing works again");
-        }
-        self.stats.healthy = self.queue.is_empty();
         // Gap records are made durable at once, whatever the policy: they justify deletions.
         if (self.cfg.fsync == FsyncPolicy::Always || wrote_gap)
             && let Err(e) = self.sync_active()
@@ -926,23 +1008,22 @@ impl<S: Storage> Spool<S> {
     }
 
     /// Fsync when due, seal when old or big, retry cursor write and deletions.
-    fn maintain(&mut self, now: SystemTime) {
+    fn maintain(&mut self, now: Now) {
+        if self.dir_lost {
+            return;
+        }
         if let FsyncPolicy::Interval(d) = self.cfg.fsync {
             let due = self
                 .active
                 .as_ref()
                 .and_then(|a| a.oldest_unsynced)
-                .map(|t| now.duration_since(t).map(|e| e >= d).unwrap_or(false))
-                .unwrap_or(false);
+                .is_some_and(|t| now.mono.saturating_duration_since(t) >= d);
             if due && let Err(e) = self.sync_active() {
                 self.note_error(e.to_string());
             }
         }
         if let Some(a) = &self.active {
-            let old = now
-                .duration_since(a.created)
-                .map(|e| e >= self.cfg.segment_max_age)
-                .unwrap_or(false);
+            let old = now.mono.saturating_duration_since(a.created) >= self.cfg.segment_max_age;
             if (old || a.len >= self.cfg.segment_max_bytes)
                 && let Err(e) = self.seal_active()
             {
@@ -973,5 +1054,16 @@ impl<S: Storage> Spool<S> {
         self.stats.errors += 1;
         self.stats.last_error = Some(e);
         self.stats.healthy = false;
+    }
+
+    /// End of a call: healthy when nothing waits, the directory is there, and the call met
+    /// no error. Said once when it changes back (the failure was said by `note_error`), so a
+    /// spool that keeps failing does not log "works again" between its errors.
+    fn settle(&mut self, errors_before: u64) {
+        let ok = self.queue.is_empty() && !self.dir_lost && self.stats.errors == errors_before;
+        if ok && !self.stats.healthy {
+            info!("spool: writing works again");
+        }
+        self.stats.healthy = ok;
     }
 }

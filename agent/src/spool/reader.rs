@@ -191,6 +191,16 @@ impl<S: Storage> Spool<S> {
         // (where the cursor's temp file may not fit until something is deleted).
         self.cursor = c;
         self.cursor_dirty = r.is_err();
+        // A partly acknowledged segment: remember what is left of it (read now, while the
+        // file is surely there).
+        if let Some(i) = self
+            .sealed
+            .iter()
+            .position(|s| s.first_seq <= pos.last_seq && pos.last_seq < s.last_seq)
+        {
+            let part = self.unacked_part(&self.sealed[i], pos.last_seq);
+            self.sealed[i].unacked = Some(part);
+        }
         if let Err(e) = &r {
             self.note_error(e.to_string());
         }
@@ -208,6 +218,7 @@ impl<S: Storage> Spool<S> {
         s.active_bytes = active;
         s.backlog_records = self.queue.iter().map(|f| f.records).sum();
         s.backlog_bytes = self.queue_bytes;
+        s.backlog_max_bytes = self.cfg.memory_backlog_bytes;
         s.acked_seq = self.cursor.acked_seq;
         s.durable_seq = self.durable_seq;
         s.fs_available_bytes = self.st.available().ok();

@@ -144,6 +144,21 @@ impl<S: Storage> Spool<S> {
                 last_seq.expect("frames > 0"),
             );
             prev = Some(last_seq);
+            // Partly acknowledged: what is left, from the frames just scanned.
+            let unacked = self
+                .cursor
+                .acked_seq
+                .filter(|a| *a >= first_seq && *a < last_seq)
+                .and_then(|a| {
+                    let rest: Vec<_> = scan.frames.iter().filter(|f| f.last_seq > a).collect();
+                    rest.first().map(|f| {
+                        (
+                            f.first_seq,
+                            rest.iter().map(|f| f.records).sum(),
+                            rest.iter().map(|f| f.len).sum(),
+                        )
+                    })
+                });
             rep.frames += frames;
             rep.records += records;
             rep.first_seq.get_or_insert(first_seq);
@@ -155,6 +170,7 @@ impl<S: Storage> Spool<S> {
                 records,
                 frames,
                 bytes,
+                unacked,
             });
         }
 

@@ -3,7 +3,7 @@ use super::*;
 
 impl<S: Storage> Spool<S> {
     /// Makes sure the active segment exists and may be appended to.
-    pub(super) fn prepare_active(&mut self, first_seq: u64, now: SystemTime) -> io::Result<()> {
+    pub(super) fn prepare_active(&mut self, first_seq: u64, now: Now) -> io::Result<()> {
         if self.active.is_none() {
             let name = format!("{}.open", seg_name(first_seq));
             self.st.create(&name)?;
@@ -14,7 +14,7 @@ impl<S: Storage> Spool<S> {
                 synced_len: 0,
                 synced: Counts::default(),
                 unsynced: Vec::new(),
-                created: now,
+                created: now.mono,
                 oldest_unsynced: None,
                 dir_synced: false,
                 needs_truncate: false,
@@ -33,7 +33,7 @@ impl<S: Storage> Spool<S> {
     }
 
     /// Writes one frame; on failure puts it back at the head of the queue.
-    pub(super) fn write_frame(&mut self, f: QFrame, now: SystemTime) -> Result<(), String> {
+    pub(super) fn write_frame(&mut self, f: QFrame, now: Now) -> Result<(), String> {
         if let Err(e) = self.prepare_active(f.first_seq, now) {
             let name = self
                 .active
@@ -56,7 +56,7 @@ impl<S: Storage> Spool<S> {
             return Err(m);
         }
         a.len += f.data.len() as u64;
-        a.oldest_unsynced.get_or_insert(now);
+        a.oldest_unsynced.get_or_insert(now.mono);
         self.stats.records_written += f.records;
         self.stats.frames_written += 1;
         self.stats.bytes_written += f.data.len() as u64;
@@ -181,6 +181,7 @@ impl<S: Storage> Spool<S> {
             records: c.records,
             frames: c.frames,
             bytes: a.len,
+            unacked: None,
         });
         self.max_sealed_seq = c.last_seq.or(self.max_sealed_seq);
         self.st.sync_dir().map_err(ioe("fsync dir", ""))?;

@@ -103,7 +103,7 @@ pub(super) fn spool_run(batch: usize, secs: f64) -> anyhow::Result<SpoolResult> 
         if i + batch > pool.len() {
             i = 0;
         }
-        let out = sp.append(&mut pool[i..i + batch], SystemTime::now());
+        let out = sp.append(&mut pool[i..i + batch], sockacct::spool::Now::system());
         i += batch;
         appends += 1;
         events += batch as u64;
