@@ -31,6 +31,7 @@ pub mod process;
 pub mod procfs;
 pub mod quota;
 pub mod schema;
+pub mod secrets;
 pub mod settings;
 pub mod spool;
 pub mod status;
