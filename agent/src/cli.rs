@@ -187,6 +187,8 @@ pub struct RunArgs {
     pub no_spool: bool,
 
     /// Where `sockacct flush` uploads the spool (http or https; may carry a query string).
+    /// Credentials are refused here (argv is readable by every user): put a bearer token in
+    /// the file named by [upload] token_file, or a password in [upload] password_file.
     #[arg(long, value_name = "URL")]
     pub upload_url: Option<String>,
 
@@ -335,6 +337,11 @@ fn check(
         interfaces,
         ..Overrides::default()
     })?;
+    // `run` refuses to start on an unusable CA, client certificate or key: so does this.
+    if let Some(up) = crate::upload::UploadConfig::from_section(&s.config.upload)? {
+        crate::upload::Uploader::new(up)?;
+        println!("ok: upload settings (URL, TLS files) usable");
+    }
     let path = crate::loader::preflight(s.config.cgroup.as_deref())?;
     println!("ok: privileges, BTF and cgroup v2 present");
     let loaded = crate::loader::load_checked(path.clone(), &s.load_options())?;

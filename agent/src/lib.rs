@@ -32,6 +32,7 @@ pub mod procfs;
 pub mod quota;
 pub mod safedir;
 pub mod schema;
+pub mod secrets;
 pub mod settings;
 pub mod spool;
 pub mod status;

@@ -46,7 +46,8 @@ pub struct AgentRecord {
     pub kernel: String,
     /// `purpose=program` per hook purpose, as chosen on this kernel.
     pub hooks: Vec<String>,
-    /// FNV-1a 64 of the effective configuration, hex: equal digests, equal settings.
+    /// FNV-1a 64 of the effective configuration without its secrets, hex: equal digests,
+    /// equal settings ([`config_digest`]).
     pub config_digest: String,
     /// `start` only.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -113,6 +114,14 @@ impl AgentRecord {
         r.uptime_ms = Some(uptime_ms);
         r
     }
+}
+
+/// The `config_digest` of a configuration: [`digest`] over its settings with every secret
+/// removed ([`Config::without_secrets`](crate::config::Config::without_secrets)). Records
+/// leave the host; an unkeyed hash over a password would let whoever reads them test
+/// guesses of it offline.
+pub fn config_digest(c: &crate::config::Config) -> String {
+    digest(format!("{:?}", c.without_secrets()).as_bytes())
 }
 
 /// FNV-1a 64, hex (stable across builds, unlike the std hasher).
@@ -230,5 +239,50 @@ mod tests {
         assert!(v.get("uptime_ms").is_none());
         assert_eq!(digest(b"x"), digest(b"x"));
         assert_ne!(digest(b"x"), digest(b"y"));
+    }
+
+    #[test]
+    fn the_config_digest_ignores_secrets_and_nothing_else() {
+        use crate::config::Config;
+        // Built in code: validation would refuse a URL with a password, but the digest
+        // must not depend on one even where a config bypassed it.
+        let with = |url: &str, token: &str| {
+            let mut c = Config::default();
+            c.upload.url = Some(url.into());
+            c.upload.token_file = Some(token.into());
+            c
+        };
+        let base = config_digest(&with("https://u:one@h/i?password=a&db=x", "/etc/t"));
+        assert_eq!(
+            base,
+            config_digest(&with("https://u:two@h/i?password=b&db=x", "/etc/t")),
+            "a different password, the same digest"
+        );
+        assert_eq!(
+            base,
+            config_digest(&with("https://u@h/i?password=&db=x", "/etc/t"))
+        );
+        for (url, token) in [
+            ("https://u:one@h/i?password=a&db=y", "/etc/t"),
+            ("https://u:one@g/i?password=a&db=x", "/etc/t"),
+            ("https://v:one@h/i?password=a&db=x", "/etc/t"),
+            ("https://u:one@h/i?password=a&db=x", "/etc/t2"),
+        ] {
+            assert_ne!(base, config_digest(&with(url, token)), "{url} {token}");
+        }
+        let mut other = with("https://u:one@h/i?password=a&db=x", "/etc/t");
+        other.upload.timeout_ms += 1;
+        assert_ne!(base, config_digest(&other));
+        let parsed = |origin: &str, text: &str| Config::parse(text, origin).unwrap();
+        assert_eq!(
+            config_digest(&parsed("a.toml", "interval_ms = 200\n")),
+            config_digest(&parsed("b.toml", "# moved\n\ninterval_ms = 200 # same\n")),
+            "where the settings came from is not part of the digest"
+        );
+        let shown = format!(
+            "{:?}",
+            with("https://u:s3cr3tA@h/i?password=s3cr3tB", "/t").without_secrets()
+        );
+        assert!(!shown.contains("s3cr3t"), "{shown}");
     }
 }

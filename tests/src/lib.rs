@@ -16,7 +16,10 @@ use std::{
 
 pub use sockacct::event::{DeltaEvent, Traffic};
 
+pub mod collector;
 pub mod prom;
+pub mod tls;
+pub use collector::{Answer, Collector, Received};
 
 /// True when running as root; otherwise says the test is skipped, visibly: straight to
 /// stderr, which the test harness does not capture (eprintln! output of a passing test
@@ -781,138 +784,4 @@ pub fn label<'a>(s: &'a Sums, name: &str) -> &'a Traffic {
             s.labels.keys().collect::<Vec<_>>()
         )
     })
-}
-
-/// How the test collector answers one request.
-#[derive(Debug, Clone)]
-pub enum Answer {
-    Status(u16, Vec<(String, String)>),
-    /// Read the request, then close without a reply (a lost reply).
-    Close,
-    /// Read the request, then say nothing for this long.
-    Hang(Duration),
-}
-
-/// One request as the collector received it.
-#[derive(Debug, Clone)]
-pub struct Received {
-    pub path: String,
-    pub headers: BTreeMap<String, String>,
-    pub body: Vec<u8>,
-    pub answered: u16,
-}
-
-impl Received {
-    /// The zstd body decoded into its JSON lines.
-    pub fn lines(&self) -> Vec<String> {
-        let raw = zstd::stream::decode_all(&self.body[..]).expect("body is zstd");
-        String::from_utf8(raw)
-            .unwrap()
-            .lines()
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-/// A minimal HTTP/1.1 collector on 127.0.0.1 that records every request and answers
-/// according to `script` (called with the request number, from 0).
-pub struct Collector {
-    pub port: u16,
-    pub received: Arc<Mutex<Vec<Received>>>,
-}
-
-impl Collector {
-    pub fn start(script: impl Fn(usize) -> Answer + Send + Sync + 'static) -> Collector {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let received: Arc<Mutex<Vec<Received>>> = Arc::default();
-        let rec = received.clone();
-        let script = Arc::new(script);
-        let n = Arc::new(Mutex::new(0usize));
-        thread::spawn(move || {
-            for conn in l.incoming() {
-                let Ok(mut c) = conn else { continue };
-                let (rec, script, n) = (rec.clone(), script.clone(), n.clone());
-                thread::spawn(move || {
-                    loop {
-                        let Some((path, headers, body)) = read_request(&mut c) else {
-                            return;
-                        };
-                        let i = {
-                            let mut n = n.lock().unwrap();
-                            *n += 1;
-                            *n - 1
-                        };
-                        let answer = script(i);
-                        let answered = match &answer {
-                            Answer::Status(s, _) => *s,
-                            _ => 0,
-                        };
-                        rec.lock().unwrap().push(Received {
-                            path,
-                            headers,
-                            body,
-                            answered,
-                        });
-                        match answer {
-                            Answer::Status(code, extra) => {
-                                let mut h = format!("HTTP/1.1 {code} X\r\nContent-Length: 2\r\n");
-                                for (k, v) in extra {
-                                    h.push_str(&format!("{k}: {v}\r\n"));
-                                }
-                                h.push_str("\r\nok");
-                                if c.write_all(h.as_bytes()).is_err() {
-                                    return;
-                                }
-                            }
-                            Answer::Close => return,
-                            Answer::Hang(d) => {
-                                thread::sleep(d);
-                                return;
-                            }
-                        }
-                    }
-                });
-            }
-        });
-        Collector { port, received }
-    }
-
-    pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    pub fn requests(&self) -> Vec<Received> {
-        self.received.lock().unwrap().clone()
-    }
-}
-
-fn read_request(
-    c: &mut std::net::TcpStream,
-) -> Option<(String, BTreeMap<String, String>, Vec<u8>)> {
-    use std::io::Read;
-    let mut buf = Vec::new();
-    let mut byte = [0u8; 1];
-    while !buf.ends_with(b"\r\n\r\n") {
-        if c.read(&mut byte).ok()? == 0 {
-            return None;
-        }
-        buf.push(byte[0]);
-    }
-    let head = String::from_utf8_lossy(&buf).to_string();
-    let mut lines = head.split("\r\n");
-    let path = lines.next()?.split_whitespace().nth(1)?.to_string();
-    let mut headers = BTreeMap::new();
-    for l in lines {
-        if let Some((k, v)) = l.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let len: usize = headers
-        .get("content-length")
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; len];
-    c.read_exact(&mut body).ok()?;
-    Some((path, headers, body))
 }

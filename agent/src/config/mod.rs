@@ -23,8 +23,12 @@ use serde::de::{self, Deserializer, SeqAccess, Visitor};
 
 pub mod flows;
 pub mod metrics;
+pub mod upload;
 pub use flows::FlowsSection;
 pub use metrics::MetricsSection;
+#[cfg(test)]
+use upload::is_table_name;
+pub use upload::{UploadFormat, UploadSection};
 
 pub const DEFAULT_INTERVAL_MS: u64 = 100;
 pub const INTERVAL_MS_RANGE: RangeInclusive<u64> = 10..=60_000;
@@ -162,64 +166,6 @@ impl<'de> Deserialize<'de> for FsyncSetting {
             }
         }
         d.deserialize_any(V)
-    }
-}
-
-/// `[upload]`
-#[derive(Debug, Clone, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct UploadSection {
-    /// http(s) URL; a query string is kept as it is (e.g. ClickHouse's
-    /// `?query=INSERT INTO t FORMAT JSONEachRow`).
-    pub url: Option<String>,
-    /// File holding a bearer token (never on the command line).
-    pub token_file: Option<PathBuf>,
-    pub max_body_bytes: u64,
-    pub timeout_ms: u64,
-    /// How long one flush may take, retries included.
-    pub deadline_ms: u64,
-    /// Upload on its own every this many seconds; 0 = only when an admin asks (default).
-    pub every_secs: u64,
-    /// `body` (default): POST the bodies to `url` as they are. `clickhouse`: `url` is a
-    /// ClickHouse HTTP endpoint; the agent builds each INSERT into `table` itself, with
-    /// the body's idempotency key as `insert_deduplication_token` (docs/clickhouse.md).
-    pub format: UploadFormat,
-    /// The table of `format = "clickhouse"`.
-    pub table: String,
-}
-
-/// A table name ClickHouse takes as is: `db.table` or `table`, letters, digits, `_`.
-fn is_table_name(t: &str) -> bool {
-    let parts: Vec<&str> = t.split('.').collect();
-    parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && !p.starts_with(|c: char| c.is_ascii_digit())
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
-        })
-}
-
-/// How bodies are uploaded.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum UploadFormat {
-    #[default]
-    Body,
-    Clickhouse,
-}
-
-impl Default for UploadSection {
-    fn default() -> Self {
-        UploadSection {
-            url: None,
-            token_file: None,
-            max_body_bytes: 4 << 20,
-            timeout_ms: 10_000,
-            deadline_ms: 60_000,
-            every_secs: 0,
-            format: UploadFormat::Body,
-            table: "sockacct.records".into(),
-        }
     }
 }
 
@@ -827,6 +773,17 @@ impl Config {
         }
     }
 
+    /// The config as a published digest sees it: secrets removed (a URL's password and
+    /// secret query values; file paths are kept), and where it came from left out, so that
+    /// moving a comment or the file does not change the digest.
+    pub fn without_secrets(&self) -> Config {
+        Config {
+            upload: self.upload.without_secrets(),
+            source: Source::default(),
+            ..self.clone()
+        }
+    }
+
     /// Checks ranges and compiles the rules once. `parse` calls this; call it yourself on a
     /// `Config` built in code.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -840,46 +797,7 @@ impl Config {
                 message: e,
             });
         }
-        if let Some(url) = &self.upload.url
-            && !(url.starts_with("http://") || url.starts_with("https://"))
-        {
-            return Err(ConfigError::field(
-                "upload.url",
-                format!(
-                    r#"{url:?} is not an http(s) URL (expected e.g. "https://collector.example/ingest")"#
-                ),
-            ));
-        }
-        if self.upload.format == UploadFormat::Clickhouse {
-            if !is_table_name(&self.upload.table) {
-                return Err(ConfigError::field(
-                    "upload.table",
-                    format!(
-                        "{:?} is not a table name (expected db.table or table: letters, digits, _)",
-                        self.upload.table
-                    ),
-                ));
-            }
-            if let Some(url) = &self.upload.url
-                && url.contains("query=")
-            {
-                return Err(ConfigError::field(
-                    "upload.url",
-                    format!(
-                        "{url:?} has a query= parameter; with format = \"clickhouse\" the agent builds the INSERT itself: give the server's address only (e.g. \"https://ch.example:8443/\")"
-                    ),
-                ));
-            }
-        }
-        if self.upload.max_body_bytes < 4096 {
-            return Err(ConfigError::field(
-                "upload.max_body_bytes",
-                format!(
-                    "{} is too small (at least 4096)",
-                    self.upload.max_body_bytes
-                ),
-            ));
-        }
+        self.upload.check()?;
         if self.spool.segment_max_bytes < 4096
             || self.spool.max_bytes < 2 * self.spool.segment_max_bytes
         {

@@ -456,21 +456,10 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     let had_state = std::fs::symlink_metadata(&seq_path).is_ok();
     let seq =
         SeqAllocator::open(&seq_path).with_context(|| format!("opening {}", seq_path.display()))?;
-    let uploader = match &s.config.upload.url {
-        Some(u) => {
-            let url = u.parse().with_context(|| format!("upload url {u:?}"))?;
-            let mut cfg = UploadConfig::new(url);
-            cfg.bearer_token_file = s.config.upload.token_file.clone();
-            cfg.timeout = Duration::from_millis(s.config.upload.timeout_ms);
-            cfg.deadline = Duration::from_millis(s.config.upload.deadline_ms);
-            cfg.max_body_bytes = s.config.upload.max_body_bytes;
-            if s.config.upload.format == crate::config::UploadFormat::Clickhouse {
-                cfg.clickhouse_table = Some(s.config.upload.table.clone());
-            }
-            Some(Uploader::new(cfg)?)
-        }
-        None => None,
-    };
+    // Checked before anything is attached: a bad CA or key file names its key now.
+    let uploader = UploadConfig::from_section(&s.config.upload)?
+        .map(Uploader::new)
+        .transpose()?;
 
     // Handlers first: a SIGTERM (or any other terminating signal) at any point from
     // here on still detaches cleanly.
@@ -607,7 +596,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
             .iter()
             .map(crate::loader::hooks::HookChoice::short)
             .collect(),
-        config_digest: lifecycle::digest(format!("{:?}", s.config).as_bytes()),
+        config_digest: lifecycle::config_digest(&s.config),
     };
     let (marker, previous) = RunMarker::create(&o.state_dir, had_state).with_context(|| {
         format!(
