@@ -77,13 +77,22 @@ fn distinct_names_do_not_grow_memory() {
     );
     assert_eq!(p.value("sent"), N);
     p.finish();
-    // Every socket folded in and forgotten.
-    wait_for("the closed sockets to be folded in", Duration::from_secs(120), || {
+    // Every socket counted, folded in and forgotten.
+    let want = N * (SIZE + UDP4_HDR);
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
         let st = status(&d);
-        (st["sockets_tracked"].as_u64() == Some(0)
-            && st["finished_sockets_folded_in"].as_u64().unwrap_or(0) >= N)
-            .then_some(())
-    });
+        if st["sockets_tracked"].as_u64() == Some(0)
+            && st["kernel_total"]["tx"].as_u64().unwrap_or(0) >= want
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "the closed sockets were not all folded in: {st}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     d.wait_ticks(20);
     let st = status(&d);
     let rss = rss_kb(d.pid());
@@ -144,11 +153,16 @@ fn labels_beyond_the_cap_overflow_and_are_counted() {
     p.send_line("close");
     p.expect_line("closed");
     p.finish();
-    wait_for("the labels to be released", Duration::from_secs(30), || {
+    // Released at the next periodic sweep (every 5 s).
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
         let st = status(&d);
-        (st["sockets_tracked"] == 0 && st["labels"]["labels"].as_u64().unwrap() < 10)
-            .then_some(())
-    });
+        if st["sockets_tracked"] == 0 && st["labels"]["labels"].as_u64().unwrap() < 10 {
+            break;
+        }
+        assert!(Instant::now() < end, "labels not released: {st}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
     // Room again: a new name is a label of its own.
     let mut q = Peer::spawn(
         Some(&cg),

@@ -16,6 +16,9 @@ pub const OVERFLOW_LABEL: &str = "_overflow";
 const FULL_SWEEP_EVERY: u64 = 10;
 /// Below this many names no sweep is worth its walk.
 const MIN_SWEEP: usize = 256;
+/// Otherwise a sweep every this many ticks (5 s at 100 ms): names a closed socket left
+/// behind are released within seconds, so the cap is only reached by names in real use.
+const PERIODIC_SWEEP: u64 = 50;
 
 /// Counters for `status` and the metrics.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
@@ -127,7 +130,8 @@ impl LabelSet {
                 return true;
             }
         }
-        n >= MIN_SWEEP && n >= 2 * self.after_sweep.max(1)
+        (n >= MIN_SWEEP && n >= 2 * self.after_sweep.max(1))
+            || (n > 0 && self.ticks % PERIODIC_SWEEP == 0)
     }
 
     /// Releases every label whose id `in_use` does not name. Ids in use keep their
