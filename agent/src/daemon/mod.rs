@@ -29,7 +29,11 @@ use crate::{
     flows::{FlowRecord, FlowStats, FlowTable},
     lifecycle::{self, AgentRecord, Previous, RunFacts, RunMarker},
     loader,
-    metrics::{self, LabelTotals, MetricsServer, ProcessStats, Scrape, serve::ServeStats},
+    metrics::{
+        self, LabelTotals, MetricsServer, ProcessStats, Scrape,
+        auth::Credentials,
+        conns::{Limits, ServeStats},
+    },
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
@@ -55,6 +59,9 @@ struct MetricsEndpoint {
     listen: Option<std::net::SocketAddr>,
     error: Option<String>,
     stats: Arc<ServeStats>,
+    auth: &'static str,
+    tls: &'static str,
+    limits: status::MetricsLimits,
 }
 
 /// State shared by the poller thread, the control socket and uploads.
@@ -118,7 +125,13 @@ impl Shared {
             listen: m.listen.map(|a| a.to_string()),
             error: m.error.clone(),
             scrapes: m.stats.scrapes.load(Ordering::Relaxed),
-            refused_connections: m.stats.refused_connections.load(Ordering::Relaxed),
+            connections_open: m.stats.open.load(Ordering::Relaxed),
+            connections_accepted: m.stats.accepted.load(Ordering::Relaxed),
+            refused: m.stats.refused(),
+            closed_at_max_age: m.stats.closed_at_max_age.load(Ordering::Relaxed),
+            auth: m.auth,
+            tls: m.tls,
+            limits: m.limits.clone(),
         });
         st.labels_named = lock(&self.overrides).len();
         st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
@@ -446,6 +459,13 @@ pub struct RunOptions {
 pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
     let cgroup = loader::preflight(s.config.cgroup.as_deref())?;
+    // The endpoint's credentials next: a missing or exposed secret stops the start rather
+    // than serving metrics without the protection the operator asked for.
+    let metrics_creds = if s.config.metrics.enabled {
+        Credentials::load(&s.config.metrics)?
+    } else {
+        Credentials::default()
+    };
     let opts = s.load_options();
     let labeler = s.labeler.clone();
     std::fs::create_dir_all(&o.state_dir).with_context(|| {
@@ -535,7 +555,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         })?
     };
     info!("control socket {}", server.path().display());
-    let (metrics_server, metrics) = bind_metrics(&s.config.metrics);
+    let (metrics_server, metrics) = bind_metrics(&s.config.metrics, metrics_creds);
     let shared = Arc::new(Shared {
         identity,
         spool,
@@ -774,46 +794,56 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
 /// the agent (counting matters more than its view): it is logged and shown by `status`.
 fn bind_metrics(
     c: &crate::config::MetricsSection,
+    creds: Credentials,
 ) -> (Option<MetricsServer>, Option<MetricsEndpoint>) {
     if !c.enabled {
         return (None, None);
     }
+    let tls = match (&creds.tls, creds.client_certs) {
+        (None, _) => "off",
+        (Some(_), false) => "on",
+        (Some(_), true) => "client_certificates",
+    };
+    let endpoint = |listen, error| MetricsEndpoint {
+        listen,
+        error,
+        stats: Arc::default(),
+        auth: creds.auth_name(),
+        tls,
+        limits: c.into(),
+    };
     let addr = match c.listen_addr() {
         Ok(a) => a,
         Err(e) => {
             // validate() checked it; kept for callers that skip validation.
             warn!("{e}; metrics are off");
-            let ep = MetricsEndpoint {
-                listen: None,
-                error: Some(e),
-                stats: Arc::default(),
-            };
-            return (None, Some(ep));
+            return (None, Some(endpoint(None, Some(e))));
         }
     };
-    match MetricsServer::bind(addr) {
+    let scheme = if creds.tls.is_some() { "https" } else { "http" };
+    let clear_token = creds.token.is_some() && creds.tls.is_none();
+    match MetricsServer::bind(addr, Limits::from_config(c), creds.clone()) {
         Ok(m) => {
             let a = m.local_addr();
             if a.ip().is_loopback() {
-                info!("metrics on http://{a}/metrics");
+                info!("metrics on {scheme}://{a}/metrics");
             } else {
-                info!("metrics on http://{a}/metrics (not loopback: reachable from the network)");
+                info!(
+                    "metrics on {scheme}://{a}/metrics (not loopback: reachable from the network)"
+                );
+                if clear_token {
+                    warn!(
+                        "metrics: the bearer token travels in clear text to {a}; set [metrics] tls_cert_file and tls_key_file"
+                    );
+                }
             }
-            let ep = MetricsEndpoint {
-                listen: Some(a),
-                error: None,
-                stats: m.stats(),
-            };
+            let mut ep = endpoint(Some(a), None);
+            ep.stats = m.stats();
             (Some(m), Some(ep))
         }
         Err(e) => {
             warn!("{e}; the agent runs on without metrics");
-            let ep = MetricsEndpoint {
-                listen: None,
-                error: Some(e.to_string()),
-                stats: Arc::default(),
-            };
-            (None, Some(ep))
+            (None, Some(endpoint(None, Some(e.to_string()))))
         }
     }
 }
