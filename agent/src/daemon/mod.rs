@@ -29,11 +29,7 @@ use crate::{
     flows::{FlowRecord, FlowStats, FlowTable},
     lifecycle::{self, AgentRecord, Previous, RunFacts, RunMarker},
     loader,
-    metrics::{
-        self, LabelTotals, MetricsServer, ProcessStats, Scrape,
-        auth::Credentials,
-        conns::{Limits, ServeStats},
-    },
+    metrics::{self, LabelTotals, ProcessStats, Scrape, auth::Credentials},
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
     spool::{FsyncPolicy, Spool, SpoolConfig, SpoolRecord},
@@ -41,7 +37,10 @@ use crate::{
     upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
 
-use crate::status::{self, FlowsStatus, MetricsStatus, Status, UploadStatus};
+use crate::status::{self, FlowsStatus, Status, UploadStatus};
+
+mod metrics_endpoint;
+use metrics_endpoint::{MetricsEndpoint, bind_metrics};
 
 /// Upload bookkeeping for `status`.
 #[derive(Debug, Default)]
@@ -52,16 +51,6 @@ struct UploadState {
     bytes_sent: u64,
     last_success_unix_ms: Option<u64>,
     last: Option<FlushReceipt>,
-}
-
-/// The metrics endpoint as bound at start.
-struct MetricsEndpoint {
-    listen: Option<std::net::SocketAddr>,
-    error: Option<String>,
-    stats: Arc<ServeStats>,
-    auth: &'static str,
-    tls: &'static str,
-    limits: status::MetricsLimits,
 }
 
 /// State shared by the poller thread, the control socket and uploads.
@@ -121,18 +110,7 @@ impl Shared {
         drop(up);
         st.control_refused = self.refusals.snapshot();
         st.stream = self.stream.status();
-        st.metrics = self.metrics.as_ref().map(|m| MetricsStatus {
-            listen: m.listen.map(|a| a.to_string()),
-            error: m.error.clone(),
-            scrapes: m.stats.scrapes.load(Ordering::Relaxed),
-            connections_open: m.stats.open.load(Ordering::Relaxed),
-            connections_accepted: m.stats.accepted.load(Ordering::Relaxed),
-            refused: m.stats.refused(),
-            closed_at_max_age: m.stats.closed_at_max_age.load(Ordering::Relaxed),
-            auth: m.auth,
-            tls: m.tls,
-            limits: m.limits.clone(),
-        });
+        st.metrics = self.metrics.as_ref().map(MetricsEndpoint::status);
         st.labels_named = lock(&self.overrides).len();
         st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
             table,
@@ -788,64 +766,6 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     drop(loaded);
     info!("detached; bye");
     result
-}
-
-/// Binds the metrics endpoint when it is on. A port that cannot be bound does not stop
-/// the agent (counting matters more than its view): it is logged and shown by `status`.
-fn bind_metrics(
-    c: &crate::config::MetricsSection,
-    creds: Credentials,
-) -> (Option<MetricsServer>, Option<MetricsEndpoint>) {
-    if !c.enabled {
-        return (None, None);
-    }
-    let tls = match (&creds.tls, creds.client_certs) {
-        (None, _) => "off",
-        (Some(_), false) => "on",
-        (Some(_), true) => "client_certificates",
-    };
-    let endpoint = |listen, error| MetricsEndpoint {
-        listen,
-        error,
-        stats: Arc::default(),
-        auth: creds.auth_name(),
-        tls,
-        limits: c.into(),
-    };
-    let addr = match c.listen_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            // validate() checked it; kept for callers that skip validation.
-            warn!("{e}; metrics are off");
-            return (None, Some(endpoint(None, Some(e))));
-        }
-    };
-    let scheme = if creds.tls.is_some() { "https" } else { "http" };
-    let clear_token = creds.token.is_some() && creds.tls.is_none();
-    match MetricsServer::bind(addr, Limits::from_config(c), creds.clone()) {
-        Ok(m) => {
-            let a = m.local_addr();
-            if a.ip().is_loopback() {
-                info!("metrics on {scheme}://{a}/metrics");
-            } else {
-                info!(
-                    "metrics on {scheme}://{a}/metrics (not loopback: reachable from the network)"
-                );
-                if clear_token {
-                    warn!(
-                        "metrics: the bearer token travels in clear text to {a}; set [metrics] tls_cert_file and tls_key_file"
-                    );
-                }
-            }
-            let mut ep = endpoint(Some(a), None);
-            ep.stats = m.stats();
-            (Some(m), Some(ep))
-        }
-        Err(e) => {
-            warn!("{e}; the agent runs on without metrics");
-            (None, Some(endpoint(None, Some(e.to_string()))))
-        }
-    }
 }
 
 static STOP_FLAGS: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
