@@ -4,6 +4,8 @@
 //! Limits, and what happens when each is reached:
 //! - a peer (a local uid, else an address) with `max_connections_per_peer` open: the new
 //!   connection is closed at once (`per_peer_limit`). One local user cannot take every slot.
+//!   (Loopback peers that cannot be told apart, [`PeerKey::UnknownLocal`], have no cap of
+//!   their own.)
 //! - `max_connections` open in all: the connection idle longest (no request, no reply
 //!   bytes written for at least [`EVICT_AFTER_IDLE`]) is closed to make room (`evicted`);
 //!   if none has been idle that long, the new one is closed (`connection_limit`). Eviction
@@ -190,7 +192,9 @@ impl Registry {
             self.stats.count(r);
             Err(r)
         };
-        if conns.iter().filter(|c| c.peer == peer).count() >= self.limits.max_per_peer {
+        if peer != PeerKey::UnknownLocal
+            && conns.iter().filter(|c| c.peer == peer).count() >= self.limits.max_per_peer
+        {
             return refuse(Refusal::PerPeerLimit);
         }
         if conns.len() >= self.limits.max_connections {
@@ -365,6 +369,15 @@ mod tests {
         assert_eq!(stats.refused()["per_peer_limit"], 2);
         assert_eq!(stats.open.load(Ordering::Relaxed), 3);
         assert_eq!(stats.accepted.load(Ordering::Relaxed), 3);
+        // Local peers that cannot be told apart: only the total applies.
+        let unknown: Vec<Slot> = (0..5)
+            .map(|_| r.admit(PeerKey::UnknownLocal, now).unwrap())
+            .collect();
+        assert_eq!(
+            r.admit(PeerKey::UnknownLocal, now).unwrap_err(),
+            Refusal::ConnectionLimit
+        );
+        assert_eq!(unknown.len(), 5);
     }
 
     #[test]

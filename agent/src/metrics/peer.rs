@@ -21,6 +21,9 @@ pub enum PeerKey {
     V4([u8; 4]),
     /// The /64 prefix.
     V6([u8; 8]),
+    /// A loopback peer while sock_diag is unavailable: every local user would share one
+    /// address, so no cap per peer applies (the total cap and eviction still do).
+    UnknownLocal,
 }
 
 impl PeerKey {
@@ -64,6 +67,9 @@ impl PeerLookup {
     pub fn key(&mut self, peer: SocketAddr, local: SocketAddr) -> PeerKey {
         match self.uid(peer, local) {
             Some(uid) => PeerKey::Uid(uid),
+            None if self.fd.is_none() && peer.ip().to_canonical().is_loopback() => {
+                PeerKey::UnknownLocal
+            }
             None => PeerKey::of_addr(peer.ip()),
         }
     }
@@ -245,6 +251,17 @@ mod tests {
         assert_eq!(
             lookup.key(nobody, s.local_addr().unwrap()),
             PeerKey::V4([127, 0, 0, 1])
+        );
+        // Without sock_diag, local peers cannot be told apart.
+        let mut blind = PeerLookup { fd: None, seq: 0 };
+        assert_eq!(
+            blind.key(peer, s.local_addr().unwrap()),
+            PeerKey::UnknownLocal
+        );
+        let remote: SocketAddr = "192.0.2.7:5000".parse().unwrap();
+        assert_eq!(
+            blind.key(remote, s.local_addr().unwrap()),
+            PeerKey::V4([192, 0, 2, 7])
         );
         drop(c);
     }
