@@ -84,8 +84,42 @@ pub struct MetricsStatus {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
     pub scrapes: u64,
-    /// Connections closed unserved because too many were open.
-    pub refused_connections: u64,
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    /// Connections refused or closed before their client was done, by why (also
+    /// `sockacct_drops_total{stage="metrics"}`).
+    pub refused: BTreeMap<&'static str, u64>,
+    /// Kept-alive connections closed at `max_connection_age_secs` (routine).
+    pub closed_at_max_age: u64,
+    /// "none" or "bearer".
+    pub auth: &'static str,
+    /// "off", "on", or "client_certificates" (clients must present one).
+    pub tls: &'static str,
+    pub limits: MetricsLimits,
+}
+
+/// `[metrics]` limits in force.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MetricsLimits {
+    pub max_connections: usize,
+    pub max_connections_per_peer: usize,
+    pub read_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+    pub max_connection_age_secs: u64,
+    pub max_request_header_bytes: usize,
+}
+
+impl From<&crate::config::MetricsSection> for MetricsLimits {
+    fn from(c: &crate::config::MetricsSection) -> Self {
+        MetricsLimits {
+            max_connections: c.max_connections,
+            max_connections_per_peer: c.max_connections_per_peer,
+            read_timeout_secs: c.read_timeout_secs,
+            write_timeout_secs: c.write_timeout_secs,
+            max_connection_age_secs: c.max_connection_age_secs,
+            max_request_header_bytes: c.max_request_header_bytes,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

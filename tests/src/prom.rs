@@ -193,13 +193,19 @@ pub fn prometheus_exe() -> PathBuf {
 
 impl Prometheus {
     pub fn start(target: &str) -> Prometheus {
+        Prometheus::start_with(target, "")
+    }
+
+    /// With more keys in the scrape job (`scheme`, `authorization`, `tls_config`): YAML
+    /// lines indented by four spaces.
+    pub fn start_with(target: &str, job: &str) -> Prometheus {
         let dir = TempDir::new("prometheus");
         let cfg = dir.0.join("prometheus.yml");
         std::fs::write(
             &cfg,
             format!(
                 "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n\
-                 scrape_configs:\n  - job_name: sockacct\n    static_configs:\n      - targets: ['{target}']\n"
+                 scrape_configs:\n  - job_name: sockacct\n{job}    static_configs:\n      - targets: ['{target}']\n"
             ),
         )
         .unwrap();

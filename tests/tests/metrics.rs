@@ -288,7 +288,13 @@ fn documented_scrape_config_and_alert_rules_are_valid() {
     assert_eq!(blocks.len(), 2, "a scrape config and the alert rules");
     let dir = TempDir::new("promdocs");
     let (cfg, rules) = (dir.0.join("prometheus.yml"), dir.0.join("rules.yml"));
-    std::fs::write(&cfg, blocks[0]).unwrap();
+    // promtool checks that the credential files the secured job names exist.
+    assert!(blocks[0].contains("credentials_file: /etc/prometheus/sockacct.token"));
+    let prefix = format!("{}/", dir.0.display());
+    for f in ["sockacct.token", "sockacct-ca.pem"] {
+        std::fs::write(dir.0.join(f), "x\n").unwrap();
+    }
+    std::fs::write(&cfg, blocks[0].replace("/etc/prometheus/", &prefix)).unwrap();
     std::fs::write(&rules, blocks[1]).unwrap();
     prom::prometheus_exe();
     for (what, file) in [("config", &cfg), ("rules", &rules)] {

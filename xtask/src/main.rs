@@ -240,6 +240,9 @@ fn test(kernels: Vec<String>, no_vm: bool, args: Vec<String>) -> anyhow::Result<
         // The metrics tests scrape the agent with a real Prometheus server.
         ("prometheus", "prometheus"),
         ("promtool", "prometheus"),
+        // The metrics endpoint's TLS test makes its certificates; curl is a second client.
+        ("openssl", "openssl"),
+        ("curl", "curl"),
         // `sockacct top` runs in a real terminal.
         ("tmux", "tmux"),
     ])?;

@@ -29,7 +29,7 @@ use crate::{
     flows::{FlowRecord, FlowStats, FlowTable},
     lifecycle::{self, AgentRecord, Previous, RunFacts, RunMarker},
     loader,
-    metrics::{self, LabelTotals, MetricsServer, ProcessStats, Scrape, serve::ServeStats},
+    metrics::{self, LabelTotals, ProcessStats, Scrape, auth::Credentials},
     poller::{LabelOverrides, NamedSocket, PollStats, Poller},
     settings::Settings,
     safedir::SafeDir,
@@ -38,9 +38,11 @@ use crate::{
     upload::{self, UploadConfig, Uploader, flush::FlushReceipt},
 };
 
-mod signals;
+use crate::status::{self, FlowsStatus, Status, UploadStatus};
 
-use crate::status::{self, FlowsStatus, MetricsStatus, Status, UploadStatus};
+mod metrics_endpoint;
+mod signals;
+use metrics_endpoint::{MetricsEndpoint, bind_metrics};
 
 /// Upload bookkeeping for `status`.
 #[derive(Debug, Default)]
@@ -51,13 +53,6 @@ struct UploadState {
     bytes_sent: u64,
     last_success_unix_ms: Option<u64>,
     last: Option<FlushReceipt>,
-}
-
-/// The metrics endpoint as bound at start.
-struct MetricsEndpoint {
-    listen: Option<std::net::SocketAddr>,
-    error: Option<String>,
-    stats: Arc<ServeStats>,
 }
 
 /// State shared by the poller thread, the control socket and uploads.
@@ -117,12 +112,7 @@ impl Shared {
         drop(up);
         st.control_refused = self.refusals.snapshot();
         st.stream = self.stream.status();
-        st.metrics = self.metrics.as_ref().map(|m| MetricsStatus {
-            listen: m.listen.map(|a| a.to_string()),
-            error: m.error.clone(),
-            scrapes: m.stats.scrapes.load(Ordering::Relaxed),
-            refused_connections: m.stats.refused_connections.load(Ordering::Relaxed),
-        });
+        st.metrics = self.metrics.as_ref().map(MetricsEndpoint::status);
         st.labels_named = lock(&self.overrides).len();
         st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
             table,
@@ -444,6 +434,13 @@ pub struct RunOptions {
 pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
     let cgroup = loader::preflight(s.config.cgroup.as_deref())?;
+    // The endpoint's credentials next: a missing or exposed secret stops the start rather
+    // than serving metrics without the protection the operator asked for.
+    let metrics_creds = if s.config.metrics.enabled {
+        Credentials::load(&s.config.metrics)?
+    } else {
+        Credentials::default()
+    };
     let opts = s.load_options();
     let labeler = s.labeler.clone();
     // Only root may be able to change what the agent writes as root: the state directory
@@ -528,7 +525,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         })?
     };
     info!("control socket {}", server.path().display());
-    let (metrics_server, metrics) = bind_metrics(&s.config.metrics);
+    let (metrics_server, metrics) = bind_metrics(&s.config.metrics, metrics_creds);
     let shared = Arc::new(Shared {
         identity,
         spool,
@@ -769,52 +766,4 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     drop(loaded);
     info!("detached; bye");
     result
-}
-
-/// Binds the metrics endpoint when it is on. A port that cannot be bound does not stop
-/// the agent (counting matters more than its view): it is logged and shown by `status`.
-fn bind_metrics(
-    c: &crate::config::MetricsSection,
-) -> (Option<MetricsServer>, Option<MetricsEndpoint>) {
-    if !c.enabled {
-        return (None, None);
-    }
-    let addr = match c.listen_addr() {
-        Ok(a) => a,
-        Err(e) => {
-            // validate() checked it; kept for callers that skip validation.
-            warn!("{e}; metrics are off");
-            let ep = MetricsEndpoint {
-                listen: None,
-                error: Some(e),
-                stats: Arc::default(),
-            };
-            return (None, Some(ep));
-        }
-    };
-    match MetricsServer::bind(addr) {
-        Ok(m) => {
-            let a = m.local_addr();
-            if a.ip().is_loopback() {
-                info!("metrics on http://{a}/metrics");
-            } else {
-                info!("metrics on http://{a}/metrics (not loopback: reachable from the network)");
-            }
-            let ep = MetricsEndpoint {
-                listen: Some(a),
-                error: None,
-                stats: m.stats(),
-            };
-            (Some(m), Some(ep))
-        }
-        Err(e) => {
-            warn!("{e}; the agent runs on without metrics");
-            let ep = MetricsEndpoint {
-                listen: None,
-                error: Some(e.to_string()),
-                stats: Arc::default(),
-            };
-            (None, Some(ep))
-        }
-    }
 }

@@ -296,9 +296,14 @@ impl Collector for Scrape {
             drop("control", reason, *v);
         }
         drop("control", "subscriber_cut_off", st.stream.cut_off);
+        if let Some(m) = &st.metrics {
+            for (reason, v) in &m.refused {
+                drop("metrics", reason, *v);
+            }
+        }
         o.counters(
             "sockacct_drops",
-            "Everything dropped or refused, by stage and reason (kernel: failed map updates; spool: records; flows: observations and records; control: requests)",
+            "Everything dropped or refused, by stage and reason (kernel: failed map updates; spool: records; flows: observations and records; control: requests; metrics: connections)",
             drops,
         )?;
         o.counters(
@@ -402,6 +407,30 @@ impl Collector for Scrape {
             "Sockets given the label _overflow because max_labels labels were in use",
             st.labels.overflowed_sockets,
         )?;
+
+        // This endpoint.
+        if let Some(m) = &st.metrics {
+            o.gauge(
+                "sockacct_metrics_connections_open",
+                "Connections to the metrics endpoint open now",
+                m.connections_open as f64,
+            )?;
+            o.counter(
+                "sockacct_metrics_connections_accepted",
+                "Connections to the metrics endpoint admitted",
+                m.connections_accepted,
+            )?;
+            o.counter(
+                "sockacct_metrics_scrapes",
+                "GET /metrics answered",
+                m.scrapes,
+            )?;
+            o.counter(
+                "sockacct_metrics_connections_aged_out",
+                "Kept-alive connections closed at [metrics] max_connection_age_secs",
+                m.closed_at_max_age,
+            )?;
+        }
 
         // Flow records.
         if let Some(f) = &st.flows {

@@ -6,11 +6,16 @@
 //!   OpenMetrics or the classic text format.
 //! - [`serve`]: `GET /metrics` over HTTP/1, off the poll loop: the loop only adds to the
 //!   totals; each scrape takes a snapshot under short locks and encodes it on its own task.
+//!   [`conns`] bounds what any client can hold (caps per peer and in total, timeouts),
+//!   [`peer`] tells local users apart, [`auth`] checks the optional token and serves TLS.
 use std::{collections::BTreeMap, collections::HashMap, sync::Arc};
 
 use crate::{event::DeltaEvent, event::Traffic, status::Status};
 
+pub mod auth;
+pub mod conns;
 pub mod exposition;
+pub mod peer;
 pub mod serve;
 
 pub use serve::{MetricsError, MetricsServer, Source};

@@ -1,16 +1,15 @@
-//! `GET /metrics` over HTTP/1 (hyper), on the daemon's tokio runtime.
+//! `GET /metrics` over HTTP/1 (hyper), optionally over TLS, on the daemon's tokio runtime.
 //!
 //! A scrape never waits for the poll loop: [`Source::scrape`] takes a snapshot under the
-//! short locks the loop also takes once per tick, and the encoding runs here.
+//! short locks the loop also takes once per tick, and the encoding runs here. What a
+//! connection may hold, and for how long, is decided in [`super::conns`]; who may read,
+//! in [`super::auth`].
 use std::{
     convert::Infallible,
     io,
     net::SocketAddr,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+    sync::{Arc, atomic::Ordering},
+    time::{Duration, Instant},
 };
 
 use http_body_util::Full;
@@ -19,17 +18,18 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{
     Scrape,
+    auth::Credentials,
+    conns::{Conn, Limits, Refusal, Registry, ServeStats, Slot, TimedIo},
     exposition::{Format, render},
+    peer::PeerLookup,
 };
 
-/// Connections served at once; more are closed at once (and counted).
-const MAX_CONNECTIONS: usize = 16;
-/// A scraper keeps its connection for reuse; after this it reconnects.
-const MAX_CONNECTION_LIFE: Duration = Duration::from_secs(300);
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// hyper's smallest read buffer.
+const MIN_BUF: usize = 8192;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -44,23 +44,29 @@ pub trait Source: Send + Sync + 'static {
     fn scrape(&self) -> Scrape;
 }
 
-/// Counters of the endpoint itself.
-#[derive(Debug, Default)]
-pub struct ServeStats {
-    pub scrapes: AtomicU64,
-    /// Connections closed unserved because MAX_CONNECTIONS were open.
-    pub refused_connections: AtomicU64,
-}
-
 pub struct MetricsServer {
     listener: std::net::TcpListener,
     addr: SocketAddr,
     stats: Arc<ServeStats>,
+    limits: Limits,
+    creds: Credentials,
+}
+
+/// What every connection's task needs.
+struct Ctx<S> {
+    source: Arc<S>,
+    stats: Arc<ServeStats>,
+    limits: Limits,
+    creds: Credentials,
 }
 
 impl MetricsServer {
     /// Binds now, so a taken port is reported at start.
-    pub fn bind(addr: SocketAddr) -> Result<MetricsServer, MetricsError> {
+    pub fn bind(
+        addr: SocketAddr,
+        limits: Limits,
+        creds: Credentials,
+    ) -> Result<MetricsServer, MetricsError> {
         let err = |source| MetricsError::Bind { addr, source };
         let listener = std::net::TcpListener::bind(addr).map_err(err)?;
         listener.set_nonblocking(true).map_err(err)?;
@@ -69,6 +75,8 @@ impl MetricsServer {
             listener,
             addr,
             stats: Arc::default(),
+            limits,
+            creds,
         })
     }
 
@@ -90,10 +98,17 @@ impl MetricsServer {
                 return;
             }
         };
-        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        let registry = Arc::new(Registry::new(self.limits.clone(), self.stats.clone()));
+        let mut peers = PeerLookup::new();
+        let ctx = Arc::new(Ctx {
+            source,
+            stats: self.stats,
+            limits: self.limits,
+            creds: self.creds,
+        });
         loop {
-            let stream = match listener.accept().await {
-                Ok((s, _)) => s,
+            let (stream, peer) = match listener.accept().await {
+                Ok(s) => s,
                 Err(e) => {
                     // Out of descriptors, most likely: back off instead of spinning.
                     log::warn!("metrics endpoint accept: {e}");
@@ -101,26 +116,83 @@ impl MetricsServer {
                     continue;
                 }
             };
-            let Ok(slot) = slots.clone().try_acquire_owned() else {
-                self.stats
-                    .refused_connections
-                    .fetch_add(1, Ordering::Relaxed);
+            let local = stream.local_addr().unwrap_or(self.addr);
+            // Refused (and counted) connections are closed by dropping them.
+            let Ok(slot) = registry.admit(peers.key(peer, local), Instant::now()) else {
                 continue;
             };
-            let (source, stats) = (source.clone(), self.stats.clone());
-            tokio::spawn(async move {
-                let svc = service_fn(move |req| {
-                    let reply = answer(&*source, &stats, &req);
-                    async move { Ok::<_, Infallible>(reply) }
-                });
-                let conn = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), svc);
-                let _ = tokio::time::timeout(MAX_CONNECTION_LIFE, conn).await;
-                drop(slot);
-            });
+            tokio::spawn(serve_connection(stream, slot, ctx.clone()));
         }
+    }
+}
+
+/// One connection until it ends, times out, or is evicted.
+async fn serve_connection<S: Source>(stream: tokio::net::TcpStream, slot: Slot, ctx: Arc<Ctx<S>>) {
+    let conn = slot.conn.clone();
+    let io = TimedIo::new(stream, conn.clone(), ctx.limits.write_timeout);
+    let work = async {
+        match &ctx.creds.tls {
+            Some(cfg) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+                match tokio::time::timeout(ctx.limits.read_timeout, acceptor.accept(io)).await {
+                    Ok(Ok(tls)) => http(tls, &conn, &ctx).await,
+                    // Plain HTTP to the HTTPS port, no or a bad client certificate, or too
+                    // slow: the details are the client's to see.
+                    Ok(Err(_)) | Err(_) => ctx.stats.count(Refusal::TlsHandshake),
+                }
+            }
+            None => http(io, &conn, &ctx).await,
+        }
+    };
+    tokio::select! {
+        () = work => {}
+        () = conn.evict.notified() => {}
+    }
+    drop(slot);
+}
+
+async fn http<S: Source, I>(io: I, conn: &Arc<Conn>, ctx: &Arc<Ctx<S>>)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (c, cx) = (conn.clone(), ctx.clone());
+    let svc = service_fn(move |req| {
+        c.touch();
+        let reply = answer(&cx, &req);
+        async move { Ok::<_, Infallible>(reply) }
+    });
+    let l = &ctx.limits;
+    let served = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(l.read_timeout)
+        .max_header_size(l.max_header_bytes)
+        .max_buf_size(l.max_header_bytes.max(MIN_BUF))
+        .serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(served);
+    let result = tokio::select! {
+        r = served.as_mut() => r,
+        () = tokio::time::sleep(l.max_age) => {
+            ctx.stats.closed_at_max_age.fetch_add(1, Ordering::Relaxed);
+            // The reply under way is finished; a client that stalls it meets the timeouts.
+            served.as_mut().graceful_shutdown();
+            match tokio::time::timeout(l.read_timeout + l.write_timeout, served.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        let reason = if conn.write_timed_out.load(Ordering::Relaxed) {
+            Refusal::WriteTimeout
+        } else if e.is_timeout() {
+            Refusal::RequestTimeout
+        } else if e.is_parse_too_large() {
+            Refusal::HeaderTooLarge
+        } else {
+            // A client that went away: not the endpoint's refusal.
+            return;
+        };
+        ctx.stats.count(reason);
     }
 }
 
@@ -134,7 +206,27 @@ fn plain(status: StatusCode, text: &str) -> Response<Full<Bytes>> {
     r
 }
 
-fn answer<S: Source, B>(source: &S, stats: &ServeStats, req: &Request<B>) -> Response<Full<Bytes>> {
+fn answer<S: Source, B>(ctx: &Ctx<S>, req: &Request<B>) -> Response<Full<Bytes>> {
+    if let Some(token) = &ctx.creds.token
+        && !token.admits(req.headers().get(header::AUTHORIZATION))
+    {
+        ctx.stats.count(Refusal::Unauthorized);
+        let mut r = plain(
+            StatusCode::UNAUTHORIZED,
+            "a bearer token is required (Authorization: Bearer TOKEN)\n",
+        );
+        let h = r.headers_mut();
+        h.insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer realm=\"sockacct\""),
+        );
+        // An unauthenticated client does not keep a slot.
+        h.insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+        return r;
+    }
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut r = plain(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -151,8 +243,8 @@ fn answer<S: Source, B>(source: &S, stats: &ServeStats, req: &Request<B>) -> Res
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok());
             let format = Format::negotiate(accept);
-            stats.scrapes.fetch_add(1, Ordering::Relaxed);
-            let body = render(source.scrape(), format);
+            ctx.stats.scrapes.fetch_add(1, Ordering::Relaxed);
+            let body = render(ctx.source.scrape(), format);
             let mut r = Response::new(Full::new(Bytes::from(body)));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
