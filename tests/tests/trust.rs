@@ -101,10 +101,16 @@ fn distinct_names_do_not_grow_memory() {
         st["labels"]
     );
     let labels = &st["labels"];
+    // Names that arrive faster than sockets are folded in can exceed max_labels at once:
+    // those sockets share _overflow. Either way, nothing is kept once they are gone.
     assert!(labels["labels"].as_u64().unwrap() < 1000, "{labels}");
-    assert!(labels["released"].as_u64().unwrap() >= N - 1000, "{labels}");
-    assert_eq!(labels["overflowed_sockets"], 0, "{labels}");
-    // The bound docs/security.md states. Before labels were released: 147.8 MB.
+    let (released, overflowed) = (
+        labels["released"].as_u64().unwrap(),
+        labels["overflowed_sockets"].as_u64().unwrap(),
+    );
+    assert!(released + overflowed >= N, "{labels}");
+    // The bound docs/security.md states. Before labels were released: 147.8 MB (flow
+    // records on, the default).
     assert!(rss < 64 * 1024, "RSS {rss} kB after {N} distinct names");
     drop(sink);
     let events = d.stop();
@@ -113,11 +119,11 @@ fn distinct_names_do_not_grow_memory() {
     let tx: u64 = s
         .labels
         .iter()
-        .filter(|(l, _)| l.starts_with('n'))
+        .filter(|(l, _)| l.starts_with('n') || *l == "_overflow")
         .map(|(_, t)| t.tx)
         .sum();
     assert_eq!(tx, N * (SIZE + UDP4_HDR), "every datagram counted");
-    assert_eq!(s.labels.len() as u64, N + 1, "one label per name (and names-done)");
+    assert_eq!(s.unattributed.tx, 0);
 }
 
 /// More distinct names alive at once than `max_labels`: the rest share the label

@@ -176,6 +176,8 @@ pub struct FlowTable {
     flows: Flows,
     out: Out,
     next_serial: u64,
+    /// Entries held at the last heap trim (or the most since): see `give_back_room`.
+    trim_mark: usize,
 }
 
 impl FlowTable {
@@ -192,6 +194,7 @@ impl FlowTable {
                 c: RecordTotals::default(),
             },
             next_serial: 0,
+            trim_mark: 0,
         }
     }
 
@@ -244,7 +247,47 @@ impl FlowTable {
         self.run_timers(now);
         self.evict_dormant();
         self.out.expire_sessions(now);
-        self.drain(self.out.cfg.max_records_per_tick)
+        let recs = self.drain(self.out.cfg.max_records_per_tick);
+        self.give_back_room();
+        recs
+    }
+
+    /// After a burst (a mass close, or any local user opening and closing many sockets)
+    /// the tables keep their peak capacity unless told: shrink each one that holds less
+    /// than a quarter of it, so the memory goes back (keeping 2x headroom).
+    fn give_back_room(&mut self) {
+        fn map<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+            if m.capacity() > 4096 && m.len() < m.capacity() / 4 {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        fn deque<T>(q: &mut VecDeque<T>) {
+            if q.capacity() > 4096 && q.len() < q.capacity() / 4 {
+                q.shrink_to(q.len() * 2);
+            }
+        }
+        map(&mut self.flows.conns);
+        map(&mut self.flows.unconns);
+        map(&mut self.out.sessions);
+        map(&mut self.out.session_index);
+        deque(&mut self.flows.dormant_queue);
+        deque(&mut self.flows.deferred);
+        deque(&mut self.out.outbox);
+        let t = &mut self.flows.timers;
+        if t.capacity() > 4096 && t.len() < t.capacity() / 4 {
+            t.shrink_to(t.len() * 2);
+        }
+        let t = &mut self.out.session_timers;
+        if t.capacity() > 4096 && t.len() < t.capacity() / 4 {
+            t.shrink_to(t.len() * 2);
+        }
+        // The flows' own small blocks go back once the table fell to half its mark.
+        let n = self.flows.conns.len() + self.flows.unconns.len() + self.out.sessions.len();
+        self.trim_mark = self.trim_mark.max(n);
+        if n < self.trim_mark / 2 {
+            self.trim_mark = n;
+            crate::process::release_free_heap();
+        }
     }
 
     /// Shutdown: every pending session, then a `close` (`end_reason: "agent_stopped"`,
