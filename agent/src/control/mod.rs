@@ -415,8 +415,9 @@ impl ControlServer {
             };
             let peer = match peer::pin(stream.as_fd()) {
                 Ok(p) => p,
+                // Served, so each request hears why it is refused.
+                Err(peer::PinError::Gone(p)) => p,
                 Err(e) => {
-                    me.refusals.peer_gone.fetch_add(1, Ordering::Relaxed);
                     log::debug!("control connection: {e}");
                     continue;
                 }

@@ -15,8 +15,10 @@ pub struct Peer {
     pub gid: u32,
     /// Supplementary groups, read once while the pidfd proved the process was the peer.
     pub groups: Vec<u32>,
-    /// The peer process; `None` only for peers built in tests.
+    /// The peer process; `None` only for peers built in tests and peers already gone.
     pidfd: Option<Arc<OwnedFd>>,
+    /// The connecting process had exited before the connection was taken.
+    gone: bool,
 }
 
 impl Peer {
@@ -32,12 +34,26 @@ impl Peer {
             gid,
             groups: vec![],
             pidfd: None,
+            gone: false,
+        }
+    }
+
+    /// A peer whose process exited before its connection was taken: it is kept (so its
+    /// requests are refused with the reason, rather than the connection dropped), and
+    /// never alive.
+    pub fn gone(pid: i32, uid: u32, gid: u32) -> Peer {
+        Peer {
+            gone: true,
+            ..Peer::detached(pid, uid, gid)
         }
     }
 
     /// Whether the process that connected still runs (so `pid` still names it). A pidfd
     /// becomes readable when its process exits.
     pub fn alive(&self) -> bool {
+        if self.gone {
+            return false;
+        }
         let Some(fd) = &self.pidfd else {
             return true;
         };
@@ -61,8 +77,8 @@ impl Peer {
 pub enum PinError {
     #[error("reading the peer's credentials: {0}")]
     Cred(io::Error),
-    #[error("the connecting process (pid {0}) is gone")]
-    Gone(i32),
+    #[error("the connecting process (pid {}) is gone", .0.pid)]
+    Gone(Peer),
 }
 
 /// Takes the peer of `s`: SO_PEERCRED, and its process as a pidfd: SO_PEERPIDFD where
@@ -76,9 +92,10 @@ pub fn pin(s: BorrowedFd<'_>) -> Result<Peer, PinError> {
         gid: 0,
     };
     getsockopt(s, libc::SO_PEERCRED, &mut cred).map_err(PinError::Cred)?;
+    let gone = || PinError::Gone(Peer::gone(cred.pid, cred.uid, cred.gid));
     let pidfd = match getsockopt::<libc::c_int>(s, libc::SO_PEERPIDFD, &mut -1) {
         Ok(fd) => fd,
-        Err(_) => open_checked(cred.pid)?,
+        Err(_) => open_checked(cred.pid).ok_or_else(gone)?,
     };
     // SAFETY: a new descriptor the kernel just gave us; no one else owns it.
     let pidfd = Arc::new(unsafe { OwnedFd::from_raw_fd(pidfd) });
@@ -88,11 +105,12 @@ pub fn pin(s: BorrowedFd<'_>) -> Result<Peer, PinError> {
         gid: cred.gid,
         groups: vec![],
         pidfd: Some(pidfd),
+        gone: false,
     };
     peer.groups = groups_of(peer.pid);
     // Read while the process ran: the groups are the peer's, not a successor's.
     if !peer.alive() {
-        return Err(PinError::Gone(peer.pid));
+        return Err(gone());
     }
     Ok(peer)
 }
@@ -117,20 +135,20 @@ fn getsockopt<T: Copy>(s: BorrowedFd<'_>, opt: libc::c_int, v: &mut T) -> io::Re
 
 /// pidfd_open(pid), refused when the process started after this call began (so it
 /// cannot be the one that connected).
-fn open_checked(pid: i32) -> Result<libc::c_int, PinError> {
+fn open_checked(pid: i32) -> Option<libc::c_int> {
     let now = boot_ticks();
     // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) } as libc::c_int;
     if fd < 0 {
-        return Err(PinError::Gone(pid));
+        return None;
     }
     let started = start_ticks(pid);
     if started.is_none_or(|s| now.is_some_and(|n| s > n)) {
         // SAFETY: we own fd and close it once.
         unsafe { libc::close(fd) };
-        return Err(PinError::Gone(pid));
+        return None;
     }
-    Ok(fd)
+    Some(fd)
 }
 
 /// Clock ticks since boot, in the unit of /proc/<pid>/stat's start time.
