@@ -446,7 +446,8 @@ pub struct RunOptions {
 pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     // Privileges, BTF and cgroup v2 first: say what is missing before touching any file.
     let cgroup = loader::preflight(s.config.cgroup.as_deref())?;
-    let opts = s.load_options();
+    let mut opts = s.load_options();
+    opts.tc_record = Some(o.state_dir.join("tc-filters.json"));
     let labeler = s.labeler.clone();
     std::fs::create_dir_all(&o.state_dir).with_context(|| {
         format!(
