@@ -66,6 +66,16 @@ step "configure: tc on lo, upload, [control] group = sockview"
 groupadd --system sockview
 useradd --no-create-home --shell /bin/sh --groups sockview viewer
 useradd --no-create-home --shell /bin/sh outsider
+# The unit as it was (no CAP_CHOWN): root alone cannot give the socket to the group.
+mkdir -p /tmp/nochown && : >/tmp/nochown/empty.toml
+if timeout 60 setpriv --bounding-set -chown sockacct run --config /tmp/nochown/empty.toml \
+    --no-spool --no-metrics --state-dir /tmp/nochown --control-socket /tmp/nochown/ctl.sock \
+    --control-group sockview >/tmp/nochown/out.txt 2>&1; then
+    fail "the agent ran without CAP_CHOWN"
+fi
+grep -q "Operation not permitted" /tmp/nochown/out.txt ||
+    fail "without CAP_CHOWN, not the expected EPERM: $(tail -3 /tmp/nochown/out.txt)"
+echo "package: without CAP_CHOWN: $(grep -m1 "Operation not permitted" /tmp/nochown/out.txt)"
 cat >/etc/sockacct/config.toml <<'TOML'
 interfaces = ["lo"]
 
