@@ -17,6 +17,11 @@ wait_for() { # what, seconds, command...
 attached() { bpftool cgroup tree /sys/fs/cgroup 2>/dev/null | grep -c sockacct || true; }
 # Our tc filters on lo in one direction (netlink filters are named after the program).
 tc_filters() { tc filter show dev lo "$1" 2>/dev/null | grep -c "sockacct_tc_$1" || true; }
+# Program ids of our filters on lo, both directions.
+tc_prog_ids() {
+    for d in ingress egress; do tc filter show dev lo "$d"; done 2>/dev/null |
+        grep sockacct_tc_ | grep -o ' id [0-9]*' | awk '{print $2}' | sort -n | tr '\n' ' '
+}
 clsact_on_lo() { tc qdisc show dev lo 2>/dev/null | grep -c clsact || true; }
 spool() { sockacct spool cat --spool-dir /var/lib/sockacct/spool 2>/dev/null; }
 
@@ -163,6 +168,15 @@ for q in '.labels["udpprobe"].tx 26400' '.labels["udpprobe"].rx 26400' '.labels[
     got=$(sum "${q% *}")
     [ "$got" = "${q##* }" ] || fail "${q% *}: uploaded $got, want ${q##* } (50 x (500+8+20), 20 x (300+8+20))"
 done
+# ProtectKernelTunables leaves /proc/sys readable: every record carries the real boot id
+# (and the machine id as the agent's), not "unknown".
+boot=$(cat /proc/sys/kernel/random/boot_id)
+jq -e -s --arg b "$boot" 'length > 0 and all(.boot == $b)' /tmp/uploaded.jsonl >/dev/null ||
+    fail "uploaded records do not all carry boot $boot: $(jq -c -s 'map(.boot) | unique' /tmp/uploaded.jsonl)"
+if [ -s /etc/machine-id ]; then
+    jq -e -s --arg a "$(cat /etc/machine-id)" 'all(.agent == $a)' /tmp/uploaded.jsonl >/dev/null ||
+        fail "uploaded records do not carry the machine id as agent"
+fi
 jq -e -s 'map(select(.type == "delta")) | all(.total.tx == ((.labels | map(.tx) | add // 0) + (.unattributed.tx // 0)))' \
     /tmp/uploaded.jsonl >/dev/null || fail "an uploaded delta does not conserve tx"
 
@@ -188,11 +202,22 @@ step "SIGKILL: systemd restarts it; the new run removes the killed run's tc filt
 systemctl start sockacct
 wait_for "the control socket" 60 sockacct status
 pid1=$(systemctl show -p MainPID --value sockacct)
+killed_ids=$(tc_prog_ids)
+[ "$(echo $killed_ids | wc -w)" = 2 ] || fail "expected 2 program ids on lo before the kill: $killed_ids"
 systemctl kill -s KILL sockacct
 wait_for "a restart after SIGKILL" 60 sh -c \
     "p=\$(systemctl show -p MainPID --value sockacct); [ \"\$p\" != 0 ] && [ \"\$p\" != $pid1 ] && sockacct status"
 [ "$(tc_filters ingress)" = 1 ] && [ "$(tc_filters egress)" = 1 ] ||
     fail "after a SIGKILL and restart, not exactly one filter each way on lo: $(tc filter show dev lo ingress; tc filter show dev lo egress)"
+new_ids=$(tc_prog_ids)
+for id in $killed_ids; do
+    echo " $new_ids " | grep -q " $id " && fail "the killed run's program $id is still attached on lo (now: $new_ids)"
+done
+[ "$(echo $new_ids | wc -w)" = 2 ] || fail "the restarted run's filters are not on lo: $new_ids"
+journalctl -u sockacct --no-pager | grep -m1 "removed what a killed run left attached" >/tmp/removed.txt ||
+    fail "the restarted run did not say it removed the killed run's filters"
+echo "package: killed run's programs $killed_ids; after restart $new_ids; $(sed 's/.*sockacct::loader[^ ]* //' /tmp/removed.txt)"
+grep -q "2 tc filter(s), 1 clsact qdisc(s)" /tmp/removed.txt || fail "not 2 filters and 1 qdisc removed: $(cat /tmp/removed.txt)"
 spool | jq -e -s 'map(select(.type == "agent")) | last | .event == "start" and .previous == "recovered"' >/dev/null ||
     fail "the restarted run does not say the previous one was recovered"
 udp 10
@@ -210,4 +235,9 @@ systemctl stop sockacct
 seqs=$(spool | jq -s 'map(.seq)')
 echo "$seqs" | jq -e --argjson last "$last" 'map(select(. > $last)) | length > 0' >/dev/null || fail "no record after seq $last: $seqs"
 echo "$seqs" | jq -e '(. | length) == (. | unique | length)' >/dev/null || fail "a sequence number repeats: $seqs"
+# Whatever the sandbox refused would show as EPERM in the agent's warnings.
+journalctl -u sockacct --no-pager -o cat | grep -E " (WARN|ERROR) " >/tmp/warns.txt || true
+echo "package: the agent's warnings under the sandbox, all runs: $(wc -l </tmp/warns.txt)"
+sed 's/^/package:   /' /tmp/warns.txt | head -20
+grep -q "Operation not permitted" /tmp/warns.txt && fail "the sandbox refused the agent something"
 step "ok"

@@ -44,7 +44,7 @@ pub fn build() -> anyhow::Result<PathBuf> {
             "packaging/sockacct.service: systemd-analyze security says exposure {e}, more \
              than {MAX_UNIT_EXPOSURE}"
         ),
-        Ok(e) => eprintln!("xtask: packaging/sockacct.service: exposure {e} (systemd-analyze)"),
+        Ok(e) => eprintln!("xtask: packaging/sockacct.service: exposure {e:.1} (systemd-analyze)"),
         Err(e) => eprintln!("xtask: not scoring the unit's sandbox: {e:#}"),
     }
     crate::build_ebpf()?;

@@ -423,14 +423,31 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
                 }
             }
         }
+        let tc_progs = [
+            ("sockacct_tc_ingress", TcAttachType::Ingress),
+            ("sockacct_tc_egress", TcAttachType::Egress),
+        ];
         let r = (|| {
-            for (name, ty) in [
-                ("sockacct_tc_ingress", TcAttachType::Ingress),
-                ("sockacct_tc_egress", TcAttachType::Egress),
-            ] {
+            for (name, _) in tc_progs {
                 let p: &mut SchedClassifier =
                     prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
                 p.load().map_err(|e| program_error(name, e))?;
+            }
+            // Recorded before the first filter exists: a run killed at any point after
+            // leaves nothing the next one does not know about.
+            if let (false, Some(p)) = (tcx, &opts.tc_record) {
+                match record_tc(&mut ebpf, &ifaces, &qdiscs, p) {
+                    Ok(()) => tc_recorded = Some(p.clone()),
+                    Err(e) => warn!(
+                        "recording the tc filters in {}: {e}; if this run is killed, the next \
+                         one cannot remove them",
+                        p.display()
+                    ),
+                }
+            }
+            for (name, ty) in tc_progs {
+                let p: &mut SchedClassifier =
+                    prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
                 for (_, iface) in &ifaces {
                     let id = p
                         .attach(iface, ty)
@@ -442,17 +459,10 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         })();
         if let Err(e) = r {
             remove_qdiscs(&mut qdiscs);
-            return Err(e);
-        }
-        if let (false, Some(p)) = (tcx, &opts.tc_record) {
-            match record_tc(&mut ebpf, &ifaces, &qdiscs, p) {
-                Ok(()) => tc_recorded = Some(p.clone()),
-                Err(e) => warn!(
-                    "recording the tc filters in {}: {e}; if this run is killed, the next \
-                     one cannot remove them",
-                    p.display()
-                ),
+            if let Some(p) = tc_recorded.take() {
+                tc_record::remove(&p);
             }
+            return Err(e);
         }
     }
     info!(
