@@ -85,6 +85,7 @@ impl Settings {
             interfaces: self.config.interfaces.clone(),
             max_sockets: self.config.max_sockets,
             per_peer: self.config.flows.enabled,
+            tc_record: None,
         }
     }
 }

@@ -441,7 +441,8 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     } else {
         Credentials::default()
     };
-    let opts = s.load_options();
+    let mut opts = s.load_options();
+    opts.tc_record = Some(o.state_dir.join("tc-filters.json"));
     let labeler = s.labeler.clone();
     // Only root may be able to change what the agent writes as root: the state directory
     // and its parent are checked, and nothing in it is reached through a link.

@@ -23,6 +23,7 @@ use thiserror::Error;
 
 mod clsact;
 pub mod hooks;
+mod tc_record;
 
 /// The compiled kernel programs (built by agent/build.rs; empty unless it was asked to).
 pub static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SOCKACCT_BPF_OBJ"));
@@ -103,6 +104,10 @@ pub struct LoadOptions {
     pub max_sockets: u32,
     /// Count unconnected UDP sockets per peer (for flow records).
     pub per_peer: bool,
+    /// Where a run that attaches netlink tc filters (no tcx) records them, so the next run
+    /// removes what a killed one left (the run's state directory). None (`sockacct
+    /// check`): nothing recorded, nothing stale removed.
+    pub tc_record: Option<PathBuf>,
 }
 
 impl Default for LoadOptions {
@@ -112,6 +117,7 @@ impl Default for LoadOptions {
             interfaces: vec![],
             max_sockets: DEFAULT_MAX_SOCKETS,
             per_peer: false,
+            tc_record: None,
         }
     }
 }
@@ -201,6 +207,8 @@ pub struct Loaded {
     links: Vec<Link>,
     /// clsact qdiscs the agent added (ifindex, name): removed after the links.
     qdiscs: Vec<(u32, String)>,
+    /// The record of our netlink tc filters: removed once they are.
+    tc_record: Option<PathBuf>,
     _cgroup_fd: File,
 }
 
@@ -365,6 +373,7 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
     }
 
     let mut qdiscs = vec![];
+    let mut tc_recorded = None;
     if !ifaces.is_empty() {
         let mut m: PerCpuHashMap<&mut MapData, u32, SlotCounters> = PerCpuHashMap::try_from(
             ebpf.map_mut(MAP_IFACES)
@@ -396,6 +405,9 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         use aya::util::KernelVersion;
         let tcx = KernelVersion::current().is_ok_and(|v| v >= KernelVersion::new(6, 6, 0));
         if !tcx {
+            if let Some(p) = &opts.tc_record {
+                tc_record::clean_stale(p);
+            }
             for (idx, iface) in &ifaces {
                 match clsact::ensure(iface) {
                     Ok(true) => qdiscs.push((*idx, iface.clone())),
@@ -411,14 +423,31 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
                 }
             }
         }
+        let tc_progs = [
+            ("sockacct_tc_ingress", TcAttachType::Ingress),
+            ("sockacct_tc_egress", TcAttachType::Egress),
+        ];
         let r = (|| {
-            for (name, ty) in [
-                ("sockacct_tc_ingress", TcAttachType::Ingress),
-                ("sockacct_tc_egress", TcAttachType::Egress),
-            ] {
+            for (name, _) in tc_progs {
                 let p: &mut SchedClassifier =
                     prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
                 p.load().map_err(|e| program_error(name, e))?;
+            }
+            // Recorded before the first filter exists: a run killed at any point after
+            // leaves nothing the next one does not know about.
+            if let (false, Some(p)) = (tcx, &opts.tc_record) {
+                match record_tc(&mut ebpf, &ifaces, &qdiscs, p) {
+                    Ok(()) => tc_recorded = Some(p.clone()),
+                    Err(e) => warn!(
+                        "recording the tc filters in {}: {e}; if this run is killed, the next \
+                         one cannot remove them",
+                        p.display()
+                    ),
+                }
+            }
+            for (name, ty) in tc_progs {
+                let p: &mut SchedClassifier =
+                    prog(&mut ebpf, name).map_err(|e| program_error(name, e))?;
                 for (_, iface) in &ifaces {
                     let id = p
                         .attach(iface, ty)
@@ -430,6 +459,9 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         })();
         if let Err(e) = r {
             remove_qdiscs(&mut qdiscs);
+            if let Some(p) = tc_recorded.take() {
+                tc_record::remove(&p);
+            }
             return Err(e);
         }
     }
@@ -464,6 +496,7 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         hooks: chosen,
         links,
         qdiscs,
+        tc_record: tc_recorded,
         _cgroup_fd: cg,
     })
 }
@@ -501,6 +534,36 @@ fn set_setting(ebpf: &mut Ebpf, index: u32, value: u32) -> Result<(), LoadError>
     })
 }
 
+/// Records the netlink tc filters just attached ([`tc_record`]).
+fn record_tc(
+    ebpf: &mut Ebpf,
+    ifaces: &[(u32, String)],
+    qdiscs: &[(u32, String)],
+    path: &Path,
+) -> std::io::Result<()> {
+    let mut prog_ids = vec![];
+    for name in ["sockacct_tc_ingress", "sockacct_tc_egress"] {
+        let id = prog::<SchedClassifier>(ebpf, name)
+            .and_then(|p| p.info())
+            .map_err(|e| std::io::Error::other(chain(&e)))?
+            .id();
+        prog_ids.push(id);
+    }
+    let rec = tc_record::TcRecord {
+        boot: tc_record::boot_id(),
+        ifaces: ifaces
+            .iter()
+            .map(|(idx, name)| tc_record::TcIface {
+                name: name.clone(),
+                ifindex: *idx,
+                added_clsact: qdiscs.iter().any(|q| q.0 == *idx),
+                prog_ids: prog_ids.clone(),
+            })
+            .collect(),
+    };
+    tc_record::write(path, &rec)
+}
+
 fn remove_qdiscs(qdiscs: &mut Vec<(u32, String)>) {
     for (idx, iface) in qdiscs.drain(..) {
         if let Err(e) = clsact::remove(idx) {
@@ -512,7 +575,9 @@ fn remove_qdiscs(qdiscs: &mut Vec<(u32, String)>) {
 impl Loaded {
     /// Detaches every program (packets stop being counted; maps stay readable).
     pub fn detach(&mut self) {
+        let mut tc_detached = true;
         for link in self.links.drain(..) {
+            let tc = matches!(link, Link::Tc(..));
             let r = match link {
                 Link::Skb(n, id) => prog::<CgroupSkb>(&mut self.ebpf, n).and_then(|p| p.detach(id)),
                 Link::Sock(n, id) => {
@@ -531,9 +596,14 @@ impl Loaded {
             };
             if let Err(e) = r {
                 warn!("detach: {}", chain(&e));
+                tc_detached &= !tc;
             }
         }
         remove_qdiscs(&mut self.qdiscs);
+        // Kept when a filter could not be removed: the next run tries again.
+        if let (true, Some(p)) = (tc_detached, self.tc_record.take()) {
+            tc_record::remove(&p);
+        }
     }
 
     /// Takes a map out of the object (the poller owns the maps it reads).
