@@ -228,11 +228,9 @@ impl SeqFile {
             Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
             _ => {}
         }
-        let mut f = self.dir.open_file(
-            &tmp,
-            libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY,
-            0o600,
-        )?;
+        let mut f =
+            self.dir
+                .open_file(&tmp, libc::O_CREAT | libc::O_EXCL | libc::O_WRONLY, 0o600)?;
         writeln!(f, "{until}")?;
         f.sync_all()?;
         self.dir.rename(&tmp, &self.name)?;
@@ -296,7 +294,10 @@ mod tests {
             .err()
             .unwrap()
             .to_string();
-        assert!(e.contains("symbolic link") && e.contains("state/seq"), "{e}");
+        assert!(
+            e.contains("symbolic link") && e.contains("state/seq"),
+            "{e}"
+        );
         fs::remove_file(dir.join("state/seq")).unwrap();
         // A link at the temp name: removed, never followed.
         std::os::unix::fs::symlink(&target, dir.join("state/seq.tmp")).unwrap();

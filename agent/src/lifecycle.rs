@@ -192,8 +192,13 @@ mod tests {
         let target = base.join("root-only");
         fs::write(&target, "precious\n").unwrap();
         std::os::unix::fs::symlink(&target, base.join("state/running")).unwrap();
-        let e = RunMarker::check(&base.join("state")).unwrap_err().to_string();
-        assert!(e.contains("state/running") && e.contains("symbolic link"), "{e}");
+        let e = RunMarker::check(&base.join("state"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("state/running") && e.contains("symbolic link"),
+            "{e}"
+        );
         let e = RunMarker::create(&base.join("state"), true)
             .err()
             .unwrap()

@@ -41,7 +41,9 @@ impl From<PathError> for io::Error {
     fn from(e: PathError) -> io::Error {
         match e {
             PathError::Io { ref source, .. } => io::Error::new(source.kind(), e.to_string()),
-            PathError::Unsafe { .. } => io::Error::new(io::ErrorKind::PermissionDenied, e.to_string()),
+            PathError::Unsafe { .. } => {
+                io::Error::new(io::ErrorKind::PermissionDenied, e.to_string())
+            }
         }
     }
 }
@@ -219,8 +221,13 @@ impl SafeDir {
         if st.st_uid != me {
             return Err(PathError::Unsafe {
                 path: p.clone(),
-                what: format!("is owned by uid {} (expected {me}, the agent's user)", st.st_uid),
-                fix: format!("another user could replace the files the agent writes: chown {me} {p}"),
+                what: format!(
+                    "is owned by uid {} (expected {me}, the agent's user)",
+                    st.st_uid
+                ),
+                fix: format!(
+                    "another user could replace the files the agent writes: chown {me} {p}"
+                ),
             });
         }
         if st.st_mode & 0o022 != 0 {
@@ -268,7 +275,9 @@ impl SafeDir {
                     "(the parent of {p}) is owned by uid {} (expected root)",
                     ps.st_uid
                 ),
-                fix: format!("its owner could swap {p} for a directory of their own: chown root {pp}, or use a path under a root-owned directory"),
+                fix: format!(
+                    "its owner could swap {p} for a directory of their own: chown root {pp}, or use a path under a root-owned directory"
+                ),
             });
         }
         let sticky = ps.st_mode & libc::S_ISVTX != 0;
@@ -279,7 +288,9 @@ impl SafeDir {
                     "(the parent of {p}) is writable by group or others (mode {:o})",
                     ps.st_mode & 0o7777
                 ),
-                fix: format!("another user could rename {p} away and put their own in its place: chmod go-w {pp} (or set the sticky bit)"),
+                fix: format!(
+                    "another user could rename {p} away and put their own in its place: chmod go-w {pp} (or set the sticky bit)"
+                ),
             });
         }
         Ok(())
@@ -318,14 +329,8 @@ impl SafeDir {
         // O_NONBLOCK: opening a FIFO planted at our name must not hang the daemon.
         let flags = flags | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
         // SAFETY: openat on our directory fd with a NUL-terminated plain name.
-        let fd = unsafe {
-            libc::openat(
-                self.fd.as_raw_fd(),
-                c.as_ptr(),
-                flags,
-                mode as libc::c_uint,
-            )
-        };
+        let fd =
+            unsafe { libc::openat(self.fd.as_raw_fd(), c.as_ptr(), flags, mode as libc::c_uint) };
         if fd < 0 {
             let e = io::Error::last_os_error();
             if e.raw_os_error() == Some(libc::ELOOP) {
@@ -390,10 +395,12 @@ impl SafeDir {
     pub fn refuse_non_file(&self, name: &str) -> io::Result<()> {
         match self.stat_at(name)? {
             Some(st) if is_link(&st) => Err(self.link_error(name)),
-            Some(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => Err(io::Error::other(format!(
-                "{}: not a regular file; sockacct only keeps its own files here: remove it",
-                self.path.join(name).display()
-            ))),
+            Some(st) if st.st_mode & libc::S_IFMT != libc::S_IFREG => {
+                Err(io::Error::other(format!(
+                    "{}: not a regular file; sockacct only keeps its own files here: remove it",
+                    self.path.join(name).display()
+                )))
+            }
             _ => Ok(()),
         }
     }
@@ -467,7 +474,11 @@ mod tests {
         fs::write(&target, "precious\n").unwrap();
         std::os::unix::fs::symlink(&target, base.join("state/running")).unwrap();
         let e = d
-            .open_file("running", libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC, 0o600)
+            .open_file(
+                "running",
+                libc::O_CREAT | libc::O_WRONLY | libc::O_TRUNC,
+                0o600,
+            )
             .unwrap_err()
             .to_string();
         assert!(e.contains("symbolic link") && e.contains("running"), "{e}");
@@ -487,7 +498,10 @@ mod tests {
         let d = SafeDir::create(&p, 0o700).unwrap();
         fs::set_permissions(&p, fs::Permissions::from_mode(0o777)).unwrap();
         let e = d.check_trusted().unwrap_err().to_string();
-        assert!(e.contains("writable by group or others") && e.contains("chmod go-w"), "{e}");
+        assert!(
+            e.contains("writable by group or others") && e.contains("chmod go-w"),
+            "{e}"
+        );
         fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
         d.check_trusted().unwrap();
         // The parent writable by others without the sticky bit.

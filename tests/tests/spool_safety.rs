@@ -50,7 +50,11 @@ fn removing_the_spool_directory_loses_only_what_was_in_it_and_says_so_once() {
     let spool = state.0.join("spool");
     let cfg = state.0.join("sockacct.toml");
     // Small segments, so sealed ones exist when the directory goes.
-    fs::write(&cfg, "[spool]\nsegment_max_bytes = 4096\nmax_bytes = 10485760\n").unwrap();
+    fs::write(
+        &cfg,
+        "[spool]\nsegment_max_bytes = 4096\nmax_bytes = 10485760\n",
+    )
+    .unwrap();
     let d = Daemon::start_in(
         &cg,
         &state.0,
@@ -130,7 +134,10 @@ fn removing_the_spool_directory_loses_only_what_was_in_it_and_says_so_once() {
         .into_iter()
         .map(|v| (seq_of(&v), v))
         .collect();
-    assert!(on_disk.contains_key(&seq_of(g)), "the gap record is in the new spool");
+    assert!(
+        on_disk.contains_key(&seq_of(g)),
+        "the gap record is in the new spool"
+    );
 
     // Every record the agent wrote is either in the new spool or stated lost: exactly one,
     // and the gap's count is exact (nothing was uploaded, so nothing was acknowledged).
@@ -147,7 +154,11 @@ fn removing_the_spool_directory_loses_only_what_was_in_it_and_says_so_once() {
             (None, false) => panic!("seq {s} neither in the spool nor stated lost: {v}"),
         }
     }
-    assert_eq!(lost.len() as u64, lost_records, "the gap names exactly what was lost");
+    assert_eq!(
+        lost.len() as u64,
+        lost_records,
+        "the gap names exactly what was lost"
+    );
     assert_eq!(
         st["spool"]["dropped"]["dir_lost"]["records"].as_u64(),
         Some(lost_records)
@@ -169,13 +180,20 @@ fn removing_the_spool_directory_loses_only_what_was_in_it_and_says_so_once() {
         .filter(|v| seq_of(v) > seq_of(g))
         .map(|v| label_bytes(v, "rm-cli"))
         .sum();
-    assert!(after > 0, "deltas after the directory was made again are in it");
+    assert!(
+        after > 0,
+        "deltas after the directory was made again are in it"
+    );
     let verify = Command::new(agent_exe())
         .args(["spool", "verify", "--spool-dir"])
         .arg(&spool)
         .output()
         .unwrap();
-    assert!(verify.status.success(), "{}", String::from_utf8_lossy(&verify.stderr));
+    assert!(
+        verify.status.success(),
+        "{}",
+        String::from_utf8_lossy(&verify.stderr)
+    );
 
     // Said once per change, not per tick.
     let count = |pat: &str| stderr.iter().filter(|l| l.contains(pat)).count();
@@ -206,7 +224,12 @@ fn refused(cg: &TestCgroup, dir: &std::path::Path) -> String {
     });
     let mut err = String::new();
     use std::io::Read as _;
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(!st.success(), "the agent started: {err}");
     err
 }
@@ -236,7 +259,10 @@ fn a_link_planted_at_the_agents_names_is_never_written_through() {
     // `seq`.
     std::os::unix::fs::symlink(&target, state.join("seq")).unwrap();
     let err = refused(&cg, &state);
-    assert!(err.contains("seq") && err.contains("symbolic link"), "{err}");
+    assert!(
+        err.contains("seq") && err.contains("symbolic link"),
+        "{err}"
+    );
     fs::remove_file(state.join("seq")).unwrap();
 
     // A segment name in the spool directory.
@@ -244,7 +270,10 @@ fn a_link_planted_at_the_agents_names_is_never_written_through() {
     let seg = state.join("spool/seg-00000000000000000000.zst.open");
     std::os::unix::fs::symlink(&target, &seg).unwrap();
     let err = refused(&cg, &state);
-    assert!(err.contains("seg-") && err.contains("symbolic link"), "{err}");
+    assert!(
+        err.contains("seg-") && err.contains("symbolic link"),
+        "{err}"
+    );
     fs::remove_file(&seg).unwrap();
 
     // The spool directory itself as a link.
@@ -253,13 +282,19 @@ fn a_link_planted_at_the_agents_names_is_never_written_through() {
     fs::create_dir(&elsewhere).unwrap();
     std::os::unix::fs::symlink(&elsewhere, state.join("spool")).unwrap();
     let err = refused(&cg, &state);
-    assert!(err.contains("spool") && err.contains("symbolic link"), "{err}");
+    assert!(
+        err.contains("spool") && err.contains("symbolic link"),
+        "{err}"
+    );
     fs::remove_file(state.join("spool")).unwrap();
 
     // A state directory others may write to.
     fs::set_permissions(&state, fs::Permissions::from_mode(0o777)).unwrap();
     let err = refused(&cg, &state);
-    assert!(err.contains("writable by group or others") && err.contains("chmod go-w"), "{err}");
+    assert!(
+        err.contains("writable by group or others") && err.contains("chmod go-w"),
+        "{err}"
+    );
     fs::set_permissions(&state, fs::Permissions::from_mode(0o755)).unwrap();
 
     assert_eq!(fs::read_to_string(&target).unwrap(), "precious\n");

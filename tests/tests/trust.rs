@@ -29,7 +29,13 @@ impl Sink {
 
 impl Drop for Sink {
     fn drop(&mut self) {
-        Peer::spawn(None, None, "trust-stop", &["udp-stop", "127.0.0.1", &self.1]).finish();
+        Peer::spawn(
+            None,
+            None,
+            "trust-stop",
+            &["udp-stop", "127.0.0.1", &self.1],
+        )
+        .finish();
         if let Some(p) = self.0.take() {
             p.finish();
         }
@@ -73,7 +79,13 @@ fn distinct_names_do_not_grow_memory() {
         Some(&cg),
         None,
         "churn",
-        &["names-churn", "127.0.0.1", &sink.1, &N.to_string(), &SIZE.to_string()],
+        &[
+            "names-churn",
+            "127.0.0.1",
+            &sink.1,
+            &N.to_string(),
+            &SIZE.to_string(),
+        ],
     );
     assert_eq!(p.value("sent"), N);
     p.finish();
@@ -152,13 +164,23 @@ fn labels_beyond_the_cap_overflow_and_are_counted() {
         Some(&cg),
         None,
         "hold",
-        &["names-hold", "127.0.0.1", &sink.1, &N.to_string(), &SIZE.to_string()],
+        &[
+            "names-hold",
+            "127.0.0.1",
+            &sink.1,
+            &N.to_string(),
+            &SIZE.to_string(),
+        ],
     );
     assert_eq!(p.value("sent"), N);
-    wait_for("the overflow to be counted", Duration::from_secs(30), || {
-        let l = status(&d)["labels"].clone();
-        (l["overflowed_sockets"].as_u64().unwrap_or(0) >= N - MAX + 1).then_some(l)
-    });
+    wait_for(
+        "the overflow to be counted",
+        Duration::from_secs(30),
+        || {
+            let l = status(&d)["labels"].clone();
+            (l["overflowed_sockets"].as_u64().unwrap_or(0) >= N - MAX + 1).then_some(l)
+        },
+    );
     let l = status(&d)["labels"].clone();
     assert!(l["labels"].as_u64().unwrap() <= MAX, "{l}");
     assert_eq!(l["max_labels"], MAX);
@@ -234,16 +256,28 @@ fn idle_control_connections_do_not_starve_root() {
     m.write_all(b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
     let mut body = String::new();
     m.read_to_string(&mut body).unwrap();
-    assert!(body.starts_with("HTTP/1.0 200"), "{}", &body[..body.len().min(200)]);
+    assert!(
+        body.starts_with("HTTP/1.0 200"),
+        "{}",
+        &body[..body.len().min(200)]
+    );
     let st = status(&d);
-    let refused = st["control_refused"]["too_many_connections"].as_u64().unwrap();
+    let refused = st["control_refused"]["too_many_connections"]
+        .as_u64()
+        .unwrap();
     assert!(refused >= 1100 - 8, "{}", st["control_refused"]);
     // The member's share (8) is cut off once idle for 3 s.
-    wait_for("the idle connections to be closed", Duration::from_secs(30), || {
-        (status(&d)["control_refused"]["idle_timeout"].as_u64() >= Some(8)).then_some(())
-    });
+    wait_for(
+        "the idle connections to be closed",
+        Duration::from_secs(30),
+        || (status(&d)["control_refused"]["idle_timeout"].as_u64() >= Some(8)).then_some(()),
+    );
     flood.send_line("count");
-    assert_eq!(flood.value("closed"), 1100, "every connection closed by the agent");
+    assert_eq!(
+        flood.value("closed"),
+        1100,
+        "every connection closed by the agent"
+    );
     assert!(flood.value("refused") >= 1100 - 8);
     flood.finish();
     let stderr = d.stderr().join("\n");
@@ -292,7 +326,9 @@ fn a_reused_pid_cannot_label() {
     }
     let reused = victim.is_some();
     let mut v = victim.unwrap_or_else(|| {
-        eprintln!("note: pid {gone_pid} could not be reused; the request still comes from a gone process");
+        eprintln!(
+            "note: pid {gone_pid} could not be reused; the request still comes from a gone process"
+        );
         Peer::spawn(
             Some(&cg),
             None,
@@ -340,7 +376,10 @@ fn label_needs_the_socket_owners_uid() {
     let reply: Value = serde_json::from_str(&p.text("reply")).unwrap();
     p.finish();
     assert_eq!(reply["ok"], false, "{reply}");
-    assert!(reply["error"].as_str().unwrap().contains("not yours"), "{reply}");
+    assert!(
+        reply["error"].as_str().unwrap().contains("not yours"),
+        "{reply}"
+    );
     drop(sink);
     let s = sum(&d.stop());
     assert!(!s.labels.contains_key("mine"));
@@ -414,7 +453,11 @@ fn top_once_escapes_names() {
     .finish();
     let o = top.join().unwrap();
     let out = String::from_utf8_lossy(&o.stdout);
-    assert!(o.status.success(), "{out} {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "{out} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!out.contains('\u{1b}') && !out.contains('\u{7}'), "{out:?}");
     assert!(out.contains(r"\u{1b}]0;x\u{7}\u{1b}[2J"), "{out}");
     drop(sink);

@@ -858,11 +858,19 @@ impl Config {
         let c = &self.control;
         for (key, v, min) in [
             ("control.max_connections", c.max_connections as u64, 1),
-            ("control.max_connections_per_uid", c.max_connections_per_uid as u64, 1),
+            (
+                "control.max_connections_per_uid",
+                c.max_connections_per_uid as u64,
+                1,
+            ),
             ("control.idle_timeout_ms", c.idle_timeout_ms, 100),
             ("control.write_timeout_ms", c.write_timeout_ms, 100),
             ("control.max_subscribers", c.max_subscribers as u64, 1),
-            ("control.max_subscribers_per_uid", c.max_subscribers_per_uid as u64, 1),
+            (
+                "control.max_subscribers_per_uid",
+                c.max_subscribers_per_uid as u64,
+                1,
+            ),
         ] {
             if v < min {
                 return Err(ConfigError::field(

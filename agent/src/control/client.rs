@@ -50,7 +50,6 @@ pub fn request(path: &Path, req: &Request, timeout: Duration) -> Result<Value, C
     serde_json::from_str(&line).map_err(|e| ControlError::BadReply(format!("{e}: {line:?}")))
 }
 
-
 /// Subscribes to the record stream (blocking; used by `events` and `top`): returns the
 /// connection, positioned after the agent's acknowledgement, to read JSON lines from.
 pub fn subscribe(

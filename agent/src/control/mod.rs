@@ -286,7 +286,10 @@ fn check_dir(dir: &Path) -> Result<(), ControlError> {
     } else if md.uid() != 0 {
         Some(format!("owned by uid {}", md.uid()))
     } else if md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0 {
-        Some(format!("writable by group or others (mode {:o})", md.mode() & 0o7777))
+        Some(format!(
+            "writable by group or others (mode {:o})",
+            md.mode() & 0o7777
+        ))
     } else {
         None
     };
@@ -346,14 +349,19 @@ impl ControlServer {
         let listener = listener.map_err(io)?;
         if let Some(gid) = group {
             let c = CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-                io(io::Error::new(io::ErrorKind::InvalidInput, "NUL in the path"))
+                io(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "NUL in the path",
+                ))
             })?;
             // SAFETY: a valid C string; lchown does not follow a link planted there.
             if unsafe { libc::lchown(c.as_ptr(), 0, gid) } != 0 {
                 let e = io::Error::last_os_error();
                 return Err(io(io::Error::new(
                     e.kind(),
-                    format!("giving it to group {gid}: {e} (the agent needs CAP_CHOWN for [control] group)"),
+                    format!(
+                        "giving it to group {gid}: {e} (the agent needs CAP_CHOWN for [control] group)"
+                    ),
                 )));
             }
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o660)).map_err(io)?;
@@ -445,11 +453,7 @@ impl ControlServer {
     }
 
     /// Writes one reply line, giving up (and closing) when the peer does not take it.
-    async fn send(
-        &self,
-        w: &mut tokio::net::unix::OwnedWriteHalf,
-        v: Value,
-    ) -> io::Result<()> {
+    async fn send(&self, w: &mut tokio::net::unix::OwnedWriteHalf, v: Value) -> io::Result<()> {
         let bytes = format!("{v}\n").into_bytes();
         match tokio::time::timeout(self.limits.write_timeout, w.write_all(&bytes)).await {
             Ok(r) => r,
@@ -629,4 +633,3 @@ mod tests {
         assert!(e.contains("extra"), "{e}");
     }
 }
-

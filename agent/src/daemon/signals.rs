@@ -61,7 +61,9 @@ fn set(sig: libc::c_int, action: libc::sighandler_t) -> anyhow::Result<()> {
 
 /// Installs the handlers; the returned flag turns true when the agent should stop.
 pub fn install() -> anyhow::Result<Arc<AtomicBool>> {
-    let stop = STOP.get_or_init(|| Arc::new(AtomicBool::new(false))).clone();
+    let stop = STOP
+        .get_or_init(|| Arc::new(AtomicBool::new(false)))
+        .clone();
     let realtime = libc::SIGRTMIN()..=libc::SIGRTMAX();
     for sig in STOPPING.into_iter().chain(realtime) {
         set(sig, on_stop as *const () as libc::sighandler_t)?;

@@ -51,8 +51,8 @@ mod stats;
 mod table;
 mod views;
 
-pub use label_set::{LabelSetStats, OVERFLOW_LABEL};
 use label_set::LabelSet;
+pub use label_set::{LabelSetStats, OVERFLOW_LABEL};
 pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
 pub use table::{ActiveReads, Harvested, Read, Scope, SockTable, WhyAll};
 
@@ -842,7 +842,11 @@ impl Poller {
         self.owner_prefetch = None;
         for (l, t) in by_label {
             labels
-                .entry(self.labels.name(l).map_or_else(String::new, |n| n.to_string()))
+                .entry(
+                    self.labels
+                        .name(l)
+                        .map_or_else(String::new, |n| n.to_string()),
+                )
                 .or_default()
                 .add(&t);
         }

@@ -100,7 +100,10 @@ impl<S: Storage> Spool<S> {
             self.stats.json_bytes_written = self.stats.json_bytes_written.saturating_sub(f.raw);
         }
         // Bounded like any backlog: the oldest of what was read back goes first.
-        let room = self.cfg.memory_backlog_bytes.saturating_sub(self.queue_bytes);
+        let room = self
+            .cfg
+            .memory_backlog_bytes
+            .saturating_sub(self.queue_bytes);
         let mut total: u64 = kept.iter().map(|f| f.data.len() as u64).sum();
         let mut kept: VecDeque<QFrame> = kept.into();
         while total > room

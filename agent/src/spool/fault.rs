@@ -135,7 +135,8 @@ impl State {
     }
     /// A file by name, or one still open although its directory was removed.
     fn held_id(&self, name: &str) -> io::Result<u64> {
-        self.id(name).or_else(|e| self.orphans.get(name).copied().ok_or(e))
+        self.id(name)
+            .or_else(|e| self.orphans.get(name).copied().ok_or(e))
     }
     /// Calls that go through the directory fail once it was removed.
     fn by_path(&self) -> io::Result<()> {

@@ -746,7 +746,11 @@ impl<S: Storage> Spool<S> {
         }
         let mut full = false;
         for (json, first, last, n) in chunks {
-            let data = if full { None } else { Some(self.compress(&json)) };
+            let data = if full {
+                None
+            } else {
+                Some(self.compress(&json))
+            };
             // Beyond the bound: this chunk and the rest of the batch (so always the last
             // records of the batch) are dropped.
             full = full

@@ -103,9 +103,7 @@ impl FsStorage {
 
     fn handle(&mut self, name: &str) -> io::Result<&mut File> {
         if !self.handles.contains_key(name) {
-            let f = self
-                .dir
-                .open_file(name, libc::O_RDWR | libc::O_APPEND, 0)?;
+            let f = self.dir.open_file(name, libc::O_RDWR | libc::O_APPEND, 0)?;
             self.handles.insert(name.to_owned(), f);
         }
         Ok(self.handles.get_mut(name).expect("just inserted"))

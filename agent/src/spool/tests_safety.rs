@@ -8,8 +8,7 @@ use std::{
 };
 
 use super::tests::{
-    TempDir, alloc, events, ident, json, open_fault, read_back, seq_of, small_cfg, split_lines,
-    t0,
+    TempDir, alloc, events, ident, json, open_fault, read_back, seq_of, small_cfg, split_lines, t0,
 };
 use super::*;
 
@@ -82,7 +81,12 @@ fn spool_directory_removed_gap_names_exactly_what_was_lost() {
     assert_eq!(st.dir_lost, 1);
     assert!(st.dir_missing && !st.healthy);
     assert_eq!(st.dropped.dir_lost.records, lost.len() as u64);
-    assert!(st.last_error.as_deref().unwrap().contains("cannot be made again"));
+    assert!(
+        st.last_error
+            .as_deref()
+            .unwrap()
+            .contains("cannot be made again")
+    );
 
     // Records keep coming meanwhile: they wait in memory.
     let out = sp.append(&mut events(i, 1), now);
@@ -98,12 +102,20 @@ fn spool_directory_removed_gap_names_exactly_what_was_lost() {
     let st = sp.stats();
     assert!(st.healthy && !st.dir_missing, "{:?}", st.last_error);
     assert_eq!((st.dir_lost, fs.reattaches()), (1, 1));
-    assert!(fs.names().contains(&"cursor".to_string()), "{:?}", fs.names());
+    assert!(
+        fs.names().contains(&"cursor".to_string()),
+        "{:?}",
+        fs.names()
+    );
 
     // On disk: what was never lost (the segment being written, read back; what waited) and
     // the gap record. Every record is acknowledged, stated lost, or on disk: exactly one.
     let on_disk: BTreeMap<u64, Vec<u8>> = read_back(&fs).into_iter().collect();
-    let mut expect: BTreeSet<u64> = issued.keys().copied().filter(|s| *s > last_sealed).collect();
+    let mut expect: BTreeSet<u64> = issued
+        .keys()
+        .copied()
+        .filter(|s| *s > last_sealed)
+        .collect();
     expect.insert(gap_seq);
     assert_eq!(on_disk.keys().copied().collect::<BTreeSet<_>>(), expect);
     for (s, l) in &on_disk {
@@ -116,7 +128,11 @@ fn spool_directory_removed_gap_names_exactly_what_was_lost() {
         assert_eq!(n, 1, "seq {s}");
     }
     // Counted once: what was written again is not written twice in the stats.
-    assert_eq!(st.records_written, issued.len() as u64 + 1, "records_written");
+    assert_eq!(
+        st.records_written,
+        issued.len() as u64 + 1,
+        "records_written"
+    );
     // And it uploads.
     sp.seal().unwrap();
     let bodies = sp.bodies(1 << 20).unwrap();
@@ -156,7 +172,10 @@ fn spool_directory_gone_for_long_backlog_bounded_in_bytes() {
         sp.tick(now);
     }
     let st = sp.stats();
-    assert!(st.backlog_bytes <= 8192 + 512 && st.backlog_bytes > 8192 - 1000, "{st:?}");
+    assert!(
+        st.backlog_bytes <= 8192 + 512 && st.backlog_bytes > 8192 - 1000,
+        "{st:?}"
+    );
     assert_eq!(st.dropped.backlog_full.records, dropped.len() as u64);
     assert!(!dropped.is_empty());
     // Nothing was lost with the directory (all fsynced, all read back).
@@ -164,7 +183,10 @@ fn spool_directory_gone_for_long_backlog_bounded_in_bytes() {
     fs.fail_reattach(0);
     now += Duration::from_millis(100);
     sp.tick(now);
-    let gaps: Vec<_> = split_lines(&sp.take_gap_lines()).iter().map(|l| json(l)).collect();
+    let gaps: Vec<_> = split_lines(&sp.take_gap_lines())
+        .iter()
+        .map(|l| json(l))
+        .collect();
     assert_eq!(gaps.len(), 1, "{gaps:?}");
     assert_eq!(gaps[0]["reason"], "backlog_full");
     assert_eq!(gaps[0]["lost_records"].as_u64(), Some(dropped.len() as u64));
@@ -234,14 +256,20 @@ fn spool_real_directory_removed_is_made_again_with_what_was_being_written() {
     now += Duration::from_millis(100);
     sp.tick(now);
     assert!(dir.is_dir(), "made again");
-    assert_eq!(fs::metadata(&dir).unwrap().permissions().mode() & 0o7777, 0o700);
+    assert_eq!(
+        fs::metadata(&dir).unwrap().permissions().mode() & 0o7777,
+        0o700
+    );
     let st = sp.stats();
     assert_eq!((st.dir_lost, st.dropped.dir_lost.records), (1, 0), "{st:?}");
     assert!(st.healthy, "{:?}", st.last_error);
     assert!(sp.take_gap_lines().is_empty(), "nothing was lost");
     let ro = FsStorage::open_read_only(&dir).unwrap();
     let back: Vec<u64> = read_back(&ro).into_iter().map(|(s, _)| s).collect();
-    assert_eq!(back, seqs, "the segment being written was read back and written again");
+    assert_eq!(
+        back, seqs,
+        "the segment being written was read back and written again"
+    );
 }
 
 #[test]
@@ -259,8 +287,7 @@ fn spool_never_writes_through_a_link_at_its_names() {
     fs::remove_file(&seg).unwrap();
     // Planted at run time (after the start's check) at the name of the next segment: the
     // write fails, naming it, and the records wait; the target stays as it was.
-    let (mut sp, _) =
-        Spool::open_dir(SpoolConfig::new(&dir), ident(), alloc(tmp.path())).unwrap();
+    let (mut sp, _) = Spool::open_dir(SpoolConfig::new(&dir), ident(), alloc(tmp.path())).unwrap();
     std::os::unix::fs::symlink(&target, &seg).unwrap(); // the first seq is 0
     let out = sp.append(&mut events(0, 1), t0());
     assert_eq!((out.written, out.backlogged), (0, 1));

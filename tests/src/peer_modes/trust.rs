@@ -165,7 +165,9 @@ pub fn setuid_label(path: &str, addr: &str, port: &str) {
     let mut w = &conn;
     writeln!(w, r#"{{"cmd":"label","cookie":{c},"label":"mine"}}"#).unwrap();
     let mut reply = String::new();
-    std::io::BufReader::new(&conn).read_line(&mut reply).unwrap();
+    std::io::BufReader::new(&conn)
+        .read_line(&mut reply)
+        .unwrap();
     out(format!("reply {}", reply.trim()));
     drop(s);
 }
