@@ -131,7 +131,7 @@ impl LabelSet {
             }
         }
         (n >= MIN_SWEEP && n >= 2 * self.after_sweep.max(1))
-            || (n > 0 && self.ticks % PERIODIC_SWEEP == 0)
+            || (n > 0 && self.ticks.is_multiple_of(PERIODIC_SWEEP))
     }
 
     /// Releases every label whose id `in_use` does not name. Ids in use keep their
