@@ -217,6 +217,73 @@ fn a_udp_client_talking_to_three_peers_gives_three_records() {
     }
 }
 
+/// Issue 19's setup, run after run: an unconnected sender talks to three receivers and
+/// closes, flow settings at their defaults. Every peer of the sender, and the sender as
+/// every receiver's peer, gets its close record with its exact bytes, and no peer is
+/// orphaned. (Issue 19 saw records missing in 2 of 4 such runs on a busy machine; not
+/// reproduced here yet: this guards the fix.)
+#[test]
+fn udp_flows_are_complete_run_after_run() {
+    if !require_root("flows_udp_runs") {
+        return;
+    }
+    let (count, size) = (50u64, 300u64);
+    for run in 0..5 {
+        let cg = TestCgroup::new("fudp-runs");
+        let dir = TempDir::new("fudp-runs");
+        let cfg = config(&dir, "enabled = true");
+        let d = Daemon::start(&cg, &["--config", &cfg]);
+        let mut rx: Vec<Peer> = (0..3)
+            .map(|_| Peer::spawn(Some(&cg), None, "ur-recv", &["udp-recv", "127.0.0.1"]))
+            .collect();
+        let ports: Vec<String> = rx.iter_mut().map(|p| p.value("port").to_string()).collect();
+        let mut tx = Peer::spawn(
+            Some(&cg),
+            None,
+            "ur-send",
+            &[
+                "udp-multi",
+                "127.0.0.1",
+                &ports.join(","),
+                &count.to_string(),
+                &size.to_string(),
+            ],
+        );
+        tx.value("sent");
+        tx.finish();
+        for port in &ports {
+            // The stop datagram (1 B) comes from outside the cgroup: the receiver's rx only.
+            Peer::spawn(None, None, "ur-stop", &["udp-stop", "127.0.0.1", port]).finish();
+        }
+        for p in rx {
+            p.finish();
+        }
+        d.wait_ticks(3);
+        let orphans = d.control(json!({"cmd": "status"}))["flows"]["orphan_peers"].clone();
+        let lines = d.stop_lines();
+        let recs = flows(&lines);
+        let sum = |label: &str, dir: &str| -> u64 {
+            recs.iter()
+                .filter(|r| r["label"] == label && r["event"] == "close")
+                .map(|r| r[dir].as_u64().unwrap())
+                .sum()
+        };
+        let per_peer = count * (size + 8 + 20);
+        let sender: Vec<&Value> = recs
+            .iter()
+            .filter(|r| r["label"] == "ur-send" && r["event"] == "close")
+            .collect();
+        assert_eq!(sender.len(), 3, "run {run}: one record per peer: {sender:#?}");
+        assert_eq!(sum("ur-send", "tx"), 3 * per_peer, "run {run}");
+        assert_eq!(
+            sum("ur-recv", "rx"),
+            3 * per_peer + 3 * (1 + 8 + 20),
+            "run {run}: {recs:#?}"
+        );
+        assert_eq!(orphans, 0, "run {run}: orphaned peers");
+    }
+}
+
 #[test]
 fn short_connections_within_the_gap_become_one_session() {
     if !require_root("flows_session") {
