@@ -273,7 +273,11 @@ fn udp_flows_are_complete_run_after_run() {
             .iter()
             .filter(|r| r["label"] == "ur-send" && r["event"] == "close")
             .collect();
-        assert_eq!(sender.len(), 3, "run {run}: one record per peer: {sender:#?}");
+        assert_eq!(
+            sender.len(),
+            3,
+            "run {run}: one record per peer: {sender:#?}"
+        );
         assert_eq!(sum("ur-send", "tx"), 3 * per_peer, "run {run}");
         assert_eq!(
             sum("ur-recv", "rx"),

@@ -285,6 +285,36 @@ fn idle_control_connections_do_not_starve_root() {
     d.stop();
 }
 
+/// A control-group member takes every subscriber place it can: it gets its share (4),
+/// the rest are refused and counted, and root still subscribes (`top`, `events`).
+#[test]
+fn a_member_cannot_lock_root_out_of_the_record_stream() {
+    if !require_root("a_member_cannot_lock_root_out_of_the_record_stream") {
+        return;
+    }
+    let cg = TestCgroup::new("trust-subs");
+    let d = Daemon::start(&cg, &["--control-group", "nogroup"]);
+    let sock = d.control_socket().display().to_string();
+    let mut member = Peer::spawn_as(
+        Some(&cg),
+        None,
+        "subs",
+        &["control-subscribe", &sock, "20"],
+        Some(NOBODY),
+    );
+    assert_eq!(member.value("subscribed"), 4, "the per-uid share");
+    assert_eq!(member.value("refused"), 16);
+    let st = status(&d);
+    assert_eq!(st["stream"]["subscribers"], 4, "{}", st["stream"]);
+    assert!(st["control_refused"]["subscribe_refused"].as_u64().unwrap() >= 16);
+    // Root's subscription is taken while the member holds its places.
+    let reply: Value = serde_json::from_str(&d.control_raw(br#"{"cmd":"subscribe"}"#)).unwrap();
+    assert_eq!(reply["ok"], true, "{reply}");
+    member.send_line("done");
+    member.finish();
+    d.stop();
+}
+
 /// A control connection outlives the process that opened it; another process takes that
 /// pid (root's, here: the test steers the kernel's next pid). A `label` request on the old
 /// connection must not name the new process's socket.

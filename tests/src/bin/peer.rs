@@ -10,7 +10,7 @@
 //!   peer [--name N] short-tcp ADDR PORT SEND_BYTES            (connect, send, close at once)
 //!
 //! Trust-boundary modes (a local attacker's moves): names-churn, names-hold, control-hold,
-//! orphan-label, udp-cookie, setuid-label; see tests/src/peer_modes/trust.rs.
+//! control-subscribe, orphan-label, udp-cookie, setuid-label; see tests/src/peer_modes/trust.rs.
 //!
 //! Benchmark modes (sockacct-bench):
 //!   peer [--name N] tcp-sink LISTEN_ADDR                      (prints "port P"; one connection read to
@@ -422,6 +422,7 @@ fn main() {
         ["names-churn", addr, port, n, size] => trust::names_churn(addr, port, n, size),
         ["names-hold", addr, port, n, size] => trust::names_hold(addr, port, n, size),
         ["control-hold", path, n] => trust::control_hold(path, n),
+        ["control-subscribe", path, n] => trust::control_subscribe(path, n),
         ["orphan-label", path] => trust::orphan_label(path),
         ["udp-cookie", addr, port, size] => trust::udp_cookie(addr, port, size),
         ["setuid-label", path, addr, port] => trust::setuid_label(path, addr, port),

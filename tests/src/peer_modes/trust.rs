@@ -107,6 +107,30 @@ pub fn control_hold(path: &str, n: &str) {
     out(format!("refused {refused}"));
 }
 
+/// `control-subscribe PATH N`: N record-stream subscriptions on the control socket;
+/// prints "subscribed S" and "refused R" (the first reply of each), keeps them until a
+/// line on stdin.
+pub fn control_subscribe(path: &str, n: &str) {
+    let n: usize = n.parse().unwrap();
+    let (mut held, mut refused) = (vec![], 0);
+    for _ in 0..n {
+        let c = UnixStream::connect(path).expect("connect");
+        let mut w = &c;
+        writeln!(w, r#"{{"cmd":"subscribe"}}"#).unwrap();
+        let mut r = std::io::BufReader::new(c);
+        let mut reply = String::new();
+        r.read_line(&mut reply).unwrap();
+        if reply.contains(r#""ok":true"#) {
+            held.push(r);
+        } else {
+            refused += 1;
+        }
+    }
+    out(format!("subscribed {}", held.len()));
+    out(format!("refused {refused}"));
+    wait_stdin();
+}
+
 /// `orphan-label PATH`: connects to the control socket, hands the connection to a child,
 /// prints "orphaned PID" (its own pid) and exits. The child waits for a cookie on stdin,
 /// asks to label that socket "stolen" on the inherited connection, prints "reply R".
