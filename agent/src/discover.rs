@@ -238,7 +238,7 @@ impl DiagSocket {
         buf: &mut [u8],
         out: &mut Vec<DiscoveredSocket>,
     ) -> Result<(), DiscoverError> {
-        self.send_request(family, protocol, what, seq)?;
+        self.send_request(family, protocol, what, seq, None)?;
         loop {
             let n = self.recv(buf, what)?;
             if self.parse_datagram(&buf[..n], protocol, what, seq, out)? {
@@ -247,18 +247,25 @@ impl DiagSocket {
         }
     }
 
+    /// A dump of every socket of `family`/`protocol`, or (with `exact`) one lookup of the
+    /// socket with that id.
     fn send_request(
         &self,
         family: u8,
         protocol: u8,
         what: &'static str,
         seq: u32,
+        exact: Option<InetDiagSockId>,
     ) -> Result<(), DiscoverError> {
+        let flags = match exact {
+            Some(_) => libc::NLM_F_REQUEST,
+            None => libc::NLM_F_REQUEST | libc::NLM_F_DUMP,
+        };
         let req = DumpRequest {
             hdr: NlMsgHdr {
                 nlmsg_len: size_of::<DumpRequest>() as u32,
                 nlmsg_type: SOCK_DIAG_BY_FAMILY,
-                nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+                nlmsg_flags: flags as u16,
                 nlmsg_seq: seq,
                 nlmsg_pid: 0,
             },
@@ -266,6 +273,7 @@ impl DiagSocket {
                 sdiag_family: family,
                 sdiag_protocol: protocol,
                 idiag_states: ALL_STATES,
+                id: exact.unwrap_or_default(),
                 ..Default::default()
             },
         };
@@ -418,6 +426,106 @@ impl DiagSocket {
             }
         }
         Ok(false)
+    }
+}
+
+/// A sock_diag socket kept open for exact lookups of one TCP socket by its addresses (the
+/// metrics endpoint asks who owns the other end of each connection it accepts).
+pub struct SocketLookup {
+    sock: DiagSocket,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+impl SocketLookup {
+    /// Opens the socket; each reply is waited for at most `timeout` (the kernel answers at
+    /// once: the bound keeps a surprise from stalling the caller).
+    pub fn open(timeout: std::time::Duration) -> Result<SocketLookup, DiscoverError> {
+        let sock = DiagSocket::open()?;
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as libc::time_t,
+            tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+        };
+        // SAFETY: `tv` is valid for the length given.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&raw const tv).cast(),
+                size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(DiscoverError::Socket {
+                error: io::Error::last_os_error(),
+            });
+        }
+        Ok(SocketLookup {
+            sock,
+            seq: 0,
+            buf: vec![0u8; 4096],
+        })
+    }
+
+    /// The TCP socket of this network namespace whose own end is `local` and whose other
+    /// end is `remote`; `None` when there is none (e.g. `local` is on another host).
+    pub fn tcp(
+        &mut self,
+        local: SocketAddr,
+        remote: SocketAddr,
+    ) -> Result<Option<DiscoveredSocket>, DiscoverError> {
+        const WHAT: &str = "one TCP socket";
+        let (family, src, dst) = match (local.ip().to_canonical(), remote.ip().to_canonical()) {
+            (std::net::IpAddr::V4(l), std::net::IpAddr::V4(r)) => {
+                let pad = |o: [u8; 4]| {
+                    let mut a = [0u8; 16];
+                    a[..4].copy_from_slice(&o);
+                    a
+                };
+                (libc::AF_INET, pad(l.octets()), pad(r.octets()))
+            }
+            (std::net::IpAddr::V6(l), std::net::IpAddr::V6(r)) => {
+                (libc::AF_INET6, l.octets(), r.octets())
+            }
+            _ => return Ok(None),
+        };
+        let id = InetDiagSockId {
+            sport: local.port().to_be_bytes(),
+            dport: remote.port().to_be_bytes(),
+            src,
+            dst,
+            if_index: 0,
+            cookie: [u32::MAX; 2], // INET_DIAG_NOCOOKIE
+        };
+        self.seq = self.seq.wrapping_add(1);
+        let tcp = libc::IPPROTO_TCP as u8;
+        self.sock
+            .send_request(family as u8, tcp, WHAT, self.seq, Some(id))?;
+        let mut out = vec![];
+        // Replies to earlier lookups that timed out may still be queued: they carry
+        // another sequence number and are skipped.
+        for _ in 0..8 {
+            let n = self.sock.recv(&mut self.buf, WHAT)?;
+            match self
+                .sock
+                .parse_datagram(&self.buf[..n], tcp, WHAT, self.seq, &mut out)
+            {
+                Ok(_) if !out.is_empty() => return Ok(out.pop()),
+                Ok(true) => return Ok(None),
+                Ok(false) => {}
+                Err(DiscoverError::Kernel { error, .. })
+                    if error.raw_os_error() == Some(libc::ENOENT) =>
+                {
+                    return Ok(None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(DiscoverError::Malformed {
+            what: WHAT,
+            detail: "no reply to the lookup".into(),
+        })
     }
 }
 

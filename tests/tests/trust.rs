@@ -473,7 +473,10 @@ fn top_once_escapes_names() {
     cmd.args(["top", "--once", "--seconds", "3", "--control-socket"])
         .arg(d.control_socket());
     let top = std::thread::spawn(move || cmd.output().unwrap());
-    d.wait_ticks(3);
+    // Send only once top's subscription is in place (it reads 3 s from then).
+    wait_for("top to subscribe", Duration::from_secs(10), || {
+        (status(&d)["stream"]["subscribers"] == 1).then_some(())
+    });
     Peer::spawn(
         Some(&cg),
         None,

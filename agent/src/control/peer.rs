@@ -15,7 +15,7 @@ pub struct Peer {
     pub gid: u32,
     /// Supplementary groups, read once while the pidfd proved the process was the peer.
     pub groups: Vec<u32>,
-    /// The peer process; `None` only for peers built in tests and peers already gone.
+    /// The peer process; `None` for a peer already gone when its connection was taken.
     pidfd: Option<Arc<OwnedFd>>,
     /// The connecting process had exited before the connection was taken.
     gone: bool,
@@ -26,25 +26,17 @@ impl Peer {
         self.uid == 0
     }
 
-    /// A peer not tied to a process (unit tests of handlers).
-    pub fn detached(pid: i32, uid: u32, gid: u32) -> Peer {
+    /// A peer whose process exited before its connection was taken: it is kept (so its
+    /// requests are refused with the reason, rather than the connection dropped), and
+    /// never alive.
+    pub fn gone(pid: i32, uid: u32, gid: u32) -> Peer {
         Peer {
             pid,
             uid,
             gid,
             groups: vec![],
             pidfd: None,
-            gone: false,
-        }
-    }
-
-    /// A peer whose process exited before its connection was taken: it is kept (so its
-    /// requests are refused with the reason, rather than the connection dropped), and
-    /// never alive.
-    pub fn gone(pid: i32, uid: u32, gid: u32) -> Peer {
-        Peer {
             gone: true,
-            ..Peer::detached(pid, uid, gid)
         }
     }
 

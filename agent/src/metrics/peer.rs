@@ -7,11 +7,11 @@
 //! its uid. A remote peer is not found there and is keyed by address (IPv6 by /64, what one
 //! host usually gets).
 use std::{
-    io,
     net::{IpAddr, SocketAddr},
-    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     time::Duration,
 };
+
+use crate::discover::SocketLookup;
 
 /// The bucket a connection counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,28 +38,15 @@ impl PeerKey {
     }
 }
 
-const SOCK_DIAG_BY_FAMILY: u16 = 20;
-const NLMSG_ERROR: u16 = 2;
-const NLMSG_HDRLEN: usize = 16;
-/// struct inet_diag_req_v2: family, protocol, ext, pad, states, then inet_diag_sockid.
-const REQ_LEN: usize = 8 + SOCKID_LEN;
-/// struct inet_diag_sockid: sport, dport (be16), src[4], dst[4] (be32), if, cookie[2].
-const SOCKID_LEN: usize = 4 + 16 + 16 + 4 + 8;
-/// Offset of idiag_uid in struct inet_diag_msg: family, state, timer, retrans, sockid,
-/// expires, rqueue, wqueue, uid.
-const MSG_UID_OFFSET: usize = 4 + SOCKID_LEN + 12;
-
 /// Looks up the owner of TCP sockets on this host (one netlink socket, reused).
 pub struct PeerLookup {
-    fd: Option<OwnedFd>,
-    seq: u32,
+    lookup: Option<SocketLookup>,
 }
 
 impl PeerLookup {
     pub fn new() -> PeerLookup {
         PeerLookup {
-            fd: open().map_err(|e| log::warn!("metrics endpoint: sock_diag unavailable ({e}); peers are told apart by address only")).ok(),
-            seq: 0,
+            lookup: SocketLookup::open(Duration::from_millis(200)).map_err(|e| log::warn!("metrics endpoint: sock_diag unavailable ({e}); peers are told apart by address only")).ok(),
         }
     }
 
@@ -67,19 +54,18 @@ impl PeerLookup {
     pub fn key(&mut self, peer: SocketAddr, local: SocketAddr) -> PeerKey {
         match self.uid(peer, local) {
             Some(uid) => PeerKey::Uid(uid),
-            None if self.fd.is_none() && peer.ip().to_canonical().is_loopback() => {
+            None if self.lookup.is_none() && peer.ip().to_canonical().is_loopback() => {
                 PeerKey::UnknownLocal
             }
             None => PeerKey::of_addr(peer.ip()),
         }
     }
 
+    /// The uid owning the peer's socket: the one whose own end is `peer` and whose
+    /// other end is our `local`, if it lives on this host.
     fn uid(&mut self, peer: SocketAddr, local: SocketAddr) -> Option<u32> {
-        let fd = self.fd.as_ref()?;
-        self.seq = self.seq.wrapping_add(1);
-        let req = request(self.seq, peer, local)?;
-        match exchange(fd, &req, self.seq) {
-            Ok(uid) => uid,
+        match self.lookup.as_mut()?.tcp(peer, local) {
+            Ok(found) => found.map(|s| s.uid),
             Err(e) => {
                 log::debug!("metrics endpoint: sock_diag lookup of {peer}: {e}");
                 None
@@ -92,131 +78,6 @@ impl Default for PeerLookup {
     fn default() -> Self {
         PeerLookup::new()
     }
-}
-
-fn open() -> io::Result<OwnedFd> {
-    // SAFETY: plain socket(2); the result is checked before use.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
-            libc::NETLINK_SOCK_DIAG,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: a fresh descriptor nothing else owns.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-    // The kernel answers at once; a bound keeps a surprise from stalling accept.
-    let tv = libc::timeval {
-        tv_sec: 0,
-        tv_usec: Duration::from_millis(200).as_micros() as libc::suseconds_t,
-    };
-    // SAFETY: `tv` is valid for the length given.
-    let r = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_RCVTIMEO,
-            (&tv as *const libc::timeval).cast(),
-            size_of::<libc::timeval>() as libc::socklen_t,
-        )
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(fd)
-}
-
-/// An exact lookup (no NLM_F_DUMP) of the socket whose own end is `peer` and whose
-/// remote end is `local`: that is the peer's socket, if it lives on this host.
-fn request(seq: u32, peer: SocketAddr, local: SocketAddr) -> Option<Vec<u8>> {
-    let (family, src, dst) = match (peer.ip().to_canonical(), local.ip().to_canonical()) {
-        (IpAddr::V4(p), IpAddr::V4(l)) => {
-            let pad = |o: [u8; 4]| {
-                let mut a = [0u8; 16];
-                a[..4].copy_from_slice(&o);
-                a
-            };
-            (libc::AF_INET, pad(p.octets()), pad(l.octets()))
-        }
-        (IpAddr::V6(p), IpAddr::V6(l)) => (libc::AF_INET6, p.octets(), l.octets()),
-        _ => return None,
-    };
-    let len = NLMSG_HDRLEN + REQ_LEN;
-    let mut b = Vec::with_capacity(len);
-    b.extend_from_slice(&(len as u32).to_ne_bytes());
-    b.extend_from_slice(&SOCK_DIAG_BY_FAMILY.to_ne_bytes());
-    b.extend_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    b.extend_from_slice(&seq.to_ne_bytes());
-    b.extend_from_slice(&0u32.to_ne_bytes());
-    b.push(family as u8);
-    b.push(libc::IPPROTO_TCP as u8);
-    b.push(0); // no extensions
-    b.push(0);
-    b.extend_from_slice(&u32::MAX.to_ne_bytes()); // any state
-    b.extend_from_slice(&peer.port().to_be_bytes());
-    b.extend_from_slice(&local.port().to_be_bytes());
-    b.extend_from_slice(&src);
-    b.extend_from_slice(&dst);
-    b.extend_from_slice(&0u32.to_ne_bytes()); // any interface
-    b.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
-    debug_assert_eq!(b.len(), len);
-    Some(b)
-}
-
-/// Sends `req` and reads the reply to `seq`: Some(uid), or None when the kernel has no
-/// such socket (a remote peer).
-fn exchange(fd: &OwnedFd, req: &[u8], seq: u32) -> io::Result<Option<u32>> {
-    // SAFETY: `req` and `buf` are valid for the lengths given. Without an address, a
-    // netlink socket sends to the kernel.
-    let n = unsafe { libc::send(fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let mut buf = [0u8; 1024];
-    // Replies to earlier lookups that timed out may still be queued: skip them.
-    for _ in 0..8 {
-        // SAFETY: as above.
-        let n = unsafe { libc::recv(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        if let Some(r) = parse_reply(&buf[..n as usize], seq)? {
-            return Ok(r);
-        }
-    }
-    Err(io::Error::other("no reply to the lookup"))
-}
-
-/// Ok(None): a reply to another lookup (read again); Ok(Some(None)): no such socket.
-fn parse_reply(b: &[u8], seq: u32) -> io::Result<Option<Option<u32>>> {
-    let u32_at = |o: usize| -> io::Result<u32> {
-        b.get(o..o + 4)
-            .map(|s| u32::from_ne_bytes(s.try_into().expect("4 bytes")))
-            .ok_or_else(|| io::Error::other("short sock_diag reply"))
-    };
-    let ty = b
-        .get(4..6)
-        .map(|s| u16::from_ne_bytes(s.try_into().expect("2 bytes")))
-        .ok_or_else(|| io::Error::other("short sock_diag reply"))?;
-    if u32_at(8)? != seq {
-        return Ok(None);
-    }
-    if ty == NLMSG_ERROR {
-        let errno = u32_at(NLMSG_HDRLEN)? as i32;
-        return match -errno {
-            0 | libc::ENOENT => Ok(Some(None)),
-            e => Err(io::Error::from_raw_os_error(e)),
-        };
-    }
-    if ty != SOCK_DIAG_BY_FAMILY {
-        return Err(io::Error::other(format!(
-            "unexpected sock_diag reply type {ty}"
-        )));
-    }
-    Ok(Some(Some(u32_at(NLMSG_HDRLEN + MSG_UID_OFFSET)?)))
 }
 
 #[cfg(test)]
@@ -253,7 +114,7 @@ mod tests {
             PeerKey::V4([127, 0, 0, 1])
         );
         // Without sock_diag, local peers cannot be told apart.
-        let mut blind = PeerLookup { fd: None, seq: 0 };
+        let mut blind = PeerLookup { lookup: None };
         assert_eq!(
             blind.key(peer, s.local_addr().unwrap()),
             PeerKey::UnknownLocal
