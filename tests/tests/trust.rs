@@ -339,7 +339,10 @@ fn a_reused_pid_cannot_label() {
     let mut orphan = orphan.finish();
     // A root process with the very same pid, owning a socket.
     let mut victim = None;
+    // Every try sends one datagram under the label "victim"; the one used sends two.
+    let mut tries = 0u64;
     for _ in 0..50 {
+        tries += 1;
         std::fs::write("/proc/sys/kernel/ns_last_pid", (gone_pid - 1).to_string()).unwrap();
         let mut v = Peer::spawn(
             Some(&cg),
@@ -351,14 +354,15 @@ fn a_reused_pid_cannot_label() {
             victim = Some(v);
             break;
         }
-        v.send_line("go");
-        v.finish();
+        // Not the pid: killed where it waits, after its one datagram.
+        drop(v);
     }
     let reused = victim.is_some();
     let mut v = victim.unwrap_or_else(|| {
         eprintln!(
             "note: pid {gone_pid} could not be reused; the request still comes from a gone process"
         );
+        tries += 1;
         Peer::spawn(
             Some(&cg),
             None,
@@ -383,7 +387,7 @@ fn a_reused_pid_cannot_label() {
     let events = d.stop();
     let s = sum(&events);
     assert!(!s.labels.contains_key("stolen"), "{:?}", s.labels.keys());
-    assert_eq!(label(&s, "victim").tx, 2 * (200 + UDP4_HDR));
+    assert_eq!(label(&s, "victim").tx, (tries + 1) * (200 + UDP4_HDR));
 }
 
 /// A socket root created and handed to an unprivileged process is not that process's to
@@ -522,4 +526,25 @@ fn a_file_at_the_control_path_is_not_deleted() {
     assert!(!o.status.success(), "{err}");
     assert!(err.contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "keep me");
+
+    // A directory any user may write to (no sticky bit) is refused as the socket's home.
+    use std::os::unix::fs::PermissionsExt;
+    let open_dir = dir.0.join("everyone");
+    std::fs::create_dir(&open_dir).unwrap();
+    std::fs::set_permissions(&open_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let o = Command::new(agent_exe())
+        .args(["run", "--no-metrics", "--cgroup"])
+        .arg(&cg.path)
+        .arg("--state-dir")
+        .arg(&dir.0)
+        .arg("--spool-dir")
+        .arg(dir.0.join("spool"))
+        .arg("--control-socket")
+        .arg(open_dir.join("control.sock"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(err.contains("writable by group or others"), "{err}");
+    assert!(!open_dir.join("control.sock").exists());
 }

@@ -11,7 +11,7 @@ use std::{
     io,
     os::{
         fd::AsFd,
-        unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt},
+        unix::fs::{FileTypeExt, PermissionsExt},
         unix::net::UnixStream as StdUnixStream,
     },
     path::{Path, PathBuf},
@@ -60,9 +60,9 @@ pub enum ControlError {
     )]
     NotASocket { path: PathBuf },
     #[error(
-        "the control socket's directory {dir} is {why}: it must belong to root and not be writable by group or others (fix its owner and mode, or set another [control] socket / --control-socket)"
+        "the control socket's directory: {0} (or set another [control] socket / --control-socket)"
     )]
-    UnsafeDir { dir: PathBuf, why: String },
+    UnsafeDir(#[from] crate::safedir::PathError),
     #[error("bad reply from the agent: {0}")]
     BadReply(String),
     #[error("the agent refused: {0}")]
@@ -275,33 +275,6 @@ pub struct ControlServer {
     refusals: Arc<Refusals>,
 }
 
-/// Refuses a directory another user could swap the socket out of.
-fn check_dir(dir: &Path) -> Result<(), ControlError> {
-    let md = std::fs::symlink_metadata(dir).map_err(|source| ControlError::Io {
-        path: dir.to_owned(),
-        source,
-    })?;
-    let why = if md.file_type().is_symlink() {
-        Some("a symbolic link".to_string())
-    } else if md.uid() != 0 {
-        Some(format!("owned by uid {}", md.uid()))
-    } else if md.mode() & 0o022 != 0 && md.mode() & 0o1000 == 0 {
-        Some(format!(
-            "writable by group or others (mode {:o})",
-            md.mode() & 0o7777
-        ))
-    } else {
-        None
-    };
-    match why {
-        Some(why) => Err(ControlError::UnsafeDir {
-            dir: dir.to_owned(),
-            why,
-        }),
-        None => Ok(()),
-    }
-}
-
 impl ControlServer {
     /// Binds the socket: parent directory created (0755) or checked (root's, not
     /// writable by others), a stale socket file replaced (but not one a live agent
@@ -317,15 +290,10 @@ impl ControlServer {
             Some(g) => Some(group_id(g).ok_or_else(|| ControlError::NoGroup(g.clone()))?),
             None => None,
         };
+        // A directory another user could swap the socket out of is refused (the same
+        // check as the state and spool directories).
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            if !dir.exists() {
-                std::fs::DirBuilder::new()
-                    .recursive(true)
-                    .mode(0o755)
-                    .create(dir)
-                    .map_err(io)?;
-            }
-            check_dir(dir)?;
+            crate::safedir::SafeDir::create(dir, 0o755)?.check_trusted()?;
         }
         match std::fs::symlink_metadata(&path) {
             Ok(md) if !md.file_type().is_socket() => {
