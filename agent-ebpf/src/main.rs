@@ -344,15 +344,15 @@ fn record_addresses(ctx: &SkBuffContext, cookie: u64, sk: *mut aya_ebpf::binding
         None => {
             // No owner yet (accepted or pre-existing socket): keep the addresses; the
             // accept hook or the daemon fills in the rest.
-            if OWNERS
-                .insert(cookie, Owner::default(), BPF_NOEXIST as u64)
-                .is_err()
-            {
-                drop_count(DROP_OWNER_INSERT);
-            }
+            // Losing the race to an accept hook inserting the same entry is fine: it is
+            // filled in below either way.
+            let _ = OWNERS.insert(cookie, Owner::default(), BPF_NOEXIST as u64);
             match OWNERS.get_ptr_mut(cookie) {
                 Some(o) => o,
-                None => return,
+                None => {
+                    drop_count(DROP_OWNER_INSERT);
+                    return;
+                }
             }
         }
     };
@@ -496,16 +496,6 @@ fn accepted(listener: *mut c_void, newsk: *mut c_void, cookie_of: CookieOf) -> i
     }
     let lcookie = cookie_of(listener);
     let mut owner = current_owner(ORIGIN_ACCEPT);
-    if let Some(prev) = OWNERS.get_ptr_mut(cookie) {
-        // Data may have arrived before accept(): keep the addresses recorded then.
-        unsafe {
-            owner.addr_family = (*prev).addr_family;
-            owner.local_ip = (*prev).local_ip;
-            owner.remote_ip = (*prev).remote_ip;
-            owner.local_port = (*prev).local_port;
-            owner.remote_port = (*prev).remote_port;
-        }
-    }
     if let Some(l) = unsafe { OWNERS.get(lcookie) } {
         owner.netns_cookie = l.netns_cookie;
         owner.family = l.family;
@@ -515,8 +505,22 @@ fn accepted(listener: *mut c_void, newsk: *mut c_void, cookie_of: CookieOf) -> i
         owner.sock_type = 1; // SOCK_STREAM: inet_csk_accept serves connection sockets
         owner.protocol = TCP;
     }
-    if OWNERS.insert(cookie, owner, 0).is_err() {
-        drop_count(DROP_OWNER_INSERT);
+    // Data may arrive before accept() returns, and its first packet records the socket's
+    // addresses in this same entry (record_addresses, in softirq, maybe on another CPU).
+    // Never overwrite a whole entry: insert only when there is none, else fill in the
+    // owner's fields in place, so addresses written meanwhile are kept.
+    if OWNERS.insert(cookie, owner, BPF_NOEXIST as u64).is_ok() {
+        return 0;
+    }
+    match OWNERS.get_ptr_mut(cookie) {
+        Some(o) => unsafe {
+            adopt_current_task(o, ORIGIN_ACCEPT);
+            (*o).netns_cookie = owner.netns_cookie;
+            (*o).family = owner.family;
+            (*o).sock_type = owner.sock_type;
+            (*o).protocol = owner.protocol;
+        },
+        None => drop_count(DROP_OWNER_INSERT),
     }
     0
 }

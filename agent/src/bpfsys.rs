@@ -48,6 +48,13 @@ pub struct WalkCursor {
     token: Option<[u8; 16]>,
 }
 
+impl WalkCursor {
+    /// No walk under way: the next step starts a new pass.
+    pub fn at_start(&self) -> bool {
+        self.token.is_none()
+    }
+}
+
 /// Reads every entry of a (non-per-CPU) hash map with `BPF_MAP_LOOKUP_BATCH`, appending
 /// to `out`. `chunk` is the number of entries asked for per call. Not atomic across the
 /// map: entries added or removed during the walk may or may not appear.

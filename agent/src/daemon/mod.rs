@@ -114,10 +114,14 @@ impl Shared {
         st.stream = self.stream.status();
         st.metrics = self.metrics.as_ref().map(MetricsEndpoint::status);
         st.labels_named = lock(&self.overrides).len();
+        let poll = lock(&self.poll_stats);
         st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
             table,
             dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
+            pending_sockets: poll.flow_pending_sockets as u64,
+            no_record: poll.flow_unrecorded.clone(),
         });
+        drop(poll);
         st
     }
 
@@ -721,6 +725,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         result = result.and(Err(e));
     }
     if let Some(ft) = &mut flow_table {
+        poller.finish_flow_views();
         let (socks, peers) = poller.take_flow_views();
         let now = crate::poller::unix_ms();
         let mut recs = ft.observe(now, &socks, &peers);

@@ -332,11 +332,8 @@ pub struct Poller {
     flow_views_on: bool,
     flow_socks: Vec<crate::flows::SocketView>,
     flow_peers: Vec<crate::flows::PeerView>,
-    /// Last counters seen per peer (to tell which moved).
-    peer_last: HashMap<PeerKey, Counters>,
-    /// Sockets that have entries in the per-peer map, and the walk over that map.
-    peer_socks: IntMap<u64, ()>,
-    peer_walk: bpfsys::WalkCursor,
+    /// The per-peer map's reader (views.rs).
+    peer_reads: views::PeerReads,
     /// Flow facts of the last successful resolve().
     resolved_flow: Option<Box<FlowFacts>>,
     overrides: LabelOverrides,
@@ -394,9 +391,7 @@ impl Poller {
             flow_views_on: false,
             flow_socks: vec![],
             flow_peers: vec![],
-            peer_last: HashMap::new(),
-            peer_socks: IntMap::default(),
-            peer_walk: Default::default(),
+            peer_reads: Default::default(),
             resolved_flow: None,
             overrides: LabelOverrides::default(),
             maps,
@@ -906,7 +901,7 @@ impl Poller {
                 .iter()
                 .map(|r| (r.cookie, r.counters.end_state))
                 .collect();
-            self.collect_flow_views(deltas, &finished, &end_states, &done);
+            self.collect_flow_views(deltas, &finished, &end_states);
         }
         self.table.forget(&done);
         self.sweep_names();

@@ -209,18 +209,6 @@ impl Poller {
 
     /// Current label of a socket, resolving (or improving) its owner when needed.
     pub(super) fn label_of(&mut self, cookie: u64, rec: Option<&Owner>) -> Option<u32> {
-        // A label the owning application asked for (control socket) wins.
-        let named = self
-            .overrides
-            .lock()
-            .ok()
-            .and_then(|o| o.get(&cookie).map(|n| n.label.clone()));
-        if let Some(label) = named {
-            let id = self.label_id(label);
-            let st = self.table.socks.get_mut(&cookie)?;
-            st.label = Some(id);
-            return Some(id);
-        }
         let st = self.table.socks.get(&cookie)?;
         let retry = match st.owner_source {
             None => st.owner_attempts < 100 || rec.is_some(),
@@ -242,6 +230,19 @@ impl Poller {
                     st.flow = Some(f);
                 }
             }
+        }
+        // A label the owning application asked for (control socket) wins; the owner is
+        // still resolved above, for the socket's flow records.
+        let named = self
+            .overrides
+            .lock()
+            .ok()
+            .and_then(|o| o.get(&cookie).map(|n| n.label.clone()));
+        if let Some(label) = named {
+            let id = self.label_id(label);
+            let st = self.table.socks.get_mut(&cookie)?;
+            st.label = Some(id);
+            return Some(id);
         }
         self.table.socks.get(&cookie)?.label
     }

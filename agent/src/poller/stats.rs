@@ -65,6 +65,11 @@ impl TickTimes {
 #[derive(Debug, Clone, Default)]
 pub struct PollStats {
     pub ticks: u64,
+    /// The poller's side of the flow ledger: traffic of finished sockets no flow record
+    /// can carry, by reason ("no_owner", "no_addresses", "orphan_peer").
+    pub flow_unrecorded: BTreeMap<&'static str, Traffic>,
+    /// Finished unconnected sockets waiting for a whole pass over the per-peer map.
+    pub flow_pending_sockets: usize,
     /// The label set: size, cap, releases, overflow.
     pub labels: super::LabelSetStats,
     pub events: u64,

@@ -1,14 +1,83 @@
 //! What the flow table gets each tick: the sockets that moved, are new or finished,
 //! and the per-peer counters of unconnected sockets.
-use super::*;
+//!
+//! The per-peer map is read by a walk spread over the ticks (65k peers never cost a
+//! whole-map read in one interval). Two rules keep every peer's flow recorded:
+//! - a peer is offered only together with its socket's view; a peer whose socket is not
+//!   known yet (its first datagram landed after the tick's harvest) is not marked as
+//!   offered, so the next pass offers it again;
+//! - a finished unconnected socket waits until one whole pass that started after its end
+//!   has read all its peers (their counters are final by then), and is then given with
+//!   all of them, moved or not, and their kernel entries are deleted.
+//!
+//! Peer entries of a socket that never shows up (one we do not track) are deleted after
+//! two passes and counted in the flow ledger as `orphan_peer`.
+use std::collections::VecDeque;
 
-/// Entries of the per-peer map read per tick (a walk spread over ticks). Its two buffers
-/// (2048 x 32 B each) stay below the allocator's mmap threshold: no new mapping per tick.
+use super::*;
+use crate::flows::{PeerView, SocketView};
+
+/// Entries of the per-peer map read per walk step. Its two buffers (2048 x 32 B each)
+/// stay below the allocator's mmap threshold: no new mapping per tick.
 const PEER_WALK_PER_TICK: usize = 2048;
+/// Walk steps per tick while finished sockets wait for their peers.
+const PEER_WALK_STEPS_PENDING: usize = 4;
+/// Peer entries deleted per tick (the rest wait for the next ticks).
+const PEER_DELETES_PER_TICK: usize = 4096;
+
+/// A finished unconnected socket waiting for a whole pass over the per-peer map.
+#[derive(Debug)]
+struct Pending {
+    view: SocketView,
+    /// The pass count at which its peers are all read.
+    need: u64,
+    peers: HashMap<PeerKey, Counters>,
+}
+
+/// The per-peer map's reader: what was offered, the walk, and the finished sockets
+/// waiting for it.
+#[derive(Debug, Default)]
+pub(super) struct PeerReads {
+    /// Packets (both ways) last offered per peer: offered again once they change.
+    last: HashMap<PeerKey, u64>,
+    walk: bpfsys::WalkCursor,
+    /// Whole passes completed.
+    passes: u64,
+    pending: IntMap<u64, Pending>,
+    /// Sockets seen only through their peers: the pass they were first seen in.
+    strays: IntMap<u64, u64>,
+    delete: VecDeque<PeerKey>,
+}
+
+impl PeerReads {
+    /// The pass count at which a pass that starts from now has completed.
+    fn next_full_pass(&self) -> u64 {
+        if self.walk.at_start() {
+            self.passes + 1
+        } else {
+            self.passes + 2
+        }
+    }
+
+    pub(super) fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+fn packets(c: &Counters) -> u64 {
+    c.tx_packets.wrapping_add(c.rx_packets)
+}
+
+fn peer_view(k: &PeerKey, c: &Counters) -> Option<PeerView> {
+    let ip = wire_ip(k.family, &k.addr)?;
+    Some(PeerView {
+        cookie: k.cookie,
+        remote: std::net::SocketAddr::new(ip, k.port as u16),
+        counters: Traffic::from(*c),
+    })
+}
 
 impl Poller {
-    /// Finds an owner for `cookie`, best source first. `rec` is the owner carried by a
-    /// final record, if any.
     /// Turns flow records' per-socket views on (the daemon's flow table consumes them).
     pub fn enable_flow_views(&mut self, on: bool) {
         self.flow_views_on = on;
@@ -16,85 +85,187 @@ impl Poller {
 
     /// The sockets that moved or finished in the last tick, and the per-peer counters of
     /// unconnected UDP sockets that moved, for the flow table.
-    pub fn take_flow_views(
-        &mut self,
-    ) -> (Vec<crate::flows::SocketView>, Vec<crate::flows::PeerView>) {
+    pub fn take_flow_views(&mut self) -> (Vec<SocketView>, Vec<PeerView>) {
         (
             std::mem::take(&mut self.flow_socks),
             std::mem::take(&mut self.flow_peers),
         )
     }
 
-    /// Collects the flow table's view of the sockets that moved or finished this tick.
+    /// At shutdown (after the final tick): reads the whole per-peer map once, offers the
+    /// peers that moved and gives every finished socket still waiting, so the flow
+    /// table's last records carry the final counts. Then take the views as usual.
+    pub fn finish_flow_views(&mut self) {
+        if !self.flow_views_on {
+            return;
+        }
+        let mut all: Vec<(PeerKey, Counters)> = vec![];
+        if let Err(e) = bpfsys::lookup_batch(self.maps.peers.fd().as_fd(), 4096, &mut all) {
+            warn!("reading the per-peer map at shutdown: {e}");
+        }
+        let mut extra = vec![];
+        self.offer_peers(&all, &mut extra, false);
+        let extra_views = self.socket_views(&[], &[], &HashMap::new(), &extra);
+        self.flow_socks.extend(extra_views);
+        let all_pending: Vec<u64> = self.peer_reads.pending.keys().copied().collect();
+        self.complete_pending(&all_pending);
+    }
+
+    /// Collects the flow table's view of the sockets that moved or finished this tick,
+    /// and the next part of the walk over the per-peer map.
     pub(super) fn collect_flow_views(
         &mut self,
         moved: &[(u64, Counters)],
         finished: &[u64],
         end_states: &HashMap<u64, u64>,
-        done: &[(u64, bool)],
     ) {
-        // Per-peer counters of unconnected sockets: those that moved, and their sockets.
-        // The whole map when such a socket finishes (its last counts go with its end, its
-        // peers' entries are deleted); otherwise the next part of a walk spread over the
-        // ticks, so 65k peers do not cost a whole-map read every interval.
-        let ends_peer_socket = finished
-            .iter()
-            .chain(done.iter().map(|(c, _)| c))
-            .any(|c| self.peer_socks.contains_key(c));
-        let mut peers: Vec<(PeerKey, Counters)> = vec![];
-        let fd = self.maps.peers.fd().as_fd();
-        if ends_peer_socket {
-            let _ = bpfsys::lookup_batch(fd, 4096, &mut peers);
-            self.peer_walk = bpfsys::WalkCursor::default();
+        let views = self.socket_views(moved, finished, end_states, &[]);
+        let need = self.peer_reads.next_full_pass();
+        for v in views {
+            if v.finished && v.proto == 17 && v.remote.is_none() {
+                // Its peers' last counts are read by the next whole pass.
+                self.peer_reads.pending.insert(
+                    v.cookie,
+                    Pending {
+                        view: v,
+                        need,
+                        peers: HashMap::new(),
+                    },
+                );
+            } else {
+                self.flow_socks.push(v);
+            }
+        }
+        let steps = if self.peer_reads.pending.is_empty() {
+            1
         } else {
-            let _ = bpfsys::walk_step(fd, &mut self.peer_walk, PEER_WALK_PER_TICK, &mut peers);
-        }
-        let mut peer_socks: Vec<u64> = vec![];
-        for (k, _) in &peers {
-            self.peer_socks.insert(k.cookie, ());
-        }
-        for (k, c) in &peers {
-            if self.peer_last.get(k) == Some(c) {
-                continue;
-            }
-            self.peer_last.insert(*k, *c);
-            let Some(ip) = wire_ip(k.family, &k.addr) else {
-                continue;
-            };
-            self.flow_peers.push(crate::flows::PeerView {
-                cookie: k.cookie,
-                remote: std::net::SocketAddr::new(ip, k.port as u16),
-                counters: Traffic::from(*c),
-            });
-            peer_socks.push(k.cookie);
-        }
-        // Sockets we are done with: their peers go too.
-        if !done.is_empty() {
-            let gone: std::collections::HashSet<u64> = done.iter().map(|(c, _)| *c).collect();
-            let keys: Vec<PeerKey> = peers
-                .iter()
-                .filter(|(k, _)| gone.contains(&k.cookie))
-                .map(|(k, _)| *k)
-                .collect();
-            let _ = bpfsys::delete_batch(self.maps.peers.fd().as_fd(), &keys);
-            for k in &keys {
-                self.peer_last.remove(k);
-            }
-            for c in &gone {
-                self.peer_socks.remove(c);
+            PEER_WALK_STEPS_PENDING
+        };
+        let mut read: Vec<(PeerKey, Counters)> = vec![];
+        let fd = self.maps.peers.fd().as_fd();
+        for _ in 0..steps {
+            match bpfsys::walk_step(fd, &mut self.peer_reads.walk, PEER_WALK_PER_TICK, &mut read) {
+                Ok(true) => {
+                    self.peer_reads.passes += 1;
+                    let passes = self.peer_reads.passes;
+                    // A stray's entries were all seen within two passes of its first.
+                    self.peer_reads
+                        .strays
+                        .retain(|_, first| passes <= *first + 4);
+                    if self.peer_reads.pending.values().all(|p| p.need > passes) {
+                        break;
+                    }
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    debug!("walking the per-peer map: {e}");
+                    break;
+                }
             }
         }
-        self.collect_socket_views(moved, finished, end_states, &peer_socks);
+        let mut extra = vec![];
+        self.offer_peers(&read, &mut extra, true);
+        let extra_views = self.socket_views(&[], &[], end_states, &extra);
+        self.flow_socks.extend(extra_views);
+        let passes = self.peer_reads.passes;
+        let ready: Vec<u64> = self
+            .peer_reads
+            .pending
+            .iter()
+            .filter(|(_, p)| p.need <= passes)
+            .map(|(c, _)| *c)
+            .collect();
+        self.complete_pending(&ready);
+        self.delete_peer_entries();
+        self.stats.flow_pending_sockets = self.peer_reads.pending();
     }
 
-    pub(super) fn collect_socket_views(
+    /// Sorts peer entries read: those of finished sockets to their pending socket, those
+    /// of known sockets offered when they moved (their socket's cookie into `extra`),
+    /// the rest aged as strays (deleted once old, when `age`).
+    fn offer_peers(&mut self, read: &[(PeerKey, Counters)], extra: &mut Vec<u64>, age: bool) {
+        let passes = self.peer_reads.passes;
+        for (k, c) in read {
+            if let Some(p) = self.peer_reads.pending.get_mut(&k.cookie) {
+                p.peers.insert(*k, *c);
+                continue;
+            }
+            match self.table.socks.get(&k.cookie) {
+                Some(st) if st.flow.is_some() && !st.flow_closed => {
+                    let n = packets(c);
+                    if self.peer_reads.last.get(k) == Some(&n) {
+                        continue;
+                    }
+                    let Some(v) = peer_view(k, c) else { continue };
+                    self.peer_reads.last.insert(*k, n);
+                    self.flow_peers.push(v);
+                    extra.push(k.cookie);
+                }
+                // Tracked, owner (and so flow facts) not known yet: wait for them.
+                Some(_) => {}
+                None if age => {
+                    let first = *self.peer_reads.strays.entry(k.cookie).or_insert(passes);
+                    if passes >= first + 2 {
+                        // Two whole passes and its socket never showed up: not one we
+                        // track (or long gone). Its traffic is in no flow record.
+                        self.stats
+                            .flow_unrecorded
+                            .entry("orphan_peer")
+                            .or_default()
+                            .add(&Traffic::from(*c));
+                        self.peer_reads.last.remove(k);
+                        self.peer_reads.delete.push_back(*k);
+                    }
+                }
+                None => {}
+            }
+        }
+        extra.sort_unstable();
+        extra.dedup();
+    }
+
+    /// Gives finished sockets with all their peers' final counts; queues their entries
+    /// for deletion.
+    fn complete_pending(&mut self, cookies: &[u64]) {
+        for cookie in cookies {
+            let Some(p) = self.peer_reads.pending.remove(cookie) else {
+                continue;
+            };
+            let mut peers: Vec<(PeerKey, Counters)> = p.peers.into_iter().collect();
+            peers.sort_unstable_by_key(|(k, _)| (k.family, k.addr, k.port));
+            for (k, c) in &peers {
+                self.peer_reads.last.remove(k);
+                self.peer_reads.delete.push_back(*k);
+                if let Some(v) = peer_view(k, c) {
+                    self.flow_peers.push(v);
+                }
+            }
+            self.flow_socks.push(p.view);
+        }
+    }
+
+    fn delete_peer_entries(&mut self) {
+        if self.peer_reads.delete.is_empty() {
+            return;
+        }
+        let n = self.peer_reads.delete.len().min(PEER_DELETES_PER_TICK);
+        let keys: Vec<PeerKey> = self.peer_reads.delete.drain(..n).collect();
+        if let Err(e) = bpfsys::delete_batch(self.maps.peers.fd().as_fd(), &keys) {
+            // Entries gone already are fine; others are found again by the walk.
+            debug!("deleting {} per-peer entries: {e}", keys.len());
+        }
+    }
+
+    /// Views of the sockets in `moved`, `finished` and `extra` that have flow facts; a
+    /// finished socket is given once, with its final counters. Finished sockets without
+    /// flow facts (no owner, or none with addresses) are counted in the flow ledger.
+    pub(super) fn socket_views(
         &mut self,
         moved: &[(u64, Counters)],
         finished: &[u64],
         end_states: &HashMap<u64, u64>,
         extra: &[u64],
-    ) {
-        use crate::flows::SocketView;
+    ) -> Vec<SocketView> {
         let cum = |c: &[Counters; SLOTS]| {
             let mut t = Counters::ZERO;
             for x in c {
@@ -110,6 +281,7 @@ impl Poller {
             .collect();
         cookies.sort_unstable();
         cookies.dedup();
+        let mut out = Vec::with_capacity(cookies.len());
         for cookie in cookies {
             let Some(st) = self.table.socks.get_mut(&cookie) else {
                 continue;
@@ -117,19 +289,32 @@ impl Poller {
             if st.flow_closed {
                 continue;
             }
-            let Some(f) = st.flow.as_deref() else {
-                continue;
-            };
             let (counters, done) = match self.table.finals.get(&cookie) {
                 Some(fin) => (cum(fin), true),
                 None => (cum(&st.last), false),
+            };
+            let Some(f) = st.flow.as_deref() else {
+                if done {
+                    st.flow_closed = true;
+                    let reason = if st.label.is_some() {
+                        "no_addresses"
+                    } else {
+                        "no_owner"
+                    };
+                    self.stats
+                        .flow_unrecorded
+                        .entry(reason)
+                        .or_default()
+                        .add(&counters);
+                }
+                continue;
             };
             st.flow_closed = done;
             let label = st
                 .label
                 .and_then(|l| self.labels.name(l).cloned())
                 .unwrap_or_else(|| "".into());
-            self.flow_socks.push(SocketView {
+            out.push(SocketView {
                 cookie,
                 proto: f.proto,
                 local: f.local,
@@ -146,5 +331,6 @@ impl Poller {
                     .map(|&s| (s - 1) as u8),
             });
         }
+        out
     }
 }
