@@ -2,7 +2,7 @@
 //! functions and tracepoints exist, how many arguments a function takes, and where a
 //! struct member lies. Kernels differ in exactly these, and the choice must be made
 //! before a program is loaded (a program reading the wrong argument slot is refused).
-use std::{collections::HashMap, path::Path};
+use std::path::Path;
 
 use thiserror::Error;
 
@@ -54,7 +54,6 @@ struct Type {
 pub struct Btf {
     types: Vec<Type>, // index = type id (0 is void)
     strings: Vec<u8>,
-    by_name: HashMap<(u32, String), Vec<u32>>,
 }
 
 fn u32_at(b: &[u8], at: usize) -> Option<u32> {
@@ -148,19 +147,7 @@ impl Btf {
                 members,
             });
         }
-        let mut btf = Btf {
-            types,
-            strings,
-            by_name: HashMap::new(),
-        };
-        for id in 1..btf.types.len() as u32 {
-            let t = &btf.types[id as usize];
-            if t.name != 0 {
-                let key = (t.kind, btf.str_at(t.name).to_string());
-                btf.by_name.entry(key).or_default().push(id);
-            }
-        }
-        Ok(btf)
+        Ok(Btf { types, strings })
     }
 
     fn str_at(&self, off: u32) -> &str {
@@ -169,9 +156,14 @@ impl Btf {
         std::str::from_utf8(&s[..end]).unwrap_or("")
     }
 
+    /// The first type of `kind` named `name`. A scan, not an index: the agent asks a
+    /// dozen names once at startup, and an index of every name (11 MB for a distribution
+    /// kernel) was most of its startup memory peak.
     fn first(&self, kind: u32, name: &str) -> Option<&Type> {
-        let id = *self.by_name.get(&(kind, name.to_string()))?.first()?;
-        self.types.get(id as usize)
+        self.types
+            .iter()
+            .skip(1)
+            .find(|t| t.kind == kind && t.name != 0 && self.str_at(t.name) == name)
     }
 
     /// Number of arguments of kernel function `name`, when BTF describes it.

@@ -280,7 +280,11 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         return Err(LoadError::NoKernelObject);
     }
     raise_memlock_limit();
+    // One parse of the kernel's BTF for the loader's relocations and the hook choice
+    // (EbpfLoader would parse its own copy: tens of MB at the agent's startup peak).
+    let aya_btf = Btf::from_sys_fs().map_err(|_| LoadError::NoBtf)?;
     let mut ebpf = EbpfLoader::new()
+        .btf(Some(&aya_btf))
         .map_max_entries(MAP_SOCKS, opts.max_sockets)
         .map_max_entries(MAP_OWNERS, opts.max_sockets)
         .load(BPF_OBJECT)?;
@@ -313,7 +317,6 @@ pub fn load_checked(cgroup: PathBuf, opts: &LoadOptions) -> Result<Loaded, LoadE
         links.push(Link::Sock(name, id));
     }
 
-    let aya_btf = Btf::from_sys_fs().map_err(|_| LoadError::NoBtf)?;
     let kbtf = crate::btf::Btf::kernel().map_err(|e| LoadError::BadBtf(e.to_string()))?;
     let cookie_offset = kbtf.member_offset("sock_common", "skc_cookie");
     if let Some(off) = cookie_offset {
