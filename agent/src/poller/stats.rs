@@ -6,7 +6,9 @@ use serde::Serialize;
 use crate::event::Traffic;
 
 /// Upper bounds (ms) of the tick-time histogram buckets; one more bucket holds the rest.
-pub const TICK_BUCKETS_MS: [f64; 10] = [0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 1000.0];
+pub const TICK_BUCKETS_MS: [f64; 11] = [
+    0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 25.0, 50.0, 100.0, 250.0, 1000.0,
+];
 
 /// How many of the latest ticks `recent_max_ms` covers (10 s at the default interval).
 const RECENT: usize = 100;

@@ -92,14 +92,17 @@ struct Opts {
     secs: f64,
     ticks: usize,
     sizes: Vec<usize>,
+    /// Tracked sockets at the memory section's top stage.
+    mem_sockets: usize,
 }
 
-const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs|spool|flows|memory]… [--rounds N] [--seconds S] [--ticks N]";
+const USAGE: &str = "usage: sockacct-bench [--quick] [--only tcp|veth|udp|ticks|progs|spool|flows|memory]… [--rounds N] [--seconds S] [--ticks N] [--sockets N (memory: top stage, a multiple of 10000)]";
 
 fn parse_args() -> anyhow::Result<Opts> {
     let mut quick = false;
     let mut only = BTreeSet::new();
     let (mut rounds, mut secs, mut ticks) = (None, None, None);
+    let mut mem_sockets = 100_000usize;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -148,6 +151,16 @@ fn parse_args() -> anyhow::Result<Opts> {
                         .max(2),
                 )
             }
+            "--sockets" => {
+                mem_sockets = it
+                    .next()
+                    .context(USAGE)?
+                    .parse::<usize>()
+                    .context("--sockets")?;
+                if mem_sockets < 20_000 || mem_sockets % 10_000 != 0 {
+                    bail!("--sockets {mem_sockets}: a multiple of 10000, at least 20000");
+                }
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -172,6 +185,7 @@ fn parse_args() -> anyhow::Result<Opts> {
     Ok(Opts {
         quick,
         only,
+        mem_sockets,
         rounds: rounds.unwrap_or(if quick { 1 } else { 3 }),
         secs: secs.unwrap_or(if quick { 1.0 } else { 3.0 }),
         ticks: ticks.unwrap_or(if quick { 15 } else { 50 }),
@@ -707,7 +721,7 @@ fn main() -> anyhow::Result<()> {
     let mut mem_runs = vec![];
     if has(Section::Memory) {
         wait_quiet(&mut budget);
-        for r in memory::section() {
+        for r in memory::section(opts.mem_sockets) {
             match r {
                 Ok(r) => mem_runs.push(r),
                 Err(e) => failures.push(format!("memory: {e}")),
