@@ -54,7 +54,7 @@ mod views;
 use label_set::LabelSet;
 pub use label_set::{LabelSetStats, OVERFLOW_LABEL};
 pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
-pub use table::{ActiveReads, Harvested, Read, Scope, SockTable, WhyAll};
+pub use table::{ActiveReads, Entry, Harvested, Read, Scope, SockTable, WhyAll};
 
 /// Bounds on the clean-up work after a mass close, per tick: kernel entries deleted, and
 /// socket-map entries read looking for sockets whose final record did not fit the ring.
@@ -66,6 +66,8 @@ const SLOW_TICK: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// From this many sockets to label in one tick on, the owner map is read in one walk.
 const OWNER_PREFETCH_MIN: usize = 512;
+/// Owner-map entries read per part of that walk (2048 x 136 B: below the mmap threshold).
+const OWNER_WALK_PART: usize = 2048;
 
 /// Hasher for the integer-keyed tables (socket cookies, label ids, ifindexes): one
 /// 64x64->128 multiply folded to 64 bits. SipHash, the std default, guards against
@@ -359,10 +361,8 @@ pub struct Poller {
     users: UserNames,
     cgroups: Option<CgroupPaths>,
     reads: ActiveReads,
-    batch: Vec<(u64, SockCounters)>,
+    batch: Vec<(u64, Entry)>,
     missing: Vec<u64>,
-    /// The owner map read in one walk, while a tick labels many sockets at once.
-    owner_prefetch: Option<IntMap<u64, Owner>>,
     /// Final records drained after this tick's own drain, to find the owner of a socket
     /// that closed between the harvest and its owner lookup (the kernel submits the
     /// record before it removes the owner entry). The next tick processes them first,
@@ -414,7 +414,6 @@ impl Poller {
             reads: ActiveReads::default(),
             batch: Vec::with_capacity(4096),
             missing: vec![],
-            owner_prefetch: None,
             late_finals: Vec::new(),
             trim_mark: 0,
             deferred_walk: None,
@@ -703,8 +702,11 @@ impl Poller {
         if done {
             self.deferred_walk = None;
         }
-        self.batch
-            .extend(part.into_iter().filter(|(_, v)| v.final_pending != 0));
+        self.batch.extend(
+            part.iter()
+                .filter(|(_, v)| v.final_pending != 0)
+                .map(|(c, v)| (*c, Entry::from(v))),
+        );
         Ok(())
     }
 
@@ -725,12 +727,25 @@ impl Poller {
         let socks = self.maps.socks.fd().as_fd();
         Ok(match read {
             Read::All(why) => {
-                bpfsys::lookup_batch(socks, 8192, &mut self.batch).map_err(|source| {
-                    PollError::Map {
-                        map: MAP_SOCKS,
-                        source,
+                // In parts, each converted as it comes: the whole map is never held in
+                // the kernel's (larger) layout.
+                self.batch
+                    .reserve(self.table.live() + self.table.live() / 4);
+                let mut cursor = bpfsys::WalkCursor::default();
+                let mut part: Vec<(u64, SockCounters)> = Vec::with_capacity(WALK_PER_TICK);
+                loop {
+                    part.clear();
+                    let done = bpfsys::walk_step(socks, &mut cursor, WALK_PER_TICK, &mut part)
+                        .map_err(|source| PollError::Map {
+                            map: MAP_SOCKS,
+                            source,
+                        })?;
+                    self.batch
+                        .extend(part.iter().map(|(c, v)| (*c, Entry::from(v))));
+                    if done {
+                        break;
                     }
-                })?;
+                }
                 self.stats.full_reads += 1;
                 if why == WhyAll::NotesLost {
                     self.stats.full_reads_lost += 1;
@@ -748,7 +763,7 @@ impl Poller {
                             source,
                         }
                     })? {
-                        Some(v) => self.batch.push((cookie, v)),
+                        Some(v) => self.batch.push((cookie, Entry::from(&v))),
                         None => self.missing.push(cookie),
                     }
                 }
@@ -785,10 +800,7 @@ impl Poller {
             })
             .count();
         if unresolved >= OWNER_PREFETCH_MIN {
-            let mut owners: Vec<(u64, Owner)> = Vec::with_capacity(unresolved);
-            if bpfsys::lookup_batch(self.maps.owners.fd().as_fd(), 8192, &mut owners).is_ok() {
-                self.owner_prefetch = Some(owners.into_iter().collect());
-            }
+            self.resolve_by_walk(record_owner);
         }
         let mut labels: BTreeMap<String, Traffic> = BTreeMap::new();
         let mut by_label: IntMap<u32, Traffic> = IntMap::default();
@@ -816,11 +828,10 @@ impl Poller {
                 Some(l) => by_label.entry(l).or_default().add(&d),
                 None => {
                     debug!(
-                        "no owner for socket {cookie:#x} (record: {:?}, state: {:?}, owner map: {:?}, prefetch: {:?})",
+                        "no owner for socket {cookie:#x} (record: {:?}, state: {:?}, owner map: {:?})",
                         record_owner.get(&cookie),
                         self.table.socks.get(&cookie),
                         bpfsys::lookup::<u64, Owner>(self.maps.owners.fd().as_fd(), &cookie),
-                        self.owner_prefetch.as_ref().map(|m| m.get(&cookie))
                     );
                     self.stats.no_owner_bytes += d.tx + d.rx;
                     unattributed.add(&d);
@@ -834,7 +845,6 @@ impl Poller {
                 self.note_listener(o);
             }
         }
-        self.owner_prefetch = None;
         for (l, t) in by_label {
             labels
                 .entry(

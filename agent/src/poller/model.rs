@@ -155,6 +155,9 @@ impl World {
             read = Read::All(WhyAll::Cheaper);
         }
         let mut entries: Vec<(u64, SockCounters)> = vec![];
+        let entries_of = |v: &[(u64, SockCounters)]| -> Vec<(u64, Entry)> {
+            v.iter().map(|(c, sc)| (*c, Entry::from(sc))).collect()
+        };
         let mut missing = vec![];
         let full = match read {
             Read::All(_) => {
@@ -206,7 +209,7 @@ impl World {
         } else {
             Scope::Moved { missing: &missing }
         };
-        let h = table.harvest(slot, tick, &entries, &records, scope);
+        let h = table.harvest(slot, tick, &entries_of(&entries), &records, scope);
         reads.completed(slot);
         Some((h, harvested, full))
     }

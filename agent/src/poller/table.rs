@@ -105,6 +105,23 @@ impl ActiveReads {
     }
 }
 
+/// What the harvest needs of a socket-map entry (80 B with its cookie, not the 144 of
+/// the kernel's value: a whole-map read of 100k sockets holds them all at once).
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    pub slots: [Counters; SLOTS],
+    pub final_pending: bool,
+}
+
+impl From<&SockCounters> for Entry {
+    fn from(sc: &SockCounters) -> Entry {
+        Entry {
+            slots: sc.slots(),
+            final_pending: sc.final_pending != 0,
+        }
+    }
+}
+
 impl SockTable {
     /// Harvests `slot` (frozen: no program writes it any more) from the socket map's
     /// `entries`, read first (the whole map or the sockets that moved, as `scope` says),
@@ -113,7 +130,7 @@ impl SockTable {
         &mut self,
         slot: usize,
         tick: u64,
-        entries: &[(u64, SockCounters)],
+        entries: &[(u64, Entry)],
         records: &[FinalRecord],
         scope: Scope<'_>,
     ) -> Harvested {
@@ -126,7 +143,7 @@ impl SockTable {
             }
             let st = socks.entry(*cookie).or_insert_with(|| SockState::new(tick));
             st.last_seen_tick = now;
-            let mut cur = sc.slot(slot);
+            let mut cur = sc.slots[slot];
             if let Some(f) = finals.get(cookie) {
                 cur = max(&cur, &f[slot]);
             }
@@ -135,8 +152,8 @@ impl SockTable {
             if !d.is_zero() {
                 out.deltas.push((*cookie, d));
             }
-            if sc.final_pending != 0 && !finals.contains_key(cookie) {
-                finals.insert(*cookie, sc.slots());
+            if sc.final_pending && !finals.contains_key(cookie) {
+                finals.insert(*cookie, sc.slots);
                 st.kernel_entry_left = true;
                 self.finishing.push(*cookie);
             }
