@@ -34,6 +34,8 @@ use crate::config::{PortRange, Protocol, parse_cidr};
 use crate::event::{FORMAT_VERSION, Identity, Traffic};
 
 mod config;
+#[cfg(test)]
+mod heap;
 mod record;
 mod state;
 #[cfg(test)]

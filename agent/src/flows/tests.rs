@@ -926,3 +926,103 @@ fn flows_config_section() {
     assert!(bad(|s| s.labels = vec![String::new()]).starts_with("flows.labels: entry 1"));
     assert!(bad(|s| s.consolidate_gap_ms = 3_600_000).starts_with("flows.consolidate_gap_ms"));
 }
+
+/// 100k connected sockets, all finished in one call: every call stays within
+/// `max_records_per_tick`, every close comes out within a bounded number of calls with
+/// exact counts, and per flow open < update < close.
+#[test]
+fn flows_mass_close_is_bounded_and_ordered() {
+    const N: u64 = 100_000;
+    let mut ft = table(FlowConfig::default());
+    let cap = ft.config().max_records_per_tick;
+    let view = |i: u64, c: Traffic| {
+        let mut s = tcp(
+            1 + i,
+            &format!("10.{}.{}.{}:40000", i >> 16, (i >> 8) & 255, i & 255),
+            "10.200.0.9:9000",
+            c,
+            T0,
+        );
+        s.proto = 17;
+        s
+    };
+    // Per flow (by local address): the events seen, and the close's traffic.
+    #[derive(Default)]
+    struct Seen {
+        events: HashMap<IpAddr, Vec<FlowEvent>>,
+        closes: HashMap<IpAddr, Traffic>,
+        /// Slowest call before the mass close, and from it on.
+        worst: std::time::Duration,
+        worst_close: std::time::Duration,
+        calls_after_close: usize,
+    }
+    let mut seen = Seen::default();
+    let call = |seen: &mut Seen, ft: &mut FlowTable, now: u64, socks: &[SocketView], closing| {
+        let t = std::time::Instant::now();
+        let r = ft.observe(now, socks, &[]);
+        let w = if closing {
+            &mut seen.worst_close
+        } else {
+            &mut seen.worst
+        };
+        *w = (*w).max(t.elapsed());
+        assert!(r.len() <= cap, "{} records in one call", r.len());
+        for x in &r {
+            seen.events.entry(x.local).or_default().push(x.event);
+            if x.event == FlowEvent::Close {
+                seen.closes.insert(x.local, x.traffic());
+            }
+        }
+        if closing {
+            seen.calls_after_close += 1;
+        }
+    };
+    let all: Vec<_> = (0..N).map(|i| view(i, tr(64, 0, 1, 0))).collect();
+    call(&mut seen, &mut ft, T0, &all, false);
+    let mut now = T0;
+    while now < T0 + 15_000 {
+        now += 100;
+        if now == T0 + 5000 {
+            let moved: Vec<_> = (0..N).map(|i| view(i, tr(128, 64, 2, 1))).collect();
+            call(&mut seen, &mut ft, now, &moved, false);
+        } else {
+            call(&mut seen, &mut ft, now, &[], false);
+        }
+    }
+    let fin_views: Vec<_> = (0..N)
+        .map(|i| fin(view(i, tr(0, 0, 0, 0)), tr(1000 + i, 500, 10, 5), None))
+        .collect();
+    now += 100;
+    call(&mut seen, &mut ft, now, &fin_views, true);
+    while seen.closes.len() < N as usize && seen.calls_after_close < 1000 {
+        now += 100;
+        call(&mut seen, &mut ft, now, &[], true);
+    }
+    println!(
+        "mass close: worst observe {:.1} ms (before the close: {:.1} ms), {} calls until the last close",
+        seen.worst_close.as_secs_f64() * 1e3,
+        seen.worst.as_secs_f64() * 1e3,
+        seen.calls_after_close
+    );
+    let calls_after_close = seen.calls_after_close;
+    assert_eq!(seen.closes.len(), N as usize);
+    // 1000 records per call: 100 calls for the closes, a few more for the opens and
+    // updates still waiting when the sockets finished.
+    assert!(calls_after_close <= 120, "{calls_after_close} calls");
+    for i in 0..N {
+        let local = view(i, Traffic::default()).local.ip();
+        assert_eq!(seen.closes[&local], tr(1000 + i, 500, 10, 5));
+        let ev = &seen.events[&local];
+        assert_eq!(ev.last(), Some(&FlowEvent::Close));
+        assert_eq!(ev.iter().filter(|e| **e == FlowEvent::Close).count(), 1);
+        let rank = |e: &FlowEvent| match e {
+            FlowEvent::Open => 0,
+            FlowEvent::Update => 1,
+            FlowEvent::Close => 2,
+        };
+        assert!(ev.windows(2).all(|w| rank(&w[0]) <= rank(&w[1])), "{ev:?}");
+        assert!(ev.iter().filter(|e| **e == FlowEvent::Open).count() <= 1);
+    }
+    let st = ft.stats();
+    assert_eq!((st.closes, st.tracked, st.queued), (N, 0, 0));
+}
