@@ -63,7 +63,7 @@ fn settle(ft: &mut FlowTable, mut now: u64) -> u64 {
         now += 100;
         drop(ft.observe(now, &[], &[]));
         let st = ft.stats();
-        if st.queued == 0 && st.deferred == 0 && now > T0 + 2000 {
+        if st.queued == 0 && st.deferred == 0 && st.finishing == 0 && now > T0 + 2000 {
             break;
         }
     }
@@ -72,7 +72,7 @@ fn settle(ft: &mut FlowTable, mut now: u64) -> u64 {
 
 /// Live heap bytes per flow: `N` connected UDP sockets, and `N` peers of one unconnected
 /// socket (as the real agent's 100k-socket / 65k-peer measurement, scaled).
-pub(super) fn bytes_per_flow() -> (f64, f64) {
+pub(super) fn bytes_per_flow() -> (f64, f64, f64) {
     let o = owner();
     let label: Arc<str> = "bench".into();
     let view = |i: u64, remote: Option<SocketAddr>| SocketView {
@@ -103,6 +103,19 @@ pub(super) fn bytes_per_flow() -> (f64, f64) {
     settle(&mut ft, T0);
     let conn = (live() - base) as f64 / N as f64;
     assert_eq!(ft.stats().tracked, N);
+    // A mass close gives the memory back once its records are out.
+    let done: Vec<SocketView> = (0..N)
+        .map(|i| SocketView {
+            finished: true,
+            ..view(i, Some(recv))
+        })
+        .collect();
+    let now = T0 + 60_000;
+    drop(ft.observe(now, &done, &[]));
+    drop(done);
+    settle(&mut ft, now);
+    let after = (live() - base) as f64;
+    assert_eq!(ft.stats().closes, N);
     drop(ft);
 
     let base = live();
@@ -130,11 +143,23 @@ pub(super) fn bytes_per_flow() -> (f64, f64) {
     let peer = (live() - base) as f64 / N as f64;
     assert_eq!(ft.stats().tracked, N);
     drop(ft);
-    (conn, peer)
+    (conn, peer, after)
 }
 
 #[test]
 fn flows_heap_bytes_per_flow() {
-    let (conn, peer) = bytes_per_flow();
-    println!("flow table heap: {conn:.1} B per connected flow, {peer:.1} B per peer flow");
+    let (conn, peer, after) = bytes_per_flow();
+    println!(
+        "flow table heap: {conn:.1} B per connected flow, {peer:.1} B per peer flow, \
+         {after:.0} B after closing the connected ones"
+    );
+    // The budget: 100k flows in about 12 MB, all in.
+    assert!(
+        conn <= 115.0 && peer <= 115.0,
+        "{conn:.1} / {peer:.1} B per flow"
+    );
+    assert!(
+        after < 256.0 * 1024.0,
+        "{after} B held after the mass close"
+    );
 }
