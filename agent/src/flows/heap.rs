@@ -103,19 +103,27 @@ pub(super) fn bytes_per_flow() -> (f64, f64, f64) {
     settle(&mut ft, T0);
     let conn = (live() - base) as f64 / N as f64;
     assert_eq!(ft.stats().tracked, N);
-    // A mass close gives the memory back once its records are out.
-    let done: Vec<SocketView> = (0..N)
-        .map(|i| SocketView {
+    // A mass close gives the memory back once its records are out, also when the
+    // survivors are the newest sockets (the last slots).
+    const KEEP: u64 = 1000;
+    let done = |r: std::ops::Range<u64>| -> Vec<SocketView> {
+        r.map(|i| SocketView {
             finished: true,
             ..view(i, Some(recv))
         })
-        .collect();
+        .collect()
+    };
     let now = T0 + 60_000;
-    drop(ft.observe(now, &done, &[]));
-    drop(done);
-    settle(&mut ft, now);
+    drop(ft.observe(now, &done(0..N - KEEP), &[]));
+    let now = settle(&mut ft, now);
     let after = (live() - base) as f64;
-    assert_eq!(ft.stats().closes, N);
+    assert_eq!(ft.stats().closes, N - KEEP);
+    assert_eq!(ft.stats().tracked, KEEP);
+    // The survivors were moved: they still close, exactly.
+    drop(ft.observe(now + 100, &done(N - KEEP..N), &[]));
+    settle(&mut ft, now + 100);
+    let st = ft.stats();
+    assert_eq!((st.closes, st.tracked, st.ledger.exact_sockets), (N, 0, N));
     drop(ft);
 
     let base = live();
@@ -151,7 +159,7 @@ fn flows_heap_bytes_per_flow() {
     let (conn, peer, after) = bytes_per_flow();
     println!(
         "flow table heap: {conn:.1} B per connected flow, {peer:.1} B per peer flow, \
-         {after:.0} B after closing the connected ones"
+         {after:.0} B after closing all but 1000 connected ones"
     );
     // The budget: 100k flows in about 12 MB, all in.
     assert!(
@@ -160,6 +168,69 @@ fn flows_heap_bytes_per_flow() {
     );
     assert!(
         after < 256.0 * 1024.0,
+        "{after} B held after the mass close"
+    );
+}
+
+/// Peers too: one socket's 99k peers go, another's 1k newer ones (the last slots) are
+/// packed to the front and keep working.
+#[test]
+fn flows_heap_peers_packed_after_a_mass_close() {
+    const KEEP: u64 = 1000;
+    // Counters: the sum of its peers' (64 B each way per peer).
+    let sock = |cookie: u64, finished: bool, n: u64| SocketView {
+        cookie,
+        proto: 17,
+        local: SocketAddr::new([10, 0, 0, 2].into(), 5000 + cookie as u16),
+        remote: None,
+        direction: Direction::Outbound,
+        owner: owner(),
+        label: "bench".into(),
+        counters: Traffic {
+            tx: 64 * n,
+            rx: 64 * n,
+            tx_packets: n,
+            rx_packets: n,
+        },
+        first_seen_ms: T0,
+        finished,
+        tcp_state: None,
+    };
+    let peers = |cookie: u64, r: std::ops::Range<u64>| -> Vec<PeerView> {
+        r.map(|i| PeerView {
+            cookie,
+            remote: SocketAddr::new(
+                [192, 168, (i >> 8) as u8, i as u8].into(),
+                1024 + (i >> 16) as u16,
+            ),
+            counters: Traffic {
+                tx: 64,
+                rx: 64,
+                tx_packets: 1,
+                rx_packets: 1,
+            },
+        })
+        .collect()
+    };
+    let base = live();
+    let mut ft = FlowTable::new(FlowConfig::default());
+    drop(ft.observe(T0, &[sock(1, false, N - KEEP)], &peers(1, 0..N - KEEP)));
+    drop(ft.observe(T0 + 100, &[sock(2, false, KEEP)], &peers(2, 0..KEEP)));
+    let now = settle(&mut ft, T0 + 100);
+    // Socket 1 goes with all its peers (its closes take a few calls).
+    drop(ft.observe(now, &[sock(1, true, N - KEEP)], &peers(1, 0..N - KEEP)));
+    let now = settle(&mut ft, now);
+    let after = (live() - base) as f64;
+    assert_eq!(ft.stats().tracked, KEEP);
+    drop(ft.observe(now + 100, &[sock(2, true, KEEP)], &peers(2, 0..KEEP)));
+    settle(&mut ft, now + 100);
+    let st = ft.stats();
+    assert_eq!((st.closes, st.tracked), (N, 0));
+    assert_eq!(st.ledger.exact_sockets, 2, "{:?}", st.ledger);
+    drop(ft);
+    println!("flow table heap: {after:.0} B after closing all but 1000 peers");
+    assert!(
+        after < 512.0 * 1024.0,
         "{after} B held after the mass close"
     );
 }

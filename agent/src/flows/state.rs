@@ -229,8 +229,8 @@ impl Slot for Peer {
 /// chunk (a `Vec` that doubles would leave up to half its room unused).
 const CHUNK: usize = 1024;
 
-/// Slots in fixed-size chunks; freed ones are reused lowest first, so after a mass close
-/// the survivors sit at the front and the tail can be cut off.
+/// Slots in fixed-size chunks; freed ones are reused lowest first, and after a mass close
+/// the survivors are packed to the front, so the tail can be cut off.
 #[derive(Debug, Default)]
 pub(super) struct Slab<T> {
     chunks: Vec<Box<[T]>>,
@@ -242,9 +242,12 @@ pub(super) struct Slab<T> {
 impl<T: Slot + Copy> Slab<T> {
     pub(super) fn alloc(&mut self, x: T) -> u32 {
         self.used += 1;
-        if let Some(std::cmp::Reverse(i)) = self.free.pop() {
-            self[i] = x;
-            return i;
+        // Numbers at or past the end were cut off with the tail: skip them.
+        while let Some(std::cmp::Reverse(i)) = self.free.pop() {
+            if (i as usize) < self.len {
+                self[i] = x;
+                return i;
+            }
         }
         if self.len == self.chunks.len() * CHUNK {
             self.chunks
@@ -276,6 +279,11 @@ impl<T: Slot + Copy> Slab<T> {
         self.used
     }
 
+    /// Free slots below the end.
+    pub(super) fn holes(&self) -> usize {
+        self.len - self.used
+    }
+
     /// Slots in use, with their numbers.
     pub(super) fn iter(&self) -> impl Iterator<Item = (u32, &T)> {
         (0..self.len as u32)
@@ -283,28 +291,47 @@ impl<T: Slot + Copy> Slab<T> {
             .filter(|(_, x)| x.used())
     }
 
-    /// Cuts free slots off the end and gives their chunks back.
-    pub(super) fn trim(&mut self) {
-        if self.len <= CHUNK {
-            return;
-        }
-        let before = self.len;
+    fn cut_tail(&mut self) {
         while self.len > 0 && !self[(self.len - 1) as u32].used() {
             self.len -= 1;
         }
-        if self.len == before {
-            return; // a survivor at the end holds the tail
+    }
+
+    /// Moves the last slot in use into the lowest free one: returns (from, to); the caller
+    /// renumbers what refers to it.
+    pub(super) fn pack_one(&mut self) -> Option<(u32, u32)> {
+        self.cut_tail();
+        let from = self.len.checked_sub(1)? as u32;
+        while let Some(std::cmp::Reverse(to)) = self.free.pop() {
+            if to >= from {
+                continue; // cut off with the tail
+            }
+            self[to] = self[from];
+            self[from] = T::default();
+            self.cut_tail();
+            return Some((from, to));
         }
-        self.chunks.truncate(self.len.div_ceil(CHUNK));
-        self.chunks.shrink_to_fit();
-        let n = self.len as u32;
-        let free: Vec<_> = std::mem::take(&mut self.free)
-            .into_iter()
-            .filter(|r| r.0 < n)
-            .collect();
-        self.free = BinaryHeap::from(free);
-        // Collected in place: the old room came along.
-        self.free.shrink_to_fit();
+        None
+    }
+
+    /// Cuts free slots off the end and gives their chunks back.
+    pub(super) fn trim(&mut self) {
+        self.cut_tail();
+        let chunks = self.len.div_ceil(CHUNK);
+        if chunks < self.chunks.len() {
+            self.chunks.truncate(chunks);
+            self.chunks.shrink_to_fit();
+        }
+        if self.free.len() > 2 * self.holes() + 1024 {
+            let n = self.len as u32;
+            let free: Vec<_> = std::mem::take(&mut self.free)
+                .into_iter()
+                .filter(|r| r.0 < n)
+                .collect();
+            self.free = BinaryHeap::from(free);
+            // Collected in place: the old room came along.
+            self.free.shrink_to_fit();
+        }
     }
 }
 

@@ -49,8 +49,11 @@ pub struct FlowTable {
     pub(super) out: Out,
     /// Slots and sessions held at the last heap trim (or the most since).
     trim_mark: usize,
-    /// Slots held at the last trim of the slots (or the most since).
+    /// Slots held at the last trim of the indexes (or the most since).
     room_mark: usize,
+    /// Moving survivors of a mass close to the front of the slabs.
+    packing_socks: bool,
+    packing_peers: bool,
 }
 
 impl FlowTable {
@@ -75,6 +78,8 @@ impl FlowTable {
             out: Out::new(cfg),
             trim_mark: 0,
             room_mark: 0,
+            packing_socks: false,
+            packing_peers: false,
         }
     }
 
@@ -152,7 +157,8 @@ impl FlowTable {
         if self.wheel.len() > 2 * (self.live_socks + self.live_peers) + 4096 {
             self.rebuild_wheel(now);
         }
-        // The slots and names: each time the table fell to a quarter of its mark (their
+        self.pack(now);
+        // The indexes and names: each time the table fell to a quarter of its mark (their
         // trims scan what they keep, so not every call).
         let n = self.socks.used() + self.peers.used();
         self.room_mark = self.room_mark.max(n);
@@ -164,8 +170,6 @@ impl FlowTable {
                 let p = &peers[i];
                 peer_hash(p.sock, p.t.remote)
             });
-            self.socks.trim();
-            self.peers.trim();
             self.adjs.trim();
             self.names.shrink();
         }
@@ -351,13 +355,15 @@ impl FlowTable {
 
     fn rebuild_wheel(&mut self, now: u64) {
         self.wheel.clear();
+        // Flows of finished sockets only close now: no timer.
         for (i, s) in self.socks.iter() {
-            if s.has(S_USED) && s.t.has(F_TIMER) && !s.t.has(F_DEFERRED) {
+            if !s.has(S_FINISHING) && s.t.has(F_TIMER) && !s.t.has(F_DEFERRED) {
                 self.wheel.push(unwrap_near(now, s.t.wake), i);
             }
         }
         for (i, p) in self.peers.iter() {
-            if p.t.sflags & S_USED != 0 && p.t.has(F_TIMER) && !p.t.has(F_DEFERRED) {
+            let finishing = self.socks[p.sock].has(S_FINISHING);
+            if !finishing && p.t.has(F_TIMER) && !p.t.has(F_DEFERRED) {
                 self.wheel.push(unwrap_near(now, p.t.wake), PEER | i);
             }
         }
@@ -503,6 +509,121 @@ impl FlowTable {
         self.peers
             .get(pi)
             .is_some_and(|p| !p.t.has(F_LIVE) && p.t.next_update == seq)
+    }
+}
+
+/// Slots moved per call when packing a slab (each a few index updates).
+const PACK_PER_CALL: usize = 4096;
+
+/// Packing stops this close to dense: a chunk's worth of holes is left to be reused.
+const PACK_SLACK: usize = 1024;
+
+impl FlowTable {
+    /// After a mass close the survivors may sit anywhere in the slabs: once fewer than a
+    /// quarter of the slots are used, move the last ones into the lowest holes (a bounded
+    /// number a call) so the tail chunks go back.
+    fn pack(&mut self, now: u64) {
+        let sparse = |used: usize, len: usize| len > PACK_SLACK && used < len / 4;
+        // Socket slots are not moved while finished ones wait: the queue holds their numbers.
+        if self.finishing.is_empty()
+            && (self.packing_socks || sparse(self.socks.used(), self.socks.len()))
+        {
+            self.packing_socks = true;
+            for _ in 0..PACK_PER_CALL {
+                if self.socks.holes() <= PACK_SLACK {
+                    self.packing_socks = false;
+                    break;
+                }
+                let Some((from, to)) = self.socks.pack_one() else {
+                    self.packing_socks = false;
+                    break;
+                };
+                self.moved_sock(from, to, now);
+            }
+            self.socks.trim();
+        }
+        if self.packing_peers || sparse(self.peers.used(), self.peers.len()) {
+            self.packing_peers = true;
+            for _ in 0..PACK_PER_CALL {
+                if self.peers.holes() <= PACK_SLACK {
+                    self.packing_peers = false;
+                    break;
+                }
+                let Some((from, to)) = self.peers.pack_one() else {
+                    self.packing_peers = false;
+                    break;
+                };
+                self.moved_peer(from, to, now);
+            }
+            self.peers.trim();
+        }
+    }
+
+    /// A flow moved to another slot: it is due again under its new id.
+    fn renumbered(&mut self, t: &Track, id: u32, now: u64) {
+        if t.has(F_DEFERRED) {
+            self.deferred.push_back(id);
+        } else if t.has(F_TIMER) {
+            self.wheel.push(unwrap_near(now, t.wake), id);
+        }
+    }
+
+    fn moved_sock(&mut self, from: u32, to: u32, now: u64) {
+        let s = self.socks[to];
+        let socks = &self.socks;
+        let h = mix(s.cookie);
+        self.by_cookie.remove(h, from, |j| mix(socks[j].cookie));
+        self.by_cookie.insert(h, to, |j| mix(socks[j].cookie));
+        if let Some(l) = self.ledgers.remove(&from) {
+            self.ledgers.insert(to, l);
+        }
+        if !s.has(S_UNCONN) {
+            self.renumbered(&s.t, to, now);
+            return;
+        }
+        // Its peers' keys name the socket slot.
+        let mut pi = s.t.adj;
+        while pi != NONE {
+            let remote = self.peers[pi].t.remote;
+            let peers = &self.peers;
+            let hash_of = |j: u32| peer_hash(peers[j].sock, peers[j].t.remote);
+            self.by_peer.remove(peer_hash(from, remote), pi, hash_of);
+            self.peers[pi].sock = to;
+            let peers = &self.peers;
+            let hash_of = |j: u32| peer_hash(peers[j].sock, peers[j].t.remote);
+            self.by_peer.insert(peer_hash(to, remote), pi, hash_of);
+            pi = self.peers[pi].next;
+        }
+    }
+
+    fn moved_peer(&mut self, from: u32, to: u32, now: u64) {
+        let p = self.peers[to];
+        // Relink: the head (or the previous peer) and the next (or the head's tail link).
+        let head = self.socks[p.sock].t.adj;
+        if head == from {
+            self.socks[p.sock].t.adj = to;
+        } else {
+            self.peers[p.prev].next = to;
+        }
+        if p.next != NONE {
+            self.peers[p.next].prev = to;
+        } else {
+            let head = self.socks[p.sock].t.adj;
+            self.peers[head].prev = to;
+        }
+        if p.prev == from {
+            self.peers[to].prev = to; // alone in its list
+        }
+        let h = peer_hash(p.sock, p.t.remote);
+        let peers = &self.peers;
+        let hash_of = |j: u32| peer_hash(peers[j].sock, peers[j].t.remote);
+        self.by_peer.remove(h, from, hash_of);
+        self.by_peer.insert(h, to, hash_of);
+        if p.t.has(F_LIVE) {
+            self.renumbered(&p.t, PEER | to, now);
+        } else {
+            self.dormant_queue.push_back((to, p.t.next_update));
+        }
     }
 }
 
