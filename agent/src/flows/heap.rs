@@ -155,6 +155,16 @@ pub(super) fn bytes_per_flow() -> (f64, f64, f64) {
 }
 
 #[test]
+fn flows_heap_slot_sizes() {
+    use super::out::Entry;
+    use super::state::{Peer, Sock};
+    use std::mem::size_of;
+    // The per-flow budget rests on these.
+    assert_eq!((size_of::<Sock>(), size_of::<Peer>()), (96, 88));
+    assert!(size_of::<Entry>() <= 88, "{}", size_of::<Entry>());
+}
+
+#[test]
 fn flows_heap_bytes_per_flow() {
     let (conn, peer, after) = bytes_per_flow();
     println!(

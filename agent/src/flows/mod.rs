@@ -131,7 +131,8 @@ pub struct PeerView {
 /// Counters for `status` and the final log line. Gauges first, then totals since start.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
 pub struct FlowStats {
-    /// Live flows (connected sockets + live peers of unconnected sockets).
+    /// Live flows (connected sockets + live peers of unconnected sockets); a finished
+    /// socket's connected flow no longer counts while it waits in `finishing`.
     pub tracked: u64,
     /// Sessions waiting for more connections to join.
     pub pending_sessions: u64,

@@ -341,6 +341,8 @@ impl FlowTable {
                 if head != NONE {
                     break;
                 }
+                // The socket itself counts too (one with no peers is not free).
+                budget = budget.saturating_sub(1);
             } else {
                 budget -= 1;
                 if s.t.has(F_LIVE) {
