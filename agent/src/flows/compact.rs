@@ -122,6 +122,14 @@ impl<T: Hash + Eq + Clone + Default> Interner<T> {
     }
 }
 
+#[cfg(test)]
+impl<T> Interner<T> {
+    /// References held, by id (0 for a free id).
+    pub(super) fn ref_counts(&self) -> Vec<u32> {
+        self.items.iter().map(|e| e.1).collect()
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Addresses
 // ---------------------------------------------------------------------------------------

@@ -481,3 +481,17 @@ fn build(names: &Names, p: &Pending, dropped: u16, connections: Option<u64>) -> 
         connections,
     }
 }
+
+#[cfg(test)]
+impl Out {
+    /// Every record waiting (outbox and sessions): what holds names besides the slots.
+    pub(super) fn pendings(&self) -> Vec<Pending> {
+        let outbox = self.outbox.iter().map(|e| match e {
+            Entry::Flow(p) => *p,
+            Entry::Session(s) => s.rec,
+        });
+        outbox
+            .chain(self.sessions.values().map(|s| s.rec))
+            .collect()
+    }
+}

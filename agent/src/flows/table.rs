@@ -632,3 +632,53 @@ impl FlowTable {
 pub(super) fn peer_hash(sock: u32, a: Addr) -> u64 {
     mix(mix(sock as u64) ^ a.key())
 }
+
+#[cfg(test)]
+impl FlowTable {
+    /// The interners' reference counts are exactly what slots and waiting records hold.
+    pub(super) fn check_refs(&self) {
+        let n = &self.names;
+        let mut owners = vec![0u32; n.owners.ref_counts().len()];
+        let mut labels = vec![0u32; n.labels.ref_counts().len()];
+        let mut v6 = vec![0u32; n.v6.ref_counts().len()];
+        let mut addr = |a: Addr| {
+            if a.v6 {
+                v6[a.ip as usize] += 1;
+            }
+        };
+        for (_, s) in self.socks.iter() {
+            owners[s.owner as usize] += 1;
+            labels[s.label as usize] += 1;
+            addr(s.local);
+            if !s.has(S_UNCONN) {
+                addr(s.t.remote);
+            }
+        }
+        for (_, p) in self.peers.iter() {
+            addr(p.t.remote);
+        }
+        for p in self.out.pendings() {
+            owners[p.meta.owner as usize] += 1;
+            labels[p.meta.label as usize] += 1;
+            addr(p.meta.local);
+            addr(p.remote);
+        }
+        assert_eq!(owners, n.owners.ref_counts(), "owners");
+        assert_eq!(labels, n.labels.ref_counts(), "labels");
+        assert_eq!(v6, n.v6.ref_counts(), "v6");
+        let live = self
+            .socks
+            .iter()
+            .filter(|(_, s)| !s.has(S_UNCONN) && !s.has(S_FINISHING) && s.t.has(F_LIVE));
+        assert_eq!(live.count(), self.live_socks, "live sockets");
+        let peers = self.peers.iter();
+        let (lp, dp) = peers.fold((0, 0), |(l, d), (_, p)| {
+            if p.t.has(F_LIVE) {
+                (l + 1, d)
+            } else {
+                (l, d + 1)
+            }
+        });
+        assert_eq!((lp, dp), (self.live_peers, self.dormant), "peers");
+    }
+}

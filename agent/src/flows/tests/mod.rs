@@ -103,4 +103,5 @@ fn json(r: &FlowRecord) -> String {
 
 mod ledger;
 mod limits;
+mod random;
 mod records;
