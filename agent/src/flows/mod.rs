@@ -17,7 +17,13 @@
 //!   a restart of the agent) still reports exact counts; only its `open` may come late.
 //! - Bounded: at most `max_flows` live flows plus pending sessions, at most `max_flows`
 //!   remembered baselines of idle peers, at most `max_records_per_tick` records returned
-//!   per call (the rest wait, none is dropped). Arithmetic saturates; nothing panics.
+//!   per call (the rest wait, none is dropped), and besides reading its input a call
+//!   settles a bounded number of finished sockets (a mass close spreads over calls, in
+//!   order). Arithmetic saturates; nothing panics.
+//! - Compact: flows live in slots (about 100 bytes a flow with its indexes and timer),
+//!   names are held once, records are built only when returned.
+//! - The ledger ([`FlowLedger`]) checks each finished socket's counters against the
+//!   traffic its records carried.
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
