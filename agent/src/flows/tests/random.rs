@@ -241,3 +241,138 @@ fn flows_random_runs_keep_order_and_exact_ledgers() {
         run(seed * 0x85eb_ca6b, cfg, 600, false);
     }
 }
+
+/// Slots packed while survivors keep running: after most of 6000 sockets (and of 8000
+/// peers of two unconnected sockets) finish, the rest move to the front of the slabs
+/// while they move, get updates and deferred records; all still end exactly.
+#[test]
+fn flows_random_packing_keeps_flows_whole() {
+    let mut rng = Rng(77);
+    let mut ft = table(FlowConfig {
+        max_records_per_tick: 50,
+        update_every_ms: 1000,
+        udp_idle_ms: 3000,
+        ..no_gap()
+    });
+    let conn = |i: u64, c: Traffic| {
+        let mut s = tcp(
+            i,
+            &format!("10.0.{}.{}:4000", i >> 8, i & 255),
+            "10.9.0.1:443",
+            c,
+            T0,
+        );
+        s.proto = 17;
+        s
+    };
+    let mut socks: Vec<SocketView> = (1..=6000).map(|i| conn(i, tr(1, 1, 1, 1))).collect();
+    let mut uncs: Vec<(SocketView, Vec<PeerView>)> = (0..2u64)
+        .map(|k| {
+            let mut s = udp_unconnected(10_000 + k, tr(0, 0, 0, 0), T0);
+            s.local = addr(&format!("10.0.0.2:{}", 5300 + k));
+            // The first socket's peers take the first slots, the second's the last.
+            let n = if k == 0 { 7000u64 } else { 1000 };
+            let p = (0..n)
+                .map(|i| {
+                    peer(
+                        10_000 + k,
+                        &format!("10.7.{}.{}:53", i >> 8, i & 255),
+                        tr(1, 1, 1, 1),
+                    )
+                })
+                .collect::<Vec<_>>();
+            s.counters = tr(n, n, n, n);
+            (s, p)
+        })
+        .collect();
+    let mut closes: HashMap<SocketAddr, u64> = HashMap::new();
+    let mut count = |r: Vec<FlowRecord>| {
+        for x in r.iter().filter(|x| x.event == FlowEvent::Close) {
+            *closes
+                .entry(SocketAddr::new(x.local, x.local_port.unwrap_or(0)))
+                .or_default() += x.tx;
+        }
+    };
+    let all_unc: Vec<SocketView> = uncs.iter().map(|u| u.0.clone()).collect();
+    let all_peers: Vec<PeerView> = uncs.iter().flat_map(|u| u.1.clone()).collect();
+    count(ft.observe(T0, &socks, &all_peers));
+    count(ft.observe(T0, &all_unc, &all_peers));
+    let mut now = T0;
+    for tick in 1..400u64 {
+        now += 100;
+        let mut views = Vec::new();
+        let mut pv = Vec::new();
+        if tick == 20 {
+            // 90% of the connected sockets finish (survivors scattered), and the first
+            // unconnected socket with all its peers.
+            let mut keep = Vec::new();
+            for s in socks.drain(..) {
+                if rng.below(10) == 0 {
+                    keep.push(s);
+                } else {
+                    views.push(fin(s.clone(), s.counters, None));
+                }
+            }
+            socks = keep;
+            let (s, p) = uncs.remove(0);
+            views.push(SocketView {
+                finished: true,
+                ..s
+            });
+            pv.extend(p);
+        }
+        for s in socks.iter_mut() {
+            if rng.below(4) == 0 {
+                s.counters.tx += 1;
+                views.push(s.clone());
+            }
+        }
+        for (s, p) in uncs.iter_mut() {
+            let mut moved = false;
+            for q in p.iter_mut() {
+                if rng.below(8) == 0 {
+                    q.counters.tx += 1;
+                    s.counters.tx += 1;
+                    pv.push(*q);
+                    moved = true;
+                }
+            }
+            if moved {
+                views.push(s.clone());
+            }
+        }
+        count(ft.observe(now, &views, &pv));
+        ft.check_refs();
+        if tick == 30 {
+            // Packed (4096 moves a call at most) and the tails cut off.
+            assert!(ft.socks.len() < 1700, "{}", ft.socks.len());
+            assert!(ft.peers.len() < 2100, "{}", ft.peers.len());
+        }
+    }
+    let mut views: Vec<SocketView> = socks
+        .iter()
+        .map(|s| fin(s.clone(), s.counters, None))
+        .collect();
+    let (s, p) = uncs.remove(0);
+    let tx = s.counters.tx;
+    views.push(SocketView {
+        finished: true,
+        ..s
+    });
+    count(ft.observe(now + 100, &views, &p));
+    for k in 0..1000 {
+        count(ft.observe(now + 200 + k * 100, &[], &[]));
+        let st = ft.stats();
+        if st.queued + st.finishing + st.tracked == 0 {
+            break;
+        }
+    }
+    let st = ft.stats();
+    assert_eq!((st.tracked, st.queued, st.finishing), (0, 0, 0));
+    assert_eq!(st.ledger.inexact_sockets, 0, "{:?}", st.ledger);
+    assert_eq!(st.ledger.exact_sockets, 6002);
+    for s in &socks {
+        assert_eq!(closes[&s.local], s.counters.tx, "{}", s.local);
+    }
+    assert_eq!(closes[&addr("10.0.0.2:5301")], tx);
+}
