@@ -686,6 +686,10 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 result = Err(e);
                 break;
             }
+            // After a mass close: the flows' freed heap goes back to the OS.
+            if ft.wants_trim() {
+                crate::process::release_free_heap();
+            }
             if t0.elapsed() > Duration::from_millis(10) {
                 log::debug!(
                     "slow flows: {:.1} ms: observe {:.1} ({} sockets, {} peers), write {:.1} ({nrecs} records)",

@@ -177,18 +177,6 @@ impl<'a> From<&'a SocketView> for SampleOwner<'a> {
     }
 }
 
-impl<'a> From<&'a Meta> for SampleOwner<'a> {
-    fn from(m: &'a Meta) -> Self {
-        SampleOwner {
-            proto: m.proto,
-            local: m.local,
-            direction: m.direction,
-            owner: &m.owner,
-            label: &m.label,
-        }
-    }
-}
-
 /// One JSON line per connection that moved in this tick's views: connected sockets, and
 /// the peers of unconnected ones (`owner_of` finds a peer's socket when the views do not
 /// describe it this tick).
