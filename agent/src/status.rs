@@ -151,10 +151,6 @@ pub struct FlowsStatus {
     /// Finished unconnected sockets waiting for a whole pass over the per-peer map
     /// (their peers' last counts), given to the flow table then.
     pub pending_sockets: u64,
-    /// Traffic of finished sockets no flow record can carry, by reason, as the poller
-    /// sees it: "no_owner" (never labelled), "no_addresses" (an owner without the
-    /// socket's addresses), "orphan_peer" (per-peer counters of a socket never tracked).
-    pub no_record: BTreeMap<&'static str, Traffic>,
 }
 
 impl Status {

@@ -72,7 +72,7 @@ const GUEST_TESTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("owner_fallback", &[]),
-    ("flows", &["tcp_ipv4_conversation"]),
+    ("flows", &["tcp_ipv4_conversation", "the_flow_ledger"]),
 ];
 
 /// Wall-clock limit of one guest, boot to power-off.

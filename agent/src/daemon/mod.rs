@@ -115,11 +115,17 @@ impl Shared {
         st.metrics = self.metrics.as_ref().map(MetricsEndpoint::status);
         st.labels_named = lock(&self.overrides).len();
         let poll = lock(&self.poll_stats);
-        st.flows = lock(&self.flow_stats).clone().map(|table| FlowsStatus {
-            table,
-            dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
-            pending_sockets: poll.flow_pending_sockets as u64,
-            no_record: poll.flow_unrecorded.clone(),
+        st.flows = lock(&self.flow_stats).clone().map(|mut table| {
+            // One ledger: what the poller could not give the table joins what the table
+            // could not record.
+            for (reason, t) in &poll.flow_unrecorded {
+                table.ledger.unrecorded.entry(reason).or_default().add(t);
+            }
+            FlowsStatus {
+                table,
+                dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
+                pending_sockets: poll.flow_pending_sockets as u64,
+            }
         });
         drop(poll);
         st

@@ -23,6 +23,9 @@ pub struct FlowLedger {
     pub unrecorded: BTreeMap<&'static str, Traffic>,
     /// Traffic records carried that the socket did not (a forgotten idle-peer baseline).
     pub over_recorded: Traffic,
+    /// Traffic of TCP listening sockets (the handshake packets counted on them): no flow
+    /// is theirs; reported, not lost (such sockets count as exact).
+    pub listening: Traffic,
 }
 
 /// One socket's side of the ledger while it lives (only sockets that had a flow end, or
@@ -64,6 +67,15 @@ impl FlowLedger {
         if over != Traffic::default() {
             add(&mut self.over_recorded, over);
         }
+    }
+
+    /// A listening socket finished: whatever it counted is handshake traffic.
+    pub(super) fn listening(&mut self, l: SockLedger, fin: Traffic) {
+        add(&mut self.filtered, l.filtered);
+        let mut rest = sub(fin, l.recorded);
+        rest = sub(rest, l.filtered);
+        add(&mut self.listening, rest);
+        self.exact_sockets += 1;
     }
 
     pub(super) fn orphan(&mut self, t: Traffic) {

@@ -306,6 +306,12 @@ impl FlowTable {
     fn settle_ledger(&mut self, i: u32) {
         let s = self.socks[i];
         let l = self.ledgers.remove(&i).unwrap_or_default();
+        if s.has(S_UNCONN) && s.t.proto == IPPROTO_TCP {
+            // A listening socket: the handshake packets it receives (SYN, the last ACK)
+            // are counted on it, and no connection is its own. Reported, not lost.
+            self.ledger.listening(l, s.t.cum);
+            return;
+        }
         let rest_filtered = !s.has(S_UNCONN) && !s.t.has(F_LIVE) && s.t.has(F_FILTERED);
         let reason = if s.has(S_OVERFLOW) {
             "overflow"

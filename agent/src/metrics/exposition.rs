@@ -291,6 +291,10 @@ impl Collector for Scrape {
         if let Some(f) = &st.flows {
             drop("flows", "flow_table_full", f.table.overflow);
             drop("flows", "held_while_paused", f.dropped_while_paused);
+            // The flow ledger: packets of finished sockets no flow record carries.
+            for (reason, t) in &f.table.ledger.unrecorded {
+                drop("flows", reason, t.tx_packets + t.rx_packets);
+            }
         }
         for (reason, v) in &st.control_refused {
             drop("control", reason, *v);
@@ -450,6 +454,26 @@ impl Collector for Scrape {
                 "sockacct_flows_queued_records",
                 "Flow records waiting for the next tick (over max_records_per_tick)",
                 (t.queued + t.deferred) as f64,
+            )?;
+            let l = &t.ledger;
+            o.counters(
+                "sockacct_flow_ledger_sockets",
+                "Finished sockets whose flow records add up to their bytes (exact) or not (inexact)",
+                [("exact", l.exact_sockets), ("inexact", l.inexact_sockets)]
+                    .map(|(r, v)| (vec![("result", Lv(r))], v)),
+            )?;
+            o.counters(
+                "sockacct_flow_unrecorded_bytes",
+                "Bytes of finished sockets no flow record carries, by reason (the flow ledger)",
+                l.unrecorded
+                    .iter()
+                    .map(|(r, t)| (vec![("reason", Lv(r))], t.tx + t.rx)),
+            )?;
+            o.counters(
+                "sockacct_flow_unrecorded_reported_bytes",
+                "Bytes no flow record carries by design: left out by the [flows] filters, or counted on TCP listening sockets (handshakes)",
+                [("filtered", l.filtered), ("listening", l.listening)]
+                    .map(|(r, t)| (vec![("reason", Lv(r))], t.tx + t.rx)),
             )?;
             o.counters(
                 "sockacct_flow_records",

@@ -9,6 +9,9 @@
 //!                                                              waits for a line on stdin, sends, closes)
 //!   peer [--name N] short-tcp ADDR PORT SEND_BYTES            (connect, send, close at once)
 //!
+//!   peer [--name N] flow-stress TAG DELAY_US HOLD            (socket patterns for the flow ledger:
+//!                                                              tests/src/peer_modes/flows.rs)
+//!
 //! Trust-boundary modes (a local attacker's moves): names-churn, names-hold, control-hold,
 //! control-subscribe, orphan-label, udp-cookie, setuid-label; see tests/src/peer_modes/trust.rs.
 //!
@@ -24,6 +27,8 @@
 //!                                                              listeners on 127.0.0.FIRST…, both ends here;
 //!                                                              prints "sockets S"; keeps light traffic on
 //!                                                              ACTIVE pairs until a line on stdin)
+#[path = "../peer_modes/flows.rs"]
+mod flows;
 #[path = "../peer_modes/trust.rs"]
 mod trust;
 
@@ -418,6 +423,7 @@ fn main() {
             }
             out(format!("sent {}", n * ports.split(',').count() as u64));
         }
+        ["flow-stress", tag, delay_us, hold] => flows::flow_stress(tag, delay_us, hold),
         // Trust-boundary modes (tests/tests/trust.rs).
         ["names-churn", addr, port, n, size] => trust::names_churn(addr, port, n, size),
         ["names-hold", addr, port, n, size] => trust::names_hold(addr, port, n, size),
