@@ -109,7 +109,8 @@ fn distinct_names_do_not_grow_memory() {
     // until they can no longer grow: measure once all of that is gone too.
     wait_for("the flow table to empty", Duration::from_secs(60), || {
         let f = status(&d)["flows"].clone();
-        (f["tracked"] == 0 && f["pending_sessions"] == 0 && f["queued"] == 0).then_some(())
+        (f["tracked"] == 0 && f["pending_sessions"] == 0 && f["queued"] == 0 && f["finishing"] == 0)
+            .then_some(())
     });
     d.wait_ticks(20);
     let st = status(&d);

@@ -244,3 +244,49 @@ fn flows_heap_peers_packed_after_a_mass_close() {
         "{after} B held after the mass close"
     );
 }
+
+/// Sockets that each have an owner and a label of their own (any local user can make
+/// new process names): once they are gone, their names go too.
+#[test]
+fn distinct_names_are_given_back_after_their_sockets_close() {
+    let recv: SocketAddr = "10.0.0.9:9000".parse().unwrap();
+    let view = |i: u64, finished: bool| SocketView {
+        cookie: 1 + i,
+        proto: 17,
+        local: SocketAddr::new([10, 0, 0, 2].into(), 20000 + (i % 40000) as u16),
+        remote: Some(recv),
+        direction: Direction::Outbound,
+        owner: OwnerView {
+            pid: i as u32,
+            process: format!("n{i:x}").into(),
+            uid: 1000,
+            cgroup: None,
+            netns: 1,
+        },
+        label: format!("n{i:x}").into(),
+        counters: Traffic {
+            tx: 64,
+            rx: 0,
+            tx_packets: 1,
+            rx_packets: 0,
+        },
+        first_seen_ms: T0,
+        finished,
+        tcp_state: None,
+    };
+    let base = live();
+    let mut ft = FlowTable::new(FlowConfig::default());
+    let socks: Vec<SocketView> = (0..N).map(|i| view(i, false)).collect();
+    drop(ft.observe(T0, &socks, &[]));
+    drop(socks);
+    let now = settle(&mut ft, T0);
+    let held = live() - base;
+    let done: Vec<SocketView> = (0..N).map(|i| view(i, true)).collect();
+    drop(ft.observe(now + 100, &done, &[]));
+    drop(done);
+    settle(&mut ft, now + 100);
+    let after = live() - base;
+    eprintln!("distinct names: {held} B held at {N} sockets, {after} B after they closed");
+    assert_eq!(ft.stats().tracked, 0);
+    assert!(after < 512 * 1024, "{after} B still held");
+}

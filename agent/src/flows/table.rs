@@ -125,7 +125,8 @@ impl FlowTable {
     /// `crate::process::release_free_heap()` then, after writing the tick's records):
     /// once the table fell to half of what it held at the last trim.
     pub fn wants_trim(&mut self) -> bool {
-        let n = self.socks.used() + self.peers.used() + self.out.sessions.len();
+        let n =
+            self.socks.used() + self.peers.used() + self.out.outbox.len() + self.out.sessions.len();
         self.trim_mark = self.trim_mark.max(n);
         if n < self.trim_mark / 2 {
             self.trim_mark = n;
@@ -160,7 +161,10 @@ impl FlowTable {
         self.pack(now);
         // The indexes and names: each time the table fell to a quarter of its mark (their
         // trims scan what they keep, so not every call).
-        let n = self.socks.used() + self.peers.used();
+        // Records waiting in the outbox and sessions hold names too: a mass close's names
+        // are free only once its records are out.
+        let n =
+            self.socks.used() + self.peers.used() + self.out.outbox.len() + self.out.sessions.len();
         self.room_mark = self.room_mark.max(n);
         if n < self.room_mark / 4 {
             self.room_mark = n;

@@ -466,14 +466,22 @@ impl Poller {
             self.labels
                 .sweep(self.table.socks.values().filter_map(|s| s.label));
         }
+        // When the names doubled since the last sweep, or (every 50 ticks) when they
+        // outnumber the sockets that could hold them twice over: a sweep in the middle of
+        // a burst keeps what was still held then, and nothing doubles after it.
         let n = self.names.len();
-        if n >= 256 && n >= 2 * self.names_after_sweep.max(1) {
-            // Held elsewhere (flow facts, flow records) means in use.
-            self.names.retain(|_, a| Arc::strong_count(a) > 1);
-            self.names.shrink_to_fit();
-            self.names_after_sweep = self.names.len();
+        let outgrown = self.tick_no % 50 == 0 && n > 2 * self.table.socks.len();
+        if n >= 256 && (n >= 2 * self.names_after_sweep.max(1) || outgrown) {
+            self.sweep_names_now();
         }
         self.stats.labels = self.labels.stats();
+    }
+
+    fn sweep_names_now(&mut self) {
+        // Held elsewhere (flow facts, flow records) means in use.
+        self.names.retain(|_, a| Arc::strong_count(a) > 1);
+        self.names.shrink_to_fit();
+        self.names_after_sweep = self.names.len();
     }
 
     /// Labels applications asked for; entries are removed when their socket is gone.
@@ -646,6 +654,8 @@ impl Poller {
         self.trim_mark = self.trim_mark.max(n);
         if n < self.trim_mark / 2 {
             self.trim_mark = n;
+            // The names the gone sockets held go first, so their memory goes back too.
+            self.sweep_names_now();
             crate::process::release_free_heap();
         }
     }

@@ -44,9 +44,16 @@ pub(super) struct PeerReads {
     /// Whole passes completed.
     passes: u64,
     pending: IntMap<u64, Pending>,
-    /// Sockets seen only through their peers: the pass they were first seen in.
-    strays: IntMap<u64, u64>,
+    /// Sockets seen only through their peers: the pass and the tick they were first
+    /// seen in.
+    strays: IntMap<u64, (u64, u64)>,
     delete: VecDeque<PeerKey>,
+    /// Entries queued for deletion, per socket: the walk may meet them meanwhile (they
+    /// are neither strays nor news).
+    doomed: IntMap<u64, u32>,
+    /// Finished sockets without flow facts (counted in the ledger as a whole): their peer
+    /// entries are deleted without a second count. Kept for a few passes.
+    silent: IntMap<u64, u64>,
 }
 
 impl PeerReads {
@@ -61,6 +68,29 @@ impl PeerReads {
 
     pub(super) fn pending(&self) -> usize {
         self.pending.len()
+    }
+
+    fn doom(&mut self, k: PeerKey) {
+        *self.doomed.entry(k.cookie).or_default() += 1;
+        self.delete.push_back(k);
+    }
+
+    /// After a burst (a mass close, a churn of short-lived sockets) the maps keep their
+    /// peak room unless told: back to twice what they hold once under a quarter.
+    fn give_back_room(&mut self) {
+        fn map<K: std::hash::Hash + Eq, V, S: std::hash::BuildHasher>(m: &mut HashMap<K, V, S>) {
+            if m.capacity() > 1024 && m.len() < m.capacity() / 4 {
+                m.shrink_to(m.len() * 2);
+            }
+        }
+        map(&mut self.last);
+        map(&mut self.pending);
+        map(&mut self.strays);
+        map(&mut self.doomed);
+        map(&mut self.silent);
+        if self.delete.capacity() > 4096 && self.delete.len() < self.delete.capacity() / 4 {
+            self.delete.shrink_to(self.delete.len() * 2);
+        }
     }
 }
 
@@ -106,7 +136,7 @@ impl Poller {
         let mut extra = vec![];
         self.offer_peers(&all, &mut extra, false);
         let extra_views = self.socket_views(&[], &[], &HashMap::new(), &extra);
-        self.flow_socks.extend(extra_views);
+        self.route_views(extra_views);
         let all_pending: Vec<u64> = self.peer_reads.pending.keys().copied().collect();
         self.complete_pending(&all_pending);
     }
@@ -120,22 +150,7 @@ impl Poller {
         end_states: &HashMap<u64, u64>,
     ) {
         let views = self.socket_views(moved, finished, end_states, &[]);
-        let need = self.peer_reads.next_full_pass();
-        for v in views {
-            if v.finished && v.proto == 17 && v.remote.is_none() {
-                // Its peers' last counts are read by the next whole pass.
-                self.peer_reads.pending.insert(
-                    v.cookie,
-                    Pending {
-                        view: v,
-                        need,
-                        peers: HashMap::new(),
-                    },
-                );
-            } else {
-                self.flow_socks.push(v);
-            }
-        }
+        self.route_views(views);
         let steps = if self.peer_reads.pending.is_empty() {
             1
         } else {
@@ -151,6 +166,9 @@ impl Poller {
                     // A stray's entries were all seen within two passes of its first.
                     self.peer_reads
                         .strays
+                        .retain(|_, (first, _)| passes <= *first + 4);
+                    self.peer_reads
+                        .silent
                         .retain(|_, first| passes <= *first + 4);
                     if self.peer_reads.pending.values().all(|p| p.need > passes) {
                         break;
@@ -166,7 +184,7 @@ impl Poller {
         let mut extra = vec![];
         self.offer_peers(&read, &mut extra, true);
         let extra_views = self.socket_views(&[], &[], end_states, &extra);
-        self.flow_socks.extend(extra_views);
+        self.route_views(extra_views);
         let passes = self.peer_reads.passes;
         let ready: Vec<u64> = self
             .peer_reads
@@ -177,7 +195,28 @@ impl Poller {
             .collect();
         self.complete_pending(&ready);
         self.delete_peer_entries();
+        self.peer_reads.give_back_room();
         self.stats.flow_pending_sockets = self.peer_reads.pending();
+    }
+
+    /// Views to the flow table; a finished unconnected socket's view waits (pending) for
+    /// the next whole pass over the per-peer map, which reads its peers' last counts.
+    fn route_views(&mut self, views: Vec<SocketView>) {
+        let need = self.peer_reads.next_full_pass();
+        for v in views {
+            if v.finished && v.proto == 17 && v.remote.is_none() {
+                self.peer_reads.pending.insert(
+                    v.cookie,
+                    Pending {
+                        view: v,
+                        need,
+                        peers: HashMap::new(),
+                    },
+                );
+            } else {
+                self.flow_socks.push(v);
+            }
+        }
     }
 
     /// Sorts peer entries read: those of finished sockets to their pending socket, those
@@ -186,8 +225,25 @@ impl Poller {
     fn offer_peers(&mut self, read: &[(PeerKey, Counters)], extra: &mut Vec<u64>, age: bool) {
         let passes = self.peer_reads.passes;
         for (k, c) in read {
+            if !self.peer_reads.pending.contains_key(&k.cookie)
+                && self.table.finals.contains_key(&k.cookie)
+            {
+                // Finished (its final counters are in) but not given yet, e.g. an entry
+                // the kernel kept while the final ring was full: it waits for its peers
+                // like any finished socket.
+                let views = self.socket_views(&[], &[], &HashMap::new(), &[k.cookie]);
+                self.route_views(views);
+            }
             if let Some(p) = self.peer_reads.pending.get_mut(&k.cookie) {
                 p.peers.insert(*k, *c);
+                continue;
+            }
+            if self.peer_reads.doomed.contains_key(&k.cookie) {
+                continue;
+            }
+            if self.peer_reads.silent.contains_key(&k.cookie) {
+                self.peer_reads.last.remove(k);
+                self.peer_reads.doom(*k);
                 continue;
             }
             match self.table.socks.get(&k.cookie) {
@@ -204,17 +260,29 @@ impl Poller {
                 // Tracked, owner (and so flow facts) not known yet: wait for them.
                 Some(_) => {}
                 None if age => {
-                    let first = *self.peer_reads.strays.entry(k.cookie).or_insert(passes);
-                    if passes >= first + 2 {
+                    let tick = self.tick_no;
+                    let (first, first_tick) = *self
+                        .peer_reads
+                        .strays
+                        .entry(k.cookie)
+                        .or_insert((passes, tick));
+                    // A new socket is in the table within two polls of its first packet;
+                    // a small map is walked several times in one poll.
+                    if passes >= first + 2 && tick >= first_tick + 3 {
                         // Two whole passes and its socket never showed up: not one we
                         // track (or long gone). Its traffic is in no flow record.
+                        debug!(
+                            "orphan peer entry of socket {:#x} (first seen pass {first} tick {first_tick}, now pass {passes} tick {tick}, {} packets)",
+                            k.cookie,
+                            c.tx_packets + c.rx_packets
+                        );
                         self.stats
                             .flow_unrecorded
                             .entry("orphan_peer")
                             .or_default()
                             .add(&Traffic::from(*c));
                         self.peer_reads.last.remove(k);
-                        self.peer_reads.delete.push_back(*k);
+                        self.peer_reads.doom(*k);
                     }
                 }
                 None => {}
@@ -235,7 +303,7 @@ impl Poller {
             peers.sort_unstable_by_key(|(k, _)| (k.family, k.addr, k.port));
             for (k, c) in &peers {
                 self.peer_reads.last.remove(k);
-                self.peer_reads.delete.push_back(*k);
+                self.peer_reads.doom(*k);
                 if let Some(v) = peer_view(k, c) {
                     self.flow_peers.push(v);
                 }
@@ -253,6 +321,14 @@ impl Poller {
         if let Err(e) = bpfsys::delete_batch(self.maps.peers.fd().as_fd(), &keys) {
             // Entries gone already are fine; others are found again by the walk.
             debug!("deleting {} per-peer entries: {e}", keys.len());
+        }
+        for k in &keys {
+            if let Some(n) = self.peer_reads.doomed.get_mut(&k.cookie) {
+                *n -= 1;
+                if *n == 0 {
+                    self.peer_reads.doomed.remove(&k.cookie);
+                }
+            }
         }
     }
 
@@ -296,6 +372,9 @@ impl Poller {
             let Some(f) = st.flow.as_deref() else {
                 if done {
                     st.flow_closed = true;
+                    self.peer_reads
+                        .silent
+                        .insert(cookie, self.peer_reads.passes);
                     let reason = if st.label.is_some() {
                         "no_addresses"
                     } else {
