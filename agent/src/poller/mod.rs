@@ -66,8 +66,11 @@ const SLOW_TICK: std::time::Duration = std::time::Duration::from_millis(25);
 
 /// From this many sockets to label in one tick on, the owner map is read in one walk.
 const OWNER_PREFETCH_MIN: usize = 512;
-/// Owner-map entries read per part of that walk (2048 x 136 B: below the mmap threshold).
-const OWNER_WALK_PART: usize = 2048;
+/// Entries read per part of a whole-map walk of the owner map and of the socket map:
+/// the part's key and value buffers stay below the allocator's mmap threshold (128 KiB,
+/// process::tune_allocator), so a part costs no mapping of its own.
+const OWNER_WALK_PART: usize = 128 * 1024 / size_of::<Owner>() - 1;
+const SOCK_WALK_PART: usize = 128 * 1024 / size_of::<SockCounters>() - 1;
 
 /// Hasher for the integer-keyed tables (socket cookies, label ids, ifindexes): one
 /// 64x64->128 multiply folded to 64 bits. SipHash, the std default, guards against
@@ -742,10 +745,10 @@ impl Poller {
                 self.batch
                     .reserve(self.table.live() + self.table.live() / 4);
                 let mut cursor = bpfsys::WalkCursor::default();
-                let mut part: Vec<(u64, SockCounters)> = Vec::with_capacity(WALK_PER_TICK);
+                let mut part: Vec<(u64, SockCounters)> = Vec::with_capacity(SOCK_WALK_PART);
                 loop {
                     part.clear();
-                    let done = bpfsys::walk_step(socks, &mut cursor, WALK_PER_TICK, &mut part)
+                    let done = bpfsys::walk_step(socks, &mut cursor, SOCK_WALK_PART, &mut part)
                         .map_err(|source| PollError::Map {
                             map: MAP_SOCKS,
                             source,
