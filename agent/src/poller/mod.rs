@@ -171,7 +171,8 @@ pub struct FlowFacts {
     local: std::net::SocketAddr,
     remote: Option<std::net::SocketAddr>,
     direction: crate::flows::Direction,
-    owner: crate::flows::OwnerView,
+    /// Shared by every socket of the same owner (interned in `Poller::owners`).
+    owner: Arc<crate::flows::OwnerView>,
     first_seen_ms: u64,
 }
 
@@ -357,6 +358,8 @@ pub struct Poller {
     /// Process names and cgroup paths, one shared copy each (flow facts hold many);
     /// swept with the labels, or when it doubled since the last sweep.
     names: HashMap<String, Arc<str>>,
+    /// Flow facts' owners, one shared copy each; swept with the names.
+    owners: HashMap<crate::flows::OwnerView, Arc<crate::flows::OwnerView>>,
     names_after_sweep: usize,
     discovered: IntMap<u64, DiscoveredSocket>,
     /// TCP listening port -> owner, for server-side sockets not yet accept()ed.
@@ -409,6 +412,7 @@ impl Poller {
             iface_names,
             labels: LabelSet::new(crate::config::DEFAULT_MAX_LABELS),
             names: HashMap::new(),
+            owners: HashMap::new(),
             names_after_sweep: 0,
             discovered: discovered.into_iter().map(|d| (d.cookie, d)).collect(),
             listeners: HashMap::new(),
@@ -481,7 +485,10 @@ impl Poller {
     }
 
     fn sweep_names_now(&mut self) {
-        // Held elsewhere (flow facts, flow records) means in use.
+        // Held elsewhere (flow facts, flow records) means in use. Owners first: they hold
+        // names.
+        self.owners.retain(|_, a| Arc::strong_count(a) > 1);
+        self.owners.shrink_to_fit();
         self.names.retain(|_, a| Arc::strong_count(a) > 1);
         self.names.shrink_to_fit();
         self.names_after_sweep = self.names.len();

@@ -1,6 +1,17 @@
 //! Who owns a socket, and so its label: the kernel's owner record, a final record, a
 //! socket found at start, or the listener of a server-side socket awaiting accept().
 use super::*;
+use crate::flows::OwnerView;
+
+/// One shared copy of an owner (every socket of a process points to it).
+fn intern_owner(owners: &mut HashMap<OwnerView, Arc<OwnerView>>, o: OwnerView) -> Arc<OwnerView> {
+    if let Some(a) = owners.get(&o) {
+        return a.clone();
+    }
+    let a = Arc::new(o.clone());
+    owners.insert(o, a.clone());
+    a
+}
 
 /// One shared copy of a name (process, cgroup path).
 fn intern(names: &mut HashMap<String, Arc<str>>, s: &str) -> Arc<str> {
@@ -78,7 +89,7 @@ impl Poller {
         source: OwnerSource,
         process: String,
     ) -> Option<Box<FlowFacts>> {
-        use crate::flows::{Direction, OwnerView};
+        use crate::flows::Direction;
         use std::net::SocketAddr;
         if !self.flow_views_on || o.addr_family == 0 {
             return None;
@@ -106,13 +117,16 @@ impl Poller {
             local: SocketAddr::new(local_ip, o.local_port as u16),
             remote,
             direction,
-            owner: OwnerView {
-                pid: o.tgid,
-                process: intern(&mut self.names, &process),
-                uid: o.uid,
-                cgroup: None,
-                netns: o.netns_cookie,
-            },
+            owner: intern_owner(
+                &mut self.owners,
+                OwnerView {
+                    pid: o.tgid,
+                    process: intern(&mut self.names, &process),
+                    uid: o.uid,
+                    cgroup: None,
+                    netns: o.netns_cookie,
+                },
+            ),
             first_seen_ms: unix_ms(),
         }))
     }
@@ -171,13 +185,16 @@ impl Poller {
                     } else {
                         crate::flows::Direction::Outbound
                     },
-                    owner: crate::flows::OwnerView {
-                        pid: p.tgid,
-                        process: intern(&mut self.names, &p.comm),
-                        uid: p.uid,
-                        cgroup: p.cgroup.as_deref().map(|c| intern(&mut self.names, c)),
-                        netns: f.netns,
-                    },
+                    owner: intern_owner(
+                        &mut self.owners,
+                        crate::flows::OwnerView {
+                            pid: p.tgid,
+                            process: intern(&mut self.names, &p.comm),
+                            uid: p.uid,
+                            cgroup: p.cgroup.as_deref().map(|c| intern(&mut self.names, c)),
+                            netns: f.netns,
+                        },
+                    ),
                     first_seen_ms: unix_ms(),
                 }))
             } else {

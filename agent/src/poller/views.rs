@@ -38,8 +38,11 @@ struct Pending {
 /// waiting for it.
 #[derive(Debug, Default)]
 pub(super) struct PeerReads {
-    /// Packets (both ways) last offered per peer: offered again once they change.
-    last: HashMap<PeerKey, u64>,
+    /// Packets (both ways, low 32 bits) last offered per peer, by a 64-bit fingerprint of
+    /// the peer's key (16 B an entry where the key alone is 32): offered again once they
+    /// change. A collision could only delay a peer's update until its socket ends, when
+    /// every peer is given regardless.
+    last: IntMap<u64, u32>,
     walk: bpfsys::WalkCursor,
     /// Whole passes completed.
     passes: u64,
@@ -94,8 +97,18 @@ impl PeerReads {
     }
 }
 
-fn packets(c: &Counters) -> u64 {
-    c.tx_packets.wrapping_add(c.rx_packets)
+fn packets(c: &Counters) -> u32 {
+    c.tx_packets.wrapping_add(c.rx_packets) as u32
+}
+
+fn fingerprint(k: &PeerKey) -> u64 {
+    use std::hash::{BuildHasher, Hash, Hasher};
+    // SipHash with fixed keys: spread well, and the same key gives the same print.
+    let mut h =
+        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+            .build_hasher();
+    (k.cookie, k.addr, k.port, k.family).hash(&mut h);
+    h.finish()
 }
 
 fn peer_view(k: &PeerKey, c: &Counters) -> Option<PeerView> {
@@ -242,18 +255,19 @@ impl Poller {
                 continue;
             }
             if self.peer_reads.silent.contains_key(&k.cookie) {
-                self.peer_reads.last.remove(k);
+                self.peer_reads.last.remove(&fingerprint(k));
                 self.peer_reads.doom(*k);
                 continue;
             }
             match self.table.socks.get(&k.cookie) {
                 Some(st) if st.flow.is_some() && !st.flow_closed => {
                     let n = packets(c);
-                    if self.peer_reads.last.get(k) == Some(&n) {
+                    let fp = fingerprint(k);
+                    if self.peer_reads.last.get(&fp) == Some(&n) {
                         continue;
                     }
                     let Some(v) = peer_view(k, c) else { continue };
-                    self.peer_reads.last.insert(*k, n);
+                    self.peer_reads.last.insert(fp, n);
                     self.flow_peers.push(v);
                     extra.push(k.cookie);
                 }
@@ -281,7 +295,7 @@ impl Poller {
                             .entry("orphan_peer")
                             .or_default()
                             .add(&Traffic::from(*c));
-                        self.peer_reads.last.remove(k);
+                        self.peer_reads.last.remove(&fingerprint(k));
                         self.peer_reads.doom(*k);
                     }
                 }
@@ -302,7 +316,7 @@ impl Poller {
             let mut peers: Vec<(PeerKey, Counters)> = p.peers.into_iter().collect();
             peers.sort_unstable_by_key(|(k, _)| (k.family, k.addr, k.port));
             for (k, c) in &peers {
-                self.peer_reads.last.remove(k);
+                self.peer_reads.last.remove(&fingerprint(k));
                 self.peer_reads.doom(*k);
                 if let Some(v) = peer_view(k, c) {
                     self.flow_peers.push(v);
@@ -399,7 +413,7 @@ impl Poller {
                 local: f.local,
                 remote: f.remote,
                 direction: f.direction,
-                owner: f.owner.clone(),
+                owner: (*f.owner).clone(),
                 label,
                 counters,
                 first_seen_ms: f.first_seen_ms,
