@@ -70,18 +70,15 @@ fn settle(ft: &mut FlowTable, mut now: u64) -> u64 {
     now
 }
 
-/// Live heap bytes per flow: `N` connected UDP sockets, and `N` peers of one unconnected
-/// socket (as the real agent's 100k-socket / 65k-peer measurement, scaled).
-pub(super) fn bytes_per_flow() -> (f64, f64, f64) {
-    let o = owner();
-    let label: Arc<str> = "bench".into();
-    let view = |i: u64, remote: Option<SocketAddr>| SocketView {
+/// Socket `i` of the measurements: a UDP socket with one 64 B datagram sent.
+fn udp_view(i: u64, remote: Option<SocketAddr>, owner: &OwnerView, label: &Arc<str>) -> SocketView {
+    SocketView {
         cookie: 1 + i,
         proto: 17,
         local: SocketAddr::new([10, 0, 0, 2].into(), 20000 + (i % 40000) as u16),
         remote,
         direction: Direction::Outbound,
-        owner: o.clone(),
+        owner: owner.clone(),
         label: label.clone(),
         counters: Traffic {
             tx: 64,
@@ -92,7 +89,15 @@ pub(super) fn bytes_per_flow() -> (f64, f64, f64) {
         first_seen_ms: T0,
         finished: false,
         tcp_state: None,
-    };
+    }
+}
+
+/// Live heap bytes per flow: `N` connected UDP sockets, and `N` peers of one unconnected
+/// socket (as the real agent's 100k-socket / 65k-peer measurement, scaled).
+pub(super) fn bytes_per_flow() -> (f64, f64, f64) {
+    let o = owner();
+    let label: Arc<str> = "bench".into();
+    let view = |i: u64, remote: Option<SocketAddr>| udp_view(i, remote, &o, &label);
     let recv: SocketAddr = "10.0.0.9:9000".parse().unwrap();
 
     let base = live();
@@ -250,29 +255,16 @@ fn flows_heap_peers_packed_after_a_mass_close() {
 #[test]
 fn distinct_names_are_given_back_after_their_sockets_close() {
     let recv: SocketAddr = "10.0.0.9:9000".parse().unwrap();
-    let view = |i: u64, finished: bool| SocketView {
-        cookie: 1 + i,
-        proto: 17,
-        local: SocketAddr::new([10, 0, 0, 2].into(), 20000 + (i % 40000) as u16),
-        remote: Some(recv),
-        direction: Direction::Outbound,
-        owner: OwnerView {
+    let view = |i: u64, finished: bool| {
+        let owner = OwnerView {
             pid: i as u32,
             process: format!("n{i:x}").into(),
-            uid: 1000,
-            cgroup: None,
-            netns: 1,
-        },
-        label: format!("n{i:x}").into(),
-        counters: Traffic {
-            tx: 64,
-            rx: 0,
-            tx_packets: 1,
-            rx_packets: 0,
-        },
-        first_seen_ms: T0,
-        finished,
-        tcp_state: None,
+            ..owner()
+        };
+        SocketView {
+            finished,
+            ..udp_view(i, Some(recv), &owner, &format!("n{i:x}").into())
+        }
     };
     let base = live();
     let mut ft = FlowTable::new(FlowConfig::default());

@@ -64,8 +64,9 @@ const WALK_PER_TICK: usize = 2048;
 /// Ticks whose work takes longer are logged (at debug) with the time of each phase.
 const SLOW_TICK: std::time::Duration = std::time::Duration::from_millis(25);
 
-/// From this many sockets to label in one tick on, the owner map is read in one walk.
-const OWNER_PREFETCH_MIN: usize = 512;
+/// From this many sockets to label in one tick on, the owner map is walked instead of
+/// looked up once per socket.
+const OWNER_WALK_MIN: usize = 512;
 /// Entries read per part of a whole-map walk of the owner map and of the socket map:
 /// the part's key and value buffers stay below the allocator's mmap threshold (128 KiB,
 /// process::tune_allocator), so a part costs no mapping of its own.
@@ -819,7 +820,7 @@ impl Poller {
                     .is_some_and(|st| matches!(st.owner_source, None | Some(OwnerSource::Listener)))
             })
             .count();
-        if unresolved >= OWNER_PREFETCH_MIN {
+        if unresolved >= OWNER_WALK_MIN {
             self.resolve_by_walk(record_owner);
         }
         let mut labels: BTreeMap<String, Traffic> = BTreeMap::new();
