@@ -275,17 +275,26 @@ fn the_flow_ledger_holds_run_after_run() {
         }
         // Every finished socket waits for a whole pass over the per-peer map: no socket
         // may still be waiting, and nothing may have been unrecordable.
-        // Finals reach the flow table within two polls; then nothing may wait.
-        d.wait_ticks(3);
-        let st = wait_for("finished sockets settled", Duration::from_secs(30), || {
-            let st = d.control(json!({"cmd": "status"}));
-            let f = &st["flows"];
-            (f["pending_sockets"] == 0 && f["finishing"] == 0).then_some(st)
-        });
+        // Every socket that ended (9 per family and run: r1-r3, s, q, c, t, the accepted
+        // one and its listener; the held run's receivers are still open) is settled in the
+        // ledger, and nothing waits.
+        let ended = (RUNS * 2 * 9 - 2 * 3) as u64;
+        let st = wait_for(
+            "every ended socket settled",
+            Duration::from_secs(30),
+            || {
+                let st = d.control(json!({"cmd": "status"}));
+                let f = &st["flows"];
+                let settled = f["ledger"]["exact_sockets"].as_u64().unwrap_or(0)
+                    + f["ledger"]["inexact_sockets"].as_u64().unwrap_or(0);
+                (settled >= ended && f["pending_sockets"] == 0 && f["finishing"] == 0).then_some(st)
+            },
+        );
         let ledger = &st["flows"]["ledger"];
         assert_eq!(st["flows"]["orphan_peers"], 0, "agent {agent}: {st:#}");
         assert_eq!(ledger["unrecorded"], json!({}), "agent {agent}: {ledger:#}");
         assert_eq!(ledger["inexact_sockets"], 0, "agent {agent}: {ledger:#}");
+        assert_eq!(ledger["exact_sockets"], ended, "agent {agent}: {ledger:#}");
         assert_eq!(
             ledger["over_recorded"],
             json!(Traffic::default()),
