@@ -569,6 +569,16 @@ impl Daemon {
                 d.status_if_up().filter(|v| v["ok"] == true).map(|_| ())
             },
         );
+        // The start record is written before `status` answers, but our reader thread may
+        // not have taken it yet: a test counting lines from here must not see it arrive.
+        wait_for("the agent's start record", Duration::from_secs(10), || {
+            d.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|l| l.contains("\"type\":\"agent\""))
+                .then_some(())
+        });
         d
     }
 

@@ -567,7 +567,6 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     if let Some(m) = metrics_server {
         rt.spawn(m.serve(shared.clone()));
     }
-    rt.spawn(server.serve(Arc::new(shared.clone())));
     if s.config.upload.every_secs > 0 && shared.uploader.is_some() {
         let (sh, every) = (
             shared.clone(),
@@ -621,6 +620,8 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         previous,
         resumes_after,
     ))?;
+    // Served only now: a client that gets an answer finds the start record written.
+    rt.spawn(server.serve(Arc::new(shared.clone())));
     info!("running: one event per {:?} with movement", s.interval);
     let mut next = Instant::now() + s.interval;
     let mut result = Ok(());
