@@ -115,7 +115,7 @@ fn run(flows: bool, sockets: usize) -> anyhow::Result<MemRun> {
             2 * room
         ),
     )?;
-    let d = Daemon::start(&cg, &["--config", cfg.to_str().unwrap()]);
+    let d = Daemon::start_quiet(&cg, &["--config", cfg.to_str().unwrap()]);
     let pid = d.pid();
     let mut r = MemRun {
         flows,
