@@ -37,6 +37,9 @@ pub struct Status {
     pub uptime_s: u64,
     pub sockets_tracked: usize,
     pub map_entries: usize,
+    /// Kernel entries of sockets (and peers) done with, not deleted yet (a mass close
+    /// leaves many; the reaper thread deletes them off the tick).
+    pub kernel_deletes_waiting: usize,
     pub map_fill: f64,
     pub ticks: u64,
     pub events: u64,
@@ -161,6 +164,7 @@ impl Status {
             uptime_s: 0,
             sockets_tracked: st.sockets_tracked,
             map_entries: st.map_entries,
+            kernel_deletes_waiting: st.kernel_deletes_waiting,
             ticks: st.ticks,
             events: st.events,
             last_tick_work_ms: st.last_tick_work.as_secs_f64() * 1e3,

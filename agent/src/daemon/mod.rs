@@ -671,15 +671,6 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         }
         if let Some(ft) = &mut flow_table {
             let (socks, peers) = poller.take_flow_views();
-            log::debug!(
-                "flow views: {} sockets {:?}, {} peers",
-                socks.len(),
-                socks
-                    .iter()
-                    .map(|s| (s.cookie, &s.label, s.remote, s.finished))
-                    .collect::<Vec<_>>(),
-                peers.len()
-            );
             let t0 = Instant::now();
             let now = crate::poller::unix_ms();
             let recs = ft.observe(now, &socks, &peers);

@@ -26,7 +26,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr},
     os::fd::AsFd,
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use agent_common::*;
@@ -47,6 +47,7 @@ mod label_set;
 #[cfg(test)]
 mod model;
 mod owners;
+mod reaper;
 mod stats;
 mod table;
 mod views;
@@ -56,10 +57,10 @@ pub use label_set::{LabelSetStats, OVERFLOW_LABEL};
 pub use stats::{PollStats, TICK_BUCKETS_MS, TickTimes};
 pub use table::{ActiveReads, Entry, Harvested, Read, Scope, SockTable, WhyAll};
 
-/// Bounds on the clean-up work after a mass close, per tick: kernel entries deleted, and
-/// socket-map entries read looking for sockets whose final record did not fit the ring.
-const DELETES_PER_TICK: usize = 2048;
-const WALK_PER_TICK: usize = 2048;
+/// A bound on the clean-up work after a mass close, per tick: socket-map entries read
+/// looking for sockets whose final record did not fit the ring. (Deleting the entries
+/// of sockets done with is the reaper thread's, see reaper.rs.)
+const WALK_PER_TICK: usize = 1024;
 
 /// Ticks whose work takes longer are logged (at debug) with the time of each phase.
 const SLOW_TICK: std::time::Duration = std::time::Duration::from_millis(25);
@@ -381,8 +382,8 @@ pub struct Poller {
     /// (None: no walk under way), and the kernel's count of those at the walk's start.
     deferred_walk: Option<bpfsys::WalkCursor>,
     deferred_walked: u64,
-    /// Kernel entries of sockets done with, to delete (a bounded number per tick).
-    delete_queue: std::collections::VecDeque<u64>,
+    /// Deletes kernel entries of sockets (and peers) done with, off the tick.
+    reaper: reaper::Reaper,
     pub stats: PollStats,
 }
 
@@ -393,6 +394,21 @@ impl Poller {
         discovered: Vec<DiscoveredSocket>,
     ) -> Result<Poller, PollError> {
         let maps = Maps::take(loaded)?;
+        let dup = |m: &MapData, name: &'static str| {
+            m.fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|source| PollError::Map { map: name, source })
+        };
+        let reaper = reaper::Reaper::start(reaper::ReaperMaps {
+            socks: dup(&maps.socks, MAP_SOCKS)?,
+            owners: dup(&maps.owners, MAP_OWNERS)?,
+            peers: dup(&maps.peers, MAP_PEERS)?,
+        })
+        .map_err(|source| PollError::Map {
+            map: "(reaper thread)",
+            source,
+        })?;
         let iface_names = loaded.interfaces.iter().cloned().collect();
         let mut p = Poller {
             flow_views_on: false,
@@ -426,7 +442,7 @@ impl Poller {
             trim_mark: 0,
             deferred_walk: None,
             deferred_walked: 0,
-            delete_queue: Default::default(),
+            reaper,
             stats: PollStats::default(),
         };
         // Programs may have counted since attach: treat everything so far as this
@@ -478,7 +494,7 @@ impl Poller {
         // outnumber the sockets that could hold them twice over: a sweep in the middle of
         // a burst keeps what was still held then, and nothing doubles after it.
         let n = self.names.len();
-        let outgrown = self.tick_no % 50 == 0 && n > 2 * self.table.socks.len();
+        let outgrown = self.tick_no.is_multiple_of(50) && n > 2 * self.table.socks.len();
         if n >= 256 && (n >= 2 * self.names_after_sweep.max(1) || outgrown) {
             self.sweep_names_now();
         }
@@ -543,7 +559,7 @@ impl Poller {
         // sockets (their entries are gone).
         let full = self.read_slot(slot, tick)?;
         if !full {
-            self.walk_deferred()?;
+            self.walk_deferred(slot)?;
         }
         let t_read = work.elapsed();
         let entries_read = self.batch.len();
@@ -586,7 +602,7 @@ impl Poller {
         let t_labels = work.elapsed();
         let ifaces = self.iface_deltas(slot);
         let ndone = done.len();
-        self.housekeeping(&records, &deltas, done);
+        let hk = self.housekeeping(&records, &deltas, done);
         self.stats.sockets_tracked = self.table.socks.len();
         self.return_memory();
         self.stats.ticks += 1;
@@ -602,7 +618,7 @@ impl Poller {
         if self.stats.last_tick_work > SLOW_TICK {
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
             debug!(
-                "slow tick {tick}: {:.1} ms: read {:.1} ({} entries{}), harvest {:.1} ({} finals), labels {:.1} ({} sockets moved), housekeeping {:.1} ({} done)",
+                "slow tick {tick}: {:.1} ms: read {:.1} ({} entries{}), harvest {:.1} ({} finals), labels {:.1} ({} sockets moved), housekeeping {:.1} ({} done: flow views {:.1}, forget {:.1}, handing over deletes {:.1})",
                 ms(self.stats.last_tick_work),
                 ms(t_read),
                 entries_read,
@@ -613,6 +629,9 @@ impl Poller {
                 deltas.len(),
                 ms(self.stats.last_tick_work - t_labels),
                 ndone,
+                ms(hk[0]),
+                ms(hk[1]),
+                ms(hk[2]),
             );
         }
         if total_t.is_zero() && ifaces.is_empty() {
@@ -671,31 +690,24 @@ impl Poller {
         }
     }
 
-    /// Deletes up to [`DELETES_PER_TICK`] kernel entries of sockets done with (batched):
-    /// after a mass close the rest wait for the next ticks, so no tick does them all.
-    fn delete_left_entries(&mut self) {
-        if self.delete_queue.is_empty() {
-            return;
-        }
-        let n = self.delete_queue.len().min(DELETES_PER_TICK);
-        let keys: Vec<u64> = self.delete_queue.drain(..n).collect();
-        let socks = bpfsys::delete_batch(self.maps.socks.fd().as_fd(), &keys);
-        let owners = bpfsys::delete_batch(self.maps.owners.fd().as_fd(), &keys);
-        match (socks, owners) {
-            (Ok(()), Ok(())) => self.table.deleted(&keys),
-            (Err(e), _) | (_, Err(e)) => {
-                // Kept as gone (never counted twice); retried with the next tick.
-                debug!("deleting {} finished entries: {e}", keys.len());
-                self.delete_queue.extend(keys);
+    /// Hands the kernel entries of sockets done with to the reaper thread, and takes note
+    /// of what it deleted since the last tick.
+    fn reap(&mut self, left: impl IntoIterator<Item = u64>) {
+        self.reaper.delete_sockets(left);
+        for d in self.reaper.turn() {
+            match d {
+                reaper::Done::Sockets { keys, .. } => self.table.deleted(&keys),
+                reaper::Done::Peers { keys } => self.peer_reads.undoom(&keys),
             }
         }
+        self.stats.kernel_deletes_waiting = self.reaper.backlog();
     }
 
     /// Reads the next part of the socket map looking for entries the kernel kept because
     /// the final ring was full (their counters are frozen: the socket ends), into
     /// `self.batch`. Starts a walk when the kernel kept more since the last walk started;
     /// each tick reads at most [`WALK_PER_TICK`] entries.
-    fn walk_deferred(&mut self) -> Result<(), PollError> {
+    fn walk_deferred(&mut self, slot: usize) -> Result<(), PollError> {
         let kept = self
             .stats
             .kernel_fallbacks
@@ -726,7 +738,7 @@ impl Poller {
         self.batch.extend(
             part.iter()
                 .filter(|(_, v)| v.final_pending != 0)
-                .map(|(c, v)| (*c, Entry::from(v))),
+                .map(|(c, v)| (*c, Entry::read(v, slot))),
         );
         Ok(())
     }
@@ -762,7 +774,7 @@ impl Poller {
                             source,
                         })?;
                     self.batch
-                        .extend(part.iter().map(|(c, v)| (*c, Entry::from(v))));
+                        .extend(part.iter().map(|(c, v)| (*c, Entry::read(v, slot))));
                     if done {
                         break;
                     }
@@ -784,7 +796,7 @@ impl Poller {
                             source,
                         }
                     })? {
-                        Some(v) => self.batch.push((cookie, Entry::from(&v))),
+                        Some(v) => self.batch.push((cookie, Entry::read(&v, slot))),
                         None => self.missing.push(cookie),
                     }
                 }
@@ -916,12 +928,15 @@ impl Poller {
 
     /// Phase 6: flow views, then forget finished sockets, delete entries the kernel left
     /// us, forget sockets gone from the map without a record, read the drop counters.
+    /// Returns how long its parts took (flow views, forgetting, kernel deletes), for the
+    /// slow-tick log.
     fn housekeeping(
         &mut self,
         records: &[FinalRecord],
         deltas: &[(u64, Counters)],
         done: Vec<(u64, bool)>,
-    ) {
+    ) -> [Duration; 3] {
+        let t0 = Instant::now();
         if self.flow_views_on {
             let finished: Vec<u64> = records
                 .iter()
@@ -934,6 +949,7 @@ impl Poller {
                 .collect();
             self.collect_flow_views(deltas, &finished, &end_states);
         }
+        let t_views = t0.elapsed();
         self.table.forget(&done);
         self.sweep_names();
         if !done.is_empty()
@@ -944,10 +960,11 @@ impl Poller {
                 o.remove(cookie);
             }
         }
-        self.delete_queue
-            .extend(done.iter().filter(|(_, left)| *left).map(|(c, _)| *c));
-        self.delete_left_entries();
+        let t_forget = t0.elapsed();
+        self.reap(done.iter().filter(|(_, left)| *left).map(|(c, _)| *c));
+        let t_deletes = t0.elapsed();
         self.read_drops();
+        [t_views, t_forget - t_views, t_deletes - t_forget]
     }
 
     fn read_drops(&mut self) {

@@ -156,7 +156,9 @@ impl World {
         }
         let mut entries: Vec<(u64, SockCounters)> = vec![];
         let entries_of = |v: &[(u64, SockCounters)]| -> Vec<(u64, Entry)> {
-            v.iter().map(|(c, sc)| (*c, Entry::from(sc))).collect()
+            v.iter()
+                .map(|(c, sc)| (*c, Entry::read(sc, slot)))
+                .collect()
         };
         let mut missing = vec![];
         let full = match read {

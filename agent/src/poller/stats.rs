@@ -93,6 +93,8 @@ pub struct PollStats {
     pub kernel_fallbacks: BTreeMap<&'static str, u64>,
     /// Bytes of sockets whose owner could not be found (they went to `unattributed`).
     pub no_owner_bytes: u64,
+    /// Kernel entries of sockets and peers done with, waiting for the reaper thread.
+    pub kernel_deletes_waiting: usize,
     /// Wall time of the last tick's work, excluding the grace-period wait.
     pub last_tick_work: std::time::Duration,
     pub last_tick_wait: std::time::Duration,

@@ -105,19 +105,22 @@ impl ActiveReads {
     }
 }
 
-/// What the harvest needs of a socket-map entry (80 B with its cookie, not the 144 of
-/// the kernel's value: a whole-map read of 100k sockets holds them all at once).
-#[derive(Debug, Clone, Copy)]
+/// What the harvest needs of a socket-map entry: the harvested slot's counters (48 B with
+/// its cookie, not the 144 of the kernel's value: a whole-map read of 100k sockets holds
+/// them all at once), and both slots of an entry the kernel kept for a socket that ended
+/// (its final record did not fit the ring; few, so boxed).
+#[derive(Debug, Clone)]
 pub struct Entry {
-    pub slots: [Counters; SLOTS],
-    pub final_pending: bool,
+    pub cur: Counters,
+    pub final_slots: Option<Box<[Counters; SLOTS]>>,
 }
 
-impl From<&SockCounters> for Entry {
-    fn from(sc: &SockCounters) -> Entry {
+impl Entry {
+    pub fn read(sc: &SockCounters, slot: usize) -> Entry {
+        let slots = sc.slots();
         Entry {
-            slots: sc.slots(),
-            final_pending: sc.final_pending != 0,
+            cur: slots[slot],
+            final_slots: (sc.final_pending != 0).then(|| Box::new(slots)),
         }
     }
 }
@@ -143,7 +146,7 @@ impl SockTable {
             }
             let st = socks.entry(*cookie).or_insert_with(|| SockState::new(tick));
             st.last_seen_tick = now;
-            let mut cur = sc.slots[slot];
+            let mut cur = sc.cur;
             if let Some(f) = finals.get(cookie) {
                 cur = max(&cur, &f[slot]);
             }
@@ -152,8 +155,10 @@ impl SockTable {
             if !d.is_zero() {
                 out.deltas.push((*cookie, d));
             }
-            if sc.final_pending && !finals.contains_key(cookie) {
-                finals.insert(*cookie, sc.slots);
+            if let Some(fs) = &sc.final_slots
+                && !finals.contains_key(cookie)
+            {
+                finals.insert(*cookie, **fs);
                 st.kernel_entry_left = true;
                 self.finishing.push(*cookie);
             }

@@ -21,9 +21,7 @@ use crate::flows::{PeerView, SocketView};
 /// stay below the allocator's mmap threshold: no new mapping per tick.
 const PEER_WALK_PER_TICK: usize = 2048;
 /// Walk steps per tick while finished sockets wait for their peers.
-const PEER_WALK_STEPS_PENDING: usize = 4;
-/// Peer entries deleted per tick (the rest wait for the next ticks).
-const PEER_DELETES_PER_TICK: usize = 4096;
+const PEER_WALK_STEPS_PENDING: usize = 2;
 
 /// A finished unconnected socket waiting for a whole pass over the per-peer map.
 #[derive(Debug)]
@@ -73,6 +71,18 @@ impl PeerReads {
         self.pending.len()
     }
 
+    /// The reaper deleted these entries.
+    pub(super) fn undoom(&mut self, keys: &[PeerKey]) {
+        for k in keys {
+            if let Some(n) = self.doomed.get_mut(&k.cookie) {
+                *n -= 1;
+                if *n == 0 {
+                    self.doomed.remove(&k.cookie);
+                }
+            }
+        }
+    }
+
     fn doom(&mut self, k: PeerKey) {
         *self.doomed.entry(k.cookie).or_default() += 1;
         self.delete.push_back(k);
@@ -102,13 +112,10 @@ fn packets(c: &Counters) -> u32 {
 }
 
 fn fingerprint(k: &PeerKey) -> u64 {
-    use std::hash::{BuildHasher, Hash, Hasher};
+    use std::hash::BuildHasher;
     // SipHash with fixed keys: spread well, and the same key gives the same print.
-    let mut h =
-        std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-            .build_hasher();
-    (k.cookie, k.addr, k.port, k.family).hash(&mut h);
-    h.finish()
+    std::hash::BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+        .hash_one((k.cookie, k.addr, k.port, k.family))
 }
 
 fn peer_view(k: &PeerKey, c: &Counters) -> Option<PeerView> {
@@ -326,23 +333,11 @@ impl Poller {
         }
     }
 
+    /// Hands the entries queued for deletion to the reaper thread (see reaper.rs); they
+    /// stay doomed until it says they are gone.
     fn delete_peer_entries(&mut self) {
-        if self.peer_reads.delete.is_empty() {
-            return;
-        }
-        let n = self.peer_reads.delete.len().min(PEER_DELETES_PER_TICK);
-        let keys: Vec<PeerKey> = self.peer_reads.delete.drain(..n).collect();
-        if let Err(e) = bpfsys::delete_batch(self.maps.peers.fd().as_fd(), &keys) {
-            // Entries gone already are fine; others are found again by the walk.
-            debug!("deleting {} per-peer entries: {e}", keys.len());
-        }
-        for k in &keys {
-            if let Some(n) = self.peer_reads.doomed.get_mut(&k.cookie) {
-                *n -= 1;
-                if *n == 0 {
-                    self.peer_reads.doomed.remove(&k.cookie);
-                }
-            }
+        for k in self.peer_reads.delete.drain(..) {
+            self.reaper.delete_peer(k);
         }
     }
 
