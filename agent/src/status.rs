@@ -150,6 +150,9 @@ pub struct UploadStatus {
 pub struct FlowsStatus {
     #[serde(flatten)]
     pub table: FlowStats,
+    /// The flow stage's work per call (its own thread, off the poll cycle): wall and CPU.
+    pub work: TickTimes,
+    pub work_cpu: TickTimes,
     pub dropped_while_paused: u64,
     /// Finished unconnected sockets waiting for a whole pass over the per-peer map
     /// (their peers' last counts), given to the flow table then.

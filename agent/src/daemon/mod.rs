@@ -2,9 +2,11 @@
 //! upload on demand, detach on a signal.
 //!
 //! Threads: the poller runs on its own thread (its work is blocking syscalls and file
-//! writes); the control socket and uploads run on a small tokio runtime. They share
-//! [`Shared`]: the spool behind a mutex, the pause flag, label overrides and a status
-//! snapshot the poller refreshes every tick.
+//! writes); with flow records on, the flow stage runs on another (flow_stage.rs), and the
+//! poller's reaper deletes kernel entries on a third; the control socket and uploads run
+//! on a small tokio runtime. They share [`Shared`]: the spool behind a mutex, the pause
+//! flag, label overrides and a status snapshot the poller refreshes every tick; the
+//! record writer is shared by the poll loop and the flow stage.
 use std::{
     io::Write as _,
     os::fd::{AsFd, OwnedFd},
@@ -40,8 +42,10 @@ use crate::{
 
 use crate::status::{self, FlowsStatus, Status, UploadStatus};
 
+mod flow_stage;
 mod metrics_endpoint;
 mod signals;
+use flow_stage::{FlowStage, FlowWork};
 use metrics_endpoint::{MetricsEndpoint, bind_metrics};
 
 /// Upload bookkeeping for `status`.
@@ -68,6 +72,8 @@ pub struct Shared {
     flows_dropped_paused: AtomicU64,
     /// Refreshed by the flow table each tick (None when flow records are off).
     flow_stats: Mutex<Option<FlowStats>>,
+    /// The flow stage's work per call.
+    flow_work: Mutex<FlowWork>,
     /// What does not change while running, and the poller's counters of the last tick:
     /// `status` builds its reply from them only when asked.
     fixed: status::Fixed,
@@ -121,8 +127,11 @@ impl Shared {
             for (reason, t) in &poll.flow_unrecorded {
                 table.ledger.unrecorded.entry(reason).or_default().add(t);
             }
+            let work = lock(&self.flow_work);
             FlowsStatus {
                 table,
+                work: work.wall.clone(),
+                work_cpu: work.cpu.clone(),
                 dropped_while_paused: self.flows_dropped_paused.load(Ordering::Relaxed),
                 pending_sockets: poll.flow_pending_sockets as u64,
             }
@@ -546,6 +555,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         paused_bytes: AtomicU64::new(0),
         flows_dropped_paused: AtomicU64::new(0),
         flow_stats: Mutex::new(None),
+        flow_work: Mutex::new(FlowWork::default()),
         fixed,
         poll_stats: Mutex::new(poller.stats.clone()),
         started: Instant::now(),
@@ -583,17 +593,24 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         });
     }
 
-    let mut flow_table = s.flows.clone().map(|cfg| {
-        poller.enable_flow_views(true);
-        FlowTable::new(cfg)
-    });
-    let mut writer = Writer {
+    let writer = Arc::new(Mutex::new(Writer {
         shared: shared.clone(),
         stdout: o.stdout,
         seq: writer_seq,
         held: None,
         held_flows: vec![],
         spool_failing: false,
+    }));
+    let mut flow_stage = match s.flows.clone() {
+        Some(cfg) => {
+            poller.enable_flow_views(true);
+            Some(FlowStage::start(
+                FlowTable::new(cfg),
+                writer.clone(),
+                shared.clone(),
+            )?)
+        }
+        None => None,
     };
     // Coverage: this run starts (and says how the previous one ended).
     let facts = RunFacts {
@@ -614,7 +631,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     if previous == Previous::Recovered {
         warn!("the previous run did not stop cleanly (killed or crashed); its spool was recovered");
     }
-    writer.write_agent(AgentRecord::start(
+    lock(&writer).write_agent(AgentRecord::start(
         crate::poller::unix_ms(),
         &facts,
         previous,
@@ -665,49 +682,34 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
                 continue;
             }
         };
-        if let Err(e) = writer.write(ev) {
+        if let Err(e) = lock(&writer).write(ev) {
             result = Err(e);
             break;
         }
-        if let Some(ft) = &mut flow_table {
+        if let Some(stage) = &mut flow_stage {
             let (socks, peers) = poller.take_flow_views();
-            let t0 = Instant::now();
-            let now = crate::poller::unix_ms();
-            let recs = ft.observe(now, &socks, &peers);
-            if shared.stream.wants(RecordKind::Conn) {
-                let lines = ft.conn_samples(now, &socks, &peers);
-                shared.stream.publish(RecordKind::Conn, &lines);
-            }
-            let (observed, nrecs) = (t0.elapsed(), recs.len());
-            *lock(&shared.flow_stats) = Some(ft.stats());
-            if let Err(e) = writer.write_flows(recs) {
+            if let Err(e) = stage.send(socks, peers) {
+                // The stage ended (its error is this one): nothing left to finish.
                 result = Err(e);
+                flow_stage = None;
                 break;
             }
-            // After a mass close: the flows' freed heap goes back to the OS.
-            if ft.wants_trim() {
-                crate::process::release_free_heap();
-            }
-            if t0.elapsed() > Duration::from_millis(10) {
-                log::debug!(
-                    "slow flows: {:.1} ms: observe {:.1} ({} sockets, {} peers), write {:.1} ({nrecs} records)",
-                    t0.elapsed().as_secs_f64() * 1e3,
-                    observed.as_secs_f64() * 1e3,
-                    socks.len(),
-                    peers.len(),
-                    (t0.elapsed() - observed).as_secs_f64() * 1e3
-                );
-            }
         }
-        // The whole cycle's work: the tick, writing its event, the flow table and its
-        // records (everything but the grace-period wait).
+        // The whole cycle's work: the tick and writing its event (everything but the
+        // grace-period wait; the flow stage's work is its own, `flows.work`).
         let work = cycle.elapsed().saturating_sub(poller.stats.last_tick_wait);
         poller.stats.work.record(work);
         // Wall time includes waiting for a CPU; this is what the loop itself used.
-        poller
-            .stats
-            .work_cpu
-            .record(crate::process::thread_cpu_time().saturating_sub(cycle_cpu));
+        let cpu = crate::process::thread_cpu_time().saturating_sub(cycle_cpu);
+        poller.stats.work_cpu.record(cpu);
+        if work > Duration::from_millis(15) {
+            log::debug!(
+                "slow cycle {}: {:.1} ms ({:.1} ms CPU)",
+                poller.stats.ticks,
+                work.as_secs_f64() * 1e3,
+                cpu.as_secs_f64() * 1e3
+            );
+        }
         lock(&shared.poll_stats).clone_from(&poller.stats);
     }
     info!(
@@ -721,18 +723,15 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
     let last = poller
         .tick()
         .map_err(anyhow::Error::from)
-        .and_then(|ev| writer.write(ev));
+        .and_then(|ev| lock(&writer).write(ev));
     if let Err(e) = last {
         warn!("final poll: {e:#}");
         result = result.and(Err(e));
     }
-    if let Some(ft) = &mut flow_table {
+    if let Some(stage) = flow_stage.take() {
         poller.finish_flow_views();
         let (socks, peers) = poller.take_flow_views();
-        let now = crate::poller::unix_ms();
-        let mut recs = ft.observe(now, &socks, &peers);
-        recs.extend(ft.finish_all(now));
-        if let Err(e) = writer.write_flows(recs) {
+        if let Err(e) = stage.finish(socks, peers) {
             warn!("final flow records: {e:#}");
             result = result.and(Err(e));
         }
@@ -742,7 +741,7 @@ pub fn run(s: Settings, o: RunOptions) -> anyhow::Result<()> {
         &facts,
         shared.started.elapsed().as_millis() as u64,
     );
-    if let Err(e) = writer.write_agent(stop) {
+    if let Err(e) = lock(&writer).write_agent(stop) {
         warn!("final coverage record: {e:#}");
         result = result.and(Err(e));
     }
