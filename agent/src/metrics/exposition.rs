@@ -340,6 +340,11 @@ impl Collector for Scrape {
             f64::from(st.fixed.map_capacity),
         )?;
         o.gauge(
+            "sockacct_kernel_deletes_waiting",
+            "Kernel entries of sockets and peers done with, not deleted yet",
+            st.kernel_deletes_waiting as f64,
+        )?;
+        o.gauge(
             "sockacct_map_fill_ratio",
             "Map entries over capacity",
             st.map_fill,
@@ -357,7 +362,7 @@ impl Collector for Scrape {
         )?;
         o.histogram(
             "sockacct_tick_work_seconds",
-            "Work of each poll cycle (tick, event and flow records written), wall time",
+            "Work of each poll cycle (tick and event written), wall time",
             &st.tick_work,
         )?;
         o.histogram(
@@ -440,6 +445,16 @@ impl Collector for Scrape {
         if let Some(f) = &st.flows {
             let t = &f.table;
             o.gauge("sockacct_flows_tracked", "Live flows", t.tracked as f64)?;
+            o.histogram(
+                "sockacct_flow_work_seconds",
+                "Work of each call of the flow stage (its own thread), wall time",
+                &f.work,
+            )?;
+            o.histogram(
+                "sockacct_flow_work_cpu_seconds",
+                "CPU time of each call of the flow stage",
+                &f.work_cpu,
+            )?;
             o.gauge(
                 "sockacct_flows_pending_sessions",
                 "Sessions waiting for more connections to join",
