@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::Context as _;
 
-use super::{Shared, Writer, lock};
+use super::{FLOW_RECORDS_PER_FRAME, Shared, Writer, lock};
 use crate::{
     flows::{FlowTable, PeerView, SocketView},
     poller::TickTimes,
@@ -123,7 +123,17 @@ fn run(
         *lock(&shared.flow_stats) = Some(table.stats());
         let observed = t0.elapsed();
         let nrecs = recs.len();
-        lock(writer).write_flows(recs)?;
+        // A frame's worth at a time: the poll loop writing its event waits for the
+        // writer at most that long. (Called once even with none: a resume after a pause
+        // writes the held records.)
+        loop {
+            let rest = recs.split_off(recs.len().min(FLOW_RECORDS_PER_FRAME));
+            lock(writer).write_flows(recs)?;
+            if rest.is_empty() {
+                break;
+            }
+            recs = rest;
+        }
         if v.last {
             return Ok(());
         }
